@@ -1,0 +1,224 @@
+//! Streams tensors into flash-format data files: every tensor at an aligned
+//! offset, padding zeroed, one checksum per chunk computed on the way.
+
+use crate::dtype::DType;
+use crate::manifest::{
+    align_up, checksum_hex, DataFile, ManifestError, TensorRecord, ALIGNMENT,
+};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
+
+struct OpenFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+    record: DataFile,
+    hasher: Xxh3,
+    in_chunk: u64,
+}
+
+/// Writes the data files of one model into a folder (normally a temporary
+/// folder that is renamed into place once the manifest is written).
+pub struct DataWriter {
+    dir: PathBuf,
+    chunk_size: u64,
+    max_file_size: u64,
+    files: Vec<DataFile>,
+    tensors: Vec<TensorRecord>,
+    open: Option<OpenFile>,
+    /// Bytes the current tensor still expects.
+    pending: u64,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> ManifestError {
+    ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl DataWriter {
+    /// `chunk_size` must be a multiple of [`ALIGNMENT`]; a new data file is
+    /// started when the next tensor would take the current one past
+    /// `max_file_size` (a single larger tensor still gets a file of its own).
+    pub fn new(dir: &Path, chunk_size: u64, max_file_size: u64) -> Self {
+        assert!(chunk_size > 0 && chunk_size % ALIGNMENT == 0);
+        DataWriter {
+            dir: dir.to_path_buf(),
+            chunk_size,
+            max_file_size,
+            files: Vec::new(),
+            tensors: Vec::new(),
+            open: None,
+            pending: 0,
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    fn start_file(&mut self) -> Result<(), ManifestError> {
+        self.close_file()?;
+        let name = format!("data-{:05}.bin", self.files.len() + usize::from(self.open.is_some()));
+        let path = self.dir.join(&name);
+        let file = File::create(&path).map_err(|e| io_err(&path, e))?;
+        self.open = Some(OpenFile {
+            path,
+            out: BufWriter::with_capacity(8 << 20, file),
+            record: DataFile {
+                name,
+                size: 0,
+                rank: 0,
+                checksums: Vec::new(),
+            },
+            hasher: Xxh3::new(),
+            in_chunk: 0,
+        });
+        Ok(())
+    }
+
+    fn emit(&mut self, mut bytes: &[u8]) -> Result<(), ManifestError> {
+        let chunk = self.chunk_size;
+        let f = self.open.as_mut().expect("a file is open");
+        f.out.write_all(bytes).map_err(|e| io_err(&f.path, e))?;
+        f.record.size += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let take = (chunk - f.in_chunk).min(bytes.len() as u64) as usize;
+            f.hasher.update(&bytes[..take]);
+            f.in_chunk += take as u64;
+            bytes = &bytes[take..];
+            if f.in_chunk == chunk {
+                f.record.checksums.push(checksum_hex(f.hasher.digest()));
+                f.hasher.reset();
+                f.in_chunk = 0;
+            }
+        }
+        Ok(())
+    }
+
+    fn pad_to(&mut self, target: u64) -> Result<(), ManifestError> {
+        const ZEROS: [u8; ALIGNMENT as usize] = [0; ALIGNMENT as usize];
+        loop {
+            let size = self.open.as_ref().expect("a file is open").record.size;
+            if size >= target {
+                return Ok(());
+            }
+            let n = (target - size).min(ALIGNMENT) as usize;
+            self.emit(&ZEROS[..n])?;
+        }
+    }
+
+    fn close_file(&mut self) -> Result<(), ManifestError> {
+        let Some(size) = self.open.as_ref().map(|f| f.record.size) else {
+            return Ok(());
+        };
+        self.pad_to(align_up(size, ALIGNMENT))?;
+        let mut f = self.open.take().expect("checked above");
+        if f.in_chunk > 0 {
+            f.record.checksums.push(checksum_hex(f.hasher.digest()));
+        }
+        let file = f.out.into_inner().map_err(|e| io_err(&f.path, e.into_error()))?;
+        file.sync_all().map_err(|e| io_err(&f.path, e))?;
+        self.files.push(f.record);
+        Ok(())
+    }
+
+    /// Starts a tensor; its bytes follow through [`DataWriter::write`].
+    pub fn begin_tensor(&mut self, name: &str, dtype: DType, shape: &[u64]) -> Result<(), ManifestError> {
+        assert_eq!(self.pending, 0, "previous tensor incomplete");
+        let length = dtype.byte_len(shape).ok_or_else(|| ManifestError::Invalid {
+            path: self.dir.clone(),
+            why: format!("tensor {name:?}: shape {shape:?} of {dtype} is not a whole number of bytes"),
+        })?;
+        let size = self.open.as_ref().map(|f| f.record.size);
+        match size {
+            None => self.start_file()?,
+            Some(s) if s > 0 && align_up(s, ALIGNMENT) + length > self.max_file_size => {
+                self.start_file()?
+            }
+            Some(_) => {}
+        }
+        let offset = align_up(self.open.as_ref().expect("open").record.size, ALIGNMENT);
+        self.pad_to(offset)?;
+        self.tensors.push(TensorRecord {
+            name: name.to_string(),
+            dtype,
+            shape: shape.to_vec(),
+            file: self.files.len() as u32,
+            offset,
+            length,
+        });
+        self.pending = length;
+        Ok(())
+    }
+
+    /// Appends bytes of the current tensor.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ManifestError> {
+        if bytes.len() as u64 > self.pending {
+            return Err(ManifestError::Invalid {
+                path: self.dir.clone(),
+                why: format!(
+                    "tensor {:?}: more bytes than its shape holds",
+                    self.tensors.last().map(|t| t.name.as_str()).unwrap_or("")
+                ),
+            });
+        }
+        self.pending -= bytes.len() as u64;
+        self.emit(bytes)
+    }
+
+    /// Closes the last file; returns the data files and tensor records.
+    pub fn finish(mut self) -> Result<(Vec<DataFile>, Vec<TensorRecord>), ManifestError> {
+        if self.pending != 0 {
+            return Err(ManifestError::Invalid {
+                path: self.dir.clone(),
+                why: format!("{} bytes of the last tensor are missing", self.pending),
+            });
+        }
+        self.close_file()?;
+        Ok((self.files, self.tensors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::chunk_checksum;
+
+    #[test]
+    fn aligns_and_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DataWriter::new(dir.path(), 8192, 1 << 30);
+        w.begin_tensor("a", DType::U8, &[5]).unwrap();
+        w.write(&[1, 2, 3]).unwrap();
+        w.write(&[4, 5]).unwrap();
+        w.begin_tensor("b", DType::F32, &[3000]).unwrap();
+        w.write(&vec![7u8; 12000]).unwrap();
+        w.begin_tensor("c", DType::BF16, &[0]).unwrap();
+        let (files, tensors) = w.finish().unwrap();
+        assert_eq!(files.len(), 1);
+        assert_eq!(tensors[1].offset, 4096);
+        assert_eq!(files[0].size, align_up(4096 + 12000, 4096));
+        let bytes = std::fs::read(dir.path().join(&files[0].name)).unwrap();
+        assert_eq!(bytes.len() as u64, files[0].size);
+        assert_eq!(&bytes[..6], &[1, 2, 3, 4, 5, 0]);
+        assert_eq!(files[0].checksums.len(), 2);
+        assert_eq!(files[0].checksums[1], checksum_hex(chunk_checksum(&bytes[8192..])));
+    }
+
+    #[test]
+    fn splits_files_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = DataWriter::new(dir.path(), 4096, 10_000);
+        for name in ["a", "b", "c"] {
+            w.begin_tensor(name, DType::U8, &[4096]).unwrap();
+            w.write(&[1; 4096]).unwrap();
+        }
+        let (files, tensors) = w.finish().unwrap();
+        assert_eq!(files.len(), 2);
+        assert_eq!(tensors[2].file, 1);
+        assert_eq!(tensors[2].offset, 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! Hugging Face Hub client: downloads into the standard Hub cache

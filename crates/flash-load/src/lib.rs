@@ -1,0 +1,1 @@
+//! Read planner and load pipeline: storage -> staging -> host memory or GPU

@@ -1,0 +1,1 @@
+//! The model store: names, import and conversion, list/info/rm/verify/export

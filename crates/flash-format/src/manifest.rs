@@ -72,6 +72,9 @@ pub struct TensorRecord {
     pub file: u32,
     pub offset: u64,
     pub length: u64,
+    /// Lowercase hex XXH3-64 of the tensor's bytes, so a bad chunk can be
+    /// narrowed to the tensors that are actually wrong.
+    pub checksum: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +219,9 @@ impl Manifest {
                 .files
                 .get(t.file as usize)
                 .ok_or_else(|| format!("tensor {:?} names data file #{} which does not exist", t.name, t.file))?;
+            if t.checksum.len() != 16 || u64::from_str_radix(&t.checksum, 16).is_err() {
+                return Err(format!("tensor {:?} has a malformed checksum", t.name));
+            }
             if t.offset % self.alignment != 0 {
                 return Err(format!("tensor {:?} offset {} is not aligned", t.name, t.offset));
             }

@@ -29,6 +29,8 @@ pub struct DataWriter {
     open: Option<OpenFile>,
     /// Bytes the current tensor still expects.
     pending: u64,
+    /// Checksum of the current tensor's bytes.
+    tensor_hasher: Xxh3,
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> ManifestError {
@@ -52,6 +54,7 @@ impl DataWriter {
             tensors: Vec::new(),
             open: None,
             pending: 0,
+            tensor_hasher: Xxh3::new(),
         }
     }
 
@@ -149,8 +152,11 @@ impl DataWriter {
             file: self.files.len() as u32,
             offset,
             length,
+            checksum: String::new(),
         });
         self.pending = length;
+        self.tensor_hasher.reset();
+        self.seal_if_complete();
         Ok(())
     }
 
@@ -166,7 +172,20 @@ impl DataWriter {
             });
         }
         self.pending -= bytes.len() as u64;
-        self.emit(bytes)
+        self.tensor_hasher.update(bytes);
+        self.emit(bytes)?;
+        self.seal_if_complete();
+        Ok(())
+    }
+
+    fn seal_if_complete(&mut self) {
+        if self.pending == 0 {
+            if let Some(t) = self.tensors.last_mut() {
+                if t.checksum.is_empty() {
+                    t.checksum = checksum_hex(self.tensor_hasher.digest());
+                }
+            }
+        }
     }
 
     /// Closes the last file; returns the data files and tensor records.
@@ -206,6 +225,8 @@ mod tests {
         assert_eq!(&bytes[..6], &[1, 2, 3, 4, 5, 0]);
         assert_eq!(files[0].checksums.len(), 2);
         assert_eq!(files[0].checksums[1], checksum_hex(chunk_checksum(&bytes[8192..])));
+        assert_eq!(tensors[0].checksum, checksum_hex(chunk_checksum(&[1, 2, 3, 4, 5])));
+        assert_eq!(tensors[2].checksum, checksum_hex(chunk_checksum(&[])));
     }
 
     #[test]

@@ -1,1 +1,22 @@
-//! Read planner and load pipeline: storage -> staging -> host memory or GPU
+//! The load library: from a model folder on disk to tensors in memory.
+//!
+//! A load is a pipeline (see `ARCHITECTURE.md`):
+//! 1. [`ModelSource::open`] reads and validates the folder's metadata (flash
+//!    manifest or safetensors headers) into a list of stored tensors;
+//! 2. [`LoadPlan::new`] picks the tensors wanted and lays out the destination
+//!    so that each file window maps to an aligned destination window;
+//! 3. [`execute`] runs reader threads over the plan's jobs and hands each job
+//!    to a [`Sink`]: [`HostSink`] (host memory, in place), [`ScanSink`]
+//!    (streamed to a function), or the GPU sink of the `cuda` module.
+
+pub mod error;
+pub mod host;
+pub mod pipeline;
+pub mod plan;
+pub mod source;
+
+pub use error::LoadError;
+pub use host::{load_to_host, HostModel, HostSink, ScanSink};
+pub use pipeline::{execute, IoMode, LoadOptions, LoadStats, Sink, SinkWorker};
+pub use plan::{Job, LoadPlan, Segment, TensorView};
+pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};

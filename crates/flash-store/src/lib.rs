@@ -1,1 +1,18 @@
-//! The model store: names, import and conversion, list/info/rm/verify/export
+//! The model store: where models live on disk and every operation on them.
+//!
+//! - [`name`]: `org/name[:revision]` names, refused when they could escape the store;
+//! - [`store`]: import (safetensors folder -> flash format, with dtype
+//!   conversion and tied-weight dedup), list, info, remove, verify, export;
+//! - [`convert`]: bf16/fp16/fp32 conversion.
+//!
+//! Crash safety: all writes go to `tmp/` and are renamed into `models/`.
+
+pub mod convert;
+pub mod error;
+pub mod name;
+pub mod store;
+
+pub use convert::DtypeChoice;
+pub use error::StoreError;
+pub use name::ModelName;
+pub use store::{ImportOptions, ImportReport, ModelInfo, Store, VerifyReport};

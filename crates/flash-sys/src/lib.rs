@@ -1,1 +1,12 @@
-//! The only crate with unsafe code: CUDA (cudarc, loaded at run time), aligned and pinned memory, page-cache and file hints
+//! The one crate with `unsafe` code: everything that talks to CUDA or asks the
+//! operating system for more than `std` offers.
+//!
+//! - [`os`]: memory aligned for O_DIRECT, O_DIRECT opens, page-cache residency
+//!   (`mincore`) and eviction (`posix_fadvise`), io_uring availability.
+//! - [`cuda`]: the CUDA driver, loaded at run time through cudarc. A machine
+//!   without a driver gets [`cuda::probe`] returning why, never a panic.
+//!
+//! Every `unsafe` block carries a `SAFETY:` comment.
+
+pub mod cuda;
+pub mod os;

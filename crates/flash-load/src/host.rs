@@ -1,0 +1,178 @@
+//! Sinks on the CPU side: a whole model into host memory ([`HostSink`]), or
+//! each read handed to a function and dropped ([`ScanSink`], for verify and
+//! export, which must not hold a whole model in memory).
+
+use crate::error::LoadError;
+use crate::pipeline::{execute, LoadOptions, LoadStats, Sink, SinkWorker};
+use crate::plan::{Job, LoadPlan, TensorView};
+use crate::source::ModelSource;
+use flash_sys::os::{AlignedBuf, SharedRegion};
+use std::collections::HashMap;
+
+/// Fills host memory in place: each reader writes its window of the
+/// destination directly (O_DIRECT straight into it when the file allows),
+/// no staging copy.
+pub struct HostSink<'a> {
+    region: SharedRegion<'a>,
+}
+
+impl<'a> HostSink<'a> {
+    /// `dest` must be at least the plan's `dest_len` and 4 KiB-aligned for
+    /// O_DIRECT to be used (an unaligned one is read into buffered).
+    pub fn new(dest: &'a mut [u8]) -> Self {
+        HostSink {
+            region: SharedRegion::new(dest),
+        }
+    }
+}
+
+pub struct HostWorker<'s, 'a> {
+    sink: &'s HostSink<'a>,
+}
+
+impl<'a> Sink for HostSink<'a> {
+    type Worker<'s>
+        = HostWorker<'s, 'a>
+    where
+        Self: 's;
+    fn worker(&self) -> Result<HostWorker<'_, 'a>, LoadError> {
+        Ok(HostWorker { sink: self })
+    }
+}
+
+impl SinkWorker for HostWorker<'_, '_> {
+    fn transfer(
+        &mut self,
+        job: &Job,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
+    ) -> Result<(), LoadError> {
+        let mut window = self
+            .sink
+            .region
+            .claim(job.dest_offset as usize, job.len as usize)
+            .map_err(|e| LoadError::Device(format!("host destination: {e}")))?;
+        read(&mut window)?;
+        Ok(())
+    }
+    fn finish(self) -> Result<(), LoadError> {
+        Ok(())
+    }
+}
+
+/// Hands the bytes of each job to `f` from a per-worker staging buffer.
+/// Jobs arrive on several threads, in no particular order.
+pub struct ScanSink<F> {
+    f: F,
+    chunk_bytes: usize,
+}
+
+impl<F> ScanSink<F>
+where
+    F: Fn(&Job, &[u8]) -> Result<(), LoadError> + Sync,
+{
+    pub fn new(chunk_bytes: u64, f: F) -> Self {
+        ScanSink {
+            f,
+            chunk_bytes: chunk_bytes as usize,
+        }
+    }
+}
+
+pub struct ScanWorker<'s, F> {
+    sink: &'s ScanSink<F>,
+    buf: AlignedBuf,
+}
+
+impl<F> Sink for ScanSink<F>
+where
+    F: Fn(&Job, &[u8]) -> Result<(), LoadError> + Sync,
+{
+    type Worker<'s>
+        = ScanWorker<'s, F>
+    where
+        Self: 's;
+    fn worker(&self) -> Result<ScanWorker<'_, F>, LoadError> {
+        let buf = AlignedBuf::new(self.chunk_bytes)
+            .map_err(|e| LoadError::Device(format!("staging buffer: {e}")))?;
+        Ok(ScanWorker { sink: self, buf })
+    }
+}
+
+impl<F> SinkWorker for ScanWorker<'_, F>
+where
+    F: Fn(&Job, &[u8]) -> Result<(), LoadError> + Sync,
+{
+    fn transfer(
+        &mut self,
+        job: &Job,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
+    ) -> Result<(), LoadError> {
+        if job.len as usize > self.buf.len() {
+            return Err(LoadError::Device(format!(
+                "job of {} bytes exceeds the {}-byte staging buffer",
+                job.len,
+                self.buf.len()
+            )));
+        }
+        let n = read(&mut self.buf[..job.len as usize])?;
+        (self.sink.f)(job, &self.buf[..n])
+    }
+    fn finish(self) -> Result<(), LoadError> {
+        Ok(())
+    }
+}
+
+/// A model loaded into host memory.
+pub struct HostModel {
+    buf: AlignedBuf,
+    tensors: Vec<TensorView>,
+    index: HashMap<String, usize>,
+}
+
+impl HostModel {
+    pub fn tensors(&self) -> &[TensorView] {
+        &self.tensors
+    }
+
+    /// The view and bytes of tensor `name`.
+    pub fn get(&self, name: &str) -> Option<(&TensorView, &[u8])> {
+        let t = &self.tensors[*self.index.get(name)?];
+        Some((t, self.bytes(t)))
+    }
+
+    pub fn bytes(&self, t: &TensorView) -> &[u8] {
+        &self.buf[t.offset as usize..(t.offset + t.length) as usize]
+    }
+
+    /// The whole destination buffer (tensors at their views' offsets).
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Loads the tensors of `source` selected by `select` into host memory.
+pub fn load_to_host(
+    source: &ModelSource,
+    select: Option<&dyn Fn(&str) -> bool>,
+    opts: &LoadOptions,
+) -> Result<(HostModel, LoadStats), LoadError> {
+    let plan = LoadPlan::new(source, select)?;
+    let mut buf = AlignedBuf::new(plan.dest_len as usize).map_err(|e| {
+        LoadError::model(&source.dir, format!("cannot allocate {} bytes: {e}", plan.dest_len))
+    })?;
+    let stats = execute(&plan, &HostSink::new(&mut buf), opts)?;
+    let index = plan
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    Ok((
+        HostModel {
+            buf,
+            tensors: plan.tensors,
+            index,
+        },
+        stats,
+    ))
+}

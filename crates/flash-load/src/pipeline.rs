@@ -1,0 +1,237 @@
+//! The load pipeline: worker threads read the plan's jobs from storage and
+//! hand each to a [`Sink`], which puts the bytes where they belong (host
+//! memory, or a GPU through pinned staging buffers).
+//!
+//! Threads: `LoadOptions::threads` workers, each with its own sink worker
+//! (its own staging buffers and CUDA stream on a GPU). Jobs are taken in file
+//! order from a shared counter, so the disk sees a few sequential streams.
+//! The first error stops every worker and is returned.
+
+use crate::error::LoadError;
+use crate::plan::{Job, LoadPlan, ALIGN};
+use flash_sys::os;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// How files are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// O_DIRECT for files mostly absent from the page cache, buffered reads
+    /// for files mostly in it (a warm page cache is faster than the disk).
+    #[default]
+    Auto,
+    /// O_DIRECT where the file system allows it.
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "direct" => Ok(IoMode::Direct),
+            "buffered" => Ok(IoMode::Buffered),
+            _ => Err(format!("unknown I/O mode {s:?} (auto, direct, buffered)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Reader threads (each with its own sink worker).
+    pub threads: usize,
+    /// Bytes per read (rounded up to 4 KiB).
+    pub chunk_bytes: u64,
+    pub io: IoMode,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            threads: 8,
+            chunk_bytes: 16 << 20,
+            io: IoMode::Auto,
+        }
+    }
+}
+
+/// Where loaded bytes go. A sink hands one [`SinkWorker`] to each reader thread.
+pub trait Sink: Sync {
+    type Worker<'s>: SinkWorker
+    where
+        Self: 's;
+    /// Called once on each reader thread, on that thread.
+    fn worker(&self) -> Result<Self::Worker<'_>, LoadError>;
+}
+
+pub trait SinkWorker {
+    /// Moves the bytes of `job` to the destination. `read` fills the buffer it
+    /// is given (at least `job.len` bytes, 4 KiB-aligned for O_DIRECT) from
+    /// storage and returns how many bytes it read (less than `job.len` only
+    /// at the end of a file). The transfer may complete asynchronously.
+    fn transfer(
+        &mut self,
+        job: &Job,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
+    ) -> Result<(), LoadError>;
+
+    /// Waits until every transfer of this worker has landed.
+    fn finish(self) -> Result<(), LoadError>;
+}
+
+/// What a load did, for reports and benchmarks.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LoadStats {
+    /// Bytes read from storage (tensor bytes plus alignment padding).
+    pub bytes_read: u64,
+    pub seconds: f64,
+    /// Sum over workers of the time spent inside read calls.
+    pub read_seconds: f64,
+    /// Sum over workers of the time spent handing bytes to the sink.
+    pub sink_seconds: f64,
+    pub files_direct: usize,
+    pub files_buffered: usize,
+    pub threads: usize,
+}
+
+impl LoadStats {
+    pub fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes_read as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+struct OpenFile {
+    buffered: File,
+    direct: Option<File>,
+}
+
+fn open_files(plan: &LoadPlan, mode: IoMode) -> Result<Vec<OpenFile>, LoadError> {
+    plan.files
+        .iter()
+        .map(|f| {
+            let buffered = File::open(&f.path).map_err(|e| LoadError::io(&f.path, e))?;
+            let want_direct = match mode {
+                IoMode::Buffered => false,
+                IoMode::Direct => true,
+                IoMode::Auto => os::page_cache_residency(&buffered).unwrap_or(0.0) < 0.5,
+            };
+            let direct = if want_direct {
+                os::open_direct(&f.path).map_err(|e| LoadError::io(&f.path, e))?
+            } else {
+                None
+            };
+            if direct.is_none() {
+                // Best effort: a hint, not a requirement.
+                let _ = os::advise_sequential(&buffered);
+            }
+            Ok(OpenFile { buffered, direct })
+        })
+        .collect()
+}
+
+/// Reads `buf.len()` bytes at `offset`, or fewer only where the file ends.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Runs `plan` into `sink` and returns what it did.
+pub fn execute<S: Sink>(plan: &LoadPlan, sink: &S, opts: &LoadOptions) -> Result<LoadStats, LoadError> {
+    let start = Instant::now();
+    let files = open_files(plan, opts.io)?;
+    let jobs = plan.jobs(opts.chunk_bytes);
+    let threads = opts.threads.clamp(1, jobs.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
+    let bytes_read = AtomicU64::new(0);
+    let read_ns = AtomicU64::new(0);
+    let sink_ns = AtomicU64::new(0);
+
+    let fail = |e: LoadError| {
+        failed.store(true, Ordering::SeqCst);
+        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    };
+
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut worker = match sink.worker() {
+                    Ok(w) => w,
+                    Err(e) => return fail(e),
+                };
+                let mut worker_read_ns = 0u64;
+                let t_worker = Instant::now();
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let src = &plan.files[job.file];
+                    let file = &files[job.file];
+                    let expected = job.len.min(src.len.saturating_sub(job.file_offset));
+                    let mut read = |buf: &mut [u8]| -> Result<usize, LoadError> {
+                        let buf = &mut buf[..job.len as usize];
+                        let t = Instant::now();
+                        let aligned = buf.as_ptr() as u64 % ALIGN == 0;
+                        let handle = match (&file.direct, aligned) {
+                            (Some(d), true) => d,
+                            _ => &file.buffered,
+                        };
+                        let n = read_full(handle, buf, job.file_offset)
+                            .map_err(|e| LoadError::io(&src.path, e))?;
+                        worker_read_ns += t.elapsed().as_nanos() as u64;
+                        if (n as u64) < expected {
+                            return Err(LoadError::Truncated {
+                                path: src.path.clone(),
+                                expected: job.file_offset + expected,
+                                got: job.file_offset + n as u64,
+                            });
+                        }
+                        bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                        Ok(n)
+                    };
+                    if let Err(e) = worker.transfer(job, &mut read) {
+                        return fail(e);
+                    }
+                }
+                if let Err(e) = worker.finish() {
+                    fail(e);
+                }
+                let total = t_worker.elapsed().as_nanos() as u64;
+                read_ns.fetch_add(worker_read_ns, Ordering::Relaxed);
+                sink_ns.fetch_add(total.saturating_sub(worker_read_ns), Ordering::Relaxed);
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let files_direct = files.iter().filter(|f| f.direct.is_some()).count();
+    Ok(LoadStats {
+        bytes_read: bytes_read.into_inner(),
+        seconds: start.elapsed().as_secs_f64(),
+        read_seconds: read_ns.into_inner() as f64 / 1e9,
+        sink_seconds: sink_ns.into_inner() as f64 / 1e9,
+        files_direct,
+        files_buffered: files.len() - files_direct,
+        threads,
+    })
+}

@@ -1,0 +1,200 @@
+//! What a model folder holds: the flash format or plain safetensors, opened
+//! and validated, as one list of stored tensors.
+
+use crate::error::LoadError;
+use flash_format::manifest::{Manifest, MANIFEST_FILE};
+use flash_format::safetensors::{self, ShardIndex, INDEX_FILE};
+use flash_format::DType;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// A data file of a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub len: u64,
+}
+
+/// A tensor whose bytes are stored in one of the source's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub file: usize,
+    /// Absolute byte offset in the file.
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    Flash,
+    Safetensors,
+}
+
+/// An opened model folder.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    pub dir: PathBuf,
+    pub kind: SourceKind,
+    pub files: Vec<SourceFile>,
+    pub tensors: Vec<StoredTensor>,
+    /// Alias name -> stored tensor name (tied weights stored once).
+    pub aliases: BTreeMap<String, String>,
+    /// The checkpoint's `__metadata__` (merged over shards).
+    pub metadata: BTreeMap<String, String>,
+    /// The manifest, for the flash format.
+    pub manifest: Option<Manifest>,
+}
+
+impl ModelSource {
+    /// Opens `dir`: the flash format when `model.flash.json` is there, else a
+    /// sharded safetensors checkpoint through its index, else every
+    /// `*.safetensors` file of the folder.
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::model(dir, "not a folder"));
+        }
+        if dir.join(MANIFEST_FILE).is_file() {
+            Self::open_flash(dir)
+        } else {
+            Self::open_safetensors(dir)
+        }
+    }
+
+    fn open_flash(dir: &Path) -> Result<Self, LoadError> {
+        let manifest = Manifest::read(dir)?;
+        let mut files = Vec::with_capacity(manifest.files.len());
+        for f in &manifest.files {
+            let path = dir.join(&f.name);
+            let len = std::fs::metadata(&path)
+                .map_err(|e| LoadError::io(&path, e))?
+                .len();
+            if len != f.size {
+                return Err(LoadError::model(
+                    &path,
+                    format!("data file is {len} bytes, the manifest says {}", f.size),
+                ));
+            }
+            files.push(SourceFile { path, len });
+        }
+        let tensors = manifest
+            .tensors
+            .iter()
+            .map(|t| StoredTensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                file: t.file as usize,
+                offset: t.offset,
+                length: t.length,
+            })
+            .collect();
+        Ok(ModelSource {
+            dir: dir.to_path_buf(),
+            kind: SourceKind::Flash,
+            files,
+            tensors,
+            aliases: manifest.aliases.clone(),
+            metadata: manifest.metadata.clone(),
+            manifest: Some(manifest),
+        })
+    }
+
+    fn open_safetensors(dir: &Path) -> Result<Self, LoadError> {
+        let index_path = dir.join(INDEX_FILE);
+        let index = if index_path.is_file() {
+            Some(ShardIndex::read(&index_path)?)
+        } else {
+            None
+        };
+        let shard_names: Vec<String> = match &index {
+            Some(index) => index.shards(),
+            None => {
+                let mut names = Vec::new();
+                let rd = std::fs::read_dir(dir).map_err(|e| LoadError::io(dir, e))?;
+                for entry in rd {
+                    let entry = entry.map_err(|e| LoadError::io(dir, e))?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.ends_with(".safetensors") && entry.path().is_file() {
+                        names.push(name);
+                    }
+                }
+                names.sort();
+                names
+            }
+        };
+        if shard_names.is_empty() {
+            return Err(LoadError::model(
+                dir,
+                "no model.flash.json, model.safetensors.index.json or *.safetensors file here",
+            ));
+        }
+        let mut files = Vec::new();
+        let mut tensors = Vec::new();
+        let mut metadata = BTreeMap::new();
+        let mut where_: HashMap<String, usize> = HashMap::new();
+        for (i, name) in shard_names.iter().enumerate() {
+            let path = dir.join(name);
+            if !path.is_file() {
+                return Err(LoadError::model(
+                    &index_path,
+                    format!("the index names shard {name:?}, which is missing"),
+                ));
+            }
+            let header = safetensors::read_header(&path)?;
+            let data_start = header.data_start();
+            let len = data_start + header.data_len();
+            metadata.extend(header.metadata);
+            for t in header.tensors {
+                if let Some(&other) = where_.get(&t.name) {
+                    return Err(LoadError::model(
+                        &path,
+                        format!("tensor {:?} is also in {}", t.name, shard_names[other]),
+                    ));
+                }
+                if let Some(index) = &index {
+                    if index.weight_map.get(&t.name) != Some(name) {
+                        return Err(LoadError::model(
+                            &path,
+                            format!("tensor {:?} is here but the index does not map it to this shard", t.name),
+                        ));
+                    }
+                }
+                where_.insert(t.name.clone(), i);
+                tensors.push(StoredTensor {
+                    offset: data_start + t.begin,
+                    length: t.end - t.begin,
+                    name: t.name,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    file: i,
+                });
+            }
+            files.push(SourceFile { path, len });
+        }
+        if let Some(index) = &index {
+            if let Some(missing) = index.weight_map.keys().find(|k| !where_.contains_key(*k)) {
+                return Err(LoadError::model(
+                    &index_path,
+                    format!("the index maps tensor {missing:?} to {:?}, which does not hold it", index.weight_map[missing]),
+                ));
+            }
+        }
+        Ok(ModelSource {
+            dir: dir.to_path_buf(),
+            kind: SourceKind::Safetensors,
+            files,
+            tensors,
+            aliases: BTreeMap::new(),
+            metadata,
+            manifest: None,
+        })
+    }
+
+    /// Bytes of tensor data (aliases counted once).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.length).sum()
+    }
+}

@@ -18,6 +18,8 @@ pub enum StoreError {
     Load(#[from] flash_load::LoadError),
     #[error(transparent)]
     Format(#[from] flash_format::ManifestError),
+    #[error(transparent)]
+    Hub(#[from] flash_hub::HubError),
     #[error("{}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
 }

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod error;
 pub mod name;
+pub mod pull;
 pub mod store;
 
 pub use convert::DtypeChoice;

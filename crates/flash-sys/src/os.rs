@@ -305,6 +305,33 @@ pub fn io_uring_allowed() -> bool {
     }
 }
 
+/// A read-only memory map of a whole file: the way most loaders read
+/// safetensors, kept here as the baseline `flash bench` compares against.
+pub struct Mapping {
+    map: Option<memmap2::Mmap>,
+}
+
+impl Mapping {
+    pub fn new(file: &File) -> io::Result<Self> {
+        if file.metadata()?.len() == 0 {
+            return Ok(Mapping { map: None });
+        }
+        // SAFETY: the mapping is read-only and private to this process. The
+        // one hazard of mmap, another process truncating the file while it is
+        // mapped (SIGBUS), is accepted as every mmap-based loader accepts it;
+        // flash maps only files of its own store or ones the user named.
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        Ok(Mapping { map: Some(map) })
+    }
+}
+
+impl std::ops::Deref for Mapping {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
 /// Bytes of physical memory, from sysconf.
 pub fn physical_memory() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.

@@ -71,6 +71,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Synthesize a model, load it to every GPU (or the CPU) and check every byte
+    Selftest {
+        /// Fail when no GPU is usable
+        #[arg(long)]
+        require_gpu: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
 }
@@ -126,14 +134,25 @@ pub struct BenchArgs {
     /// Synthesize ARCH:SIZE into the store's scratch space and bench that
     #[arg(long, value_name = "ARCH:SIZE", conflicts_with = "target")]
     pub synth: Option<String>,
-    /// cold (page cache evicted), warm (page cache filled), or all
+    /// cold (page cache evicted), warm (page cache filled), pinned (source
+    /// already in pinned host memory; GPU only), or all
     #[arg(long, default_value = "all")]
     pub scenario: String,
-    /// Reader threads
-    #[arg(long, default_value_t = 8)]
-    pub threads: usize,
-    /// Bytes per read (suffixes K, M, G)
-    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    /// auto (cuda:0 when a GPU is usable, else cpu), cpu, or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Loaders to run, comma-separated: disk, flash, mmap [default: all]
+    #[arg(long, value_delimiter = ',')]
+    pub loader: Vec<String>,
+    /// How flash reads files: auto (O_DIRECT unless the page cache holds
+    /// the file), direct, or buffered
+    #[arg(long, default_value = "auto")]
+    pub io: String,
+    /// Reader threads [default: one per core, 4 to 16]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Bytes per read and per staging buffer (suffixes K, M, G)
+    #[arg(long, default_value = "8M", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Timed runs per loader and scenario (the best is reported)
     #[arg(long, default_value_t = 1)]
@@ -147,9 +166,13 @@ pub struct BenchArgs {
 /// bare `G`/`GB` after digits is also read as 2^30 for simplicity).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 16M or 5G)"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (try 16M or 5G)"))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,

@@ -1,17 +1,27 @@
 //! `flash bench`: this project's load path against a naive baseline and the
-//! disk's raw speed, in one run on one machine.
+//! hardware's limits, in one run on one machine.
 //!
-//! Loaders on the CPU:
+//! Loaders:
 //! - `disk`: every byte of the files read with O_DIRECT and dropped: the
 //!   storage limit every cold load is measured against;
-//! - `flash`: the load pipeline into host memory;
-//! - `mmap`: map each file and copy each tensor into its own buffer, the way
-//!   a plain safetensors loader does.
+//! - `flash`: the load pipeline into host memory, or into one device
+//!   allocation through pinned staging buffers;
+//! - `mmap`: map each file and copy each tensor on its own (into host memory,
+//!   or to the GPU with a plain pageable copy), the way a simple safetensors
+//!   loader does.
+//!
+//! Scenarios: `cold` (page cache evicted), `warm` (files in the page cache),
+//! `pinned` (GPU only: the model already in pinned host memory, the path of
+//! the daemon's memory tier).
 
 use crate::args::BenchArgs;
 use crate::commands::{model_name, Ctx};
-use anyhow::{bail, Context, Result};
-use flash_load::{execute, load_to_host, IoMode, LoadOptions, LoadPlan, ModelSource, ScanSink};
+use anyhow::{anyhow, bail, Context, Result};
+use flash_load::{
+    default_threads, execute, gpu::upload_pinned, load_to_gpu, load_to_host, HostSink, IoMode,
+    LoadOptions, LoadPlan, LoadStats, ModelSource, ScanSink,
+};
+use flash_sys::cuda::{self, Direction, Gpu};
 use flash_sys::os;
 use serde::Serialize;
 use std::fs::File;
@@ -26,22 +36,36 @@ pub struct Measurement {
     pub scenario: String,
     pub seconds: f64,
     pub gbps: f64,
+    /// Tensor bytes delivered (disk: bytes read).
     pub bytes: u64,
     pub card: String,
-    /// Share of the page cache holding the files when the run started.
+    pub device: String,
+    /// Share of the files in the page cache when the run started.
     pub resident_before: f64,
+    /// Pipeline stages of a flash run: time summed over workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<LoadStats>,
+    /// The stage limit this run is compared with, in GB/s (disk for cold,
+    /// pinned host-to-device for pinned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_gbps: Option<f64>,
 }
 
 /// Drops the files from the page cache; returns the share still resident
-/// (not every file system lets pages go, tmpfs never does).
+/// (not every file system lets pages go; tmpfs never does).
 pub fn evict(files: &[PathBuf]) -> Result<f64> {
-    // Best effort, as root: the big hammer, then the per-file hint.
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
     for f in files {
         let file = File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
         os::evict_page_cache(&file).with_context(|| format!("{}: cannot evict", f.display()))?;
     }
-    residency(files)
+    let left = residency(files)?;
+    if left > 0.0 {
+        // Some file systems ignore the per-file hint; as root, drop the whole
+        // page cache (best effort: it needs root and a writable /proc).
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+        return residency(files);
+    }
+    Ok(left)
 }
 
 /// Share of the files' bytes in the page cache.
@@ -70,36 +94,129 @@ fn warm(files: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-fn disk_read(source: &ModelSource, opts: &LoadOptions) -> Result<u64> {
+enum Device {
+    Cpu,
+    Cuda(Gpu),
+}
+
+fn pick_device(s: &str) -> Result<Device> {
+    let want_gpu = match s {
+        "cpu" => return Ok(Device::Cpu),
+        "auto" => None,
+        other => Some(
+            other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| anyhow!("unknown device {other:?} (auto, cpu, cuda:N)"))?,
+        ),
+    };
+    match (cuda::probe(), want_gpu) {
+        (Ok(c), Some(n)) => Ok(Device::Cuda(c.device(n)?)),
+        (Ok(c), None) if c.device_count() > 0 => Ok(Device::Cuda(c.device(0)?)),
+        (Err(why), Some(_)) => bail!("no usable GPU: {why}"),
+        _ => Ok(Device::Cpu),
+    }
+}
+
+fn disk_read(source: &ModelSource, opts: &LoadOptions) -> Result<(u64, Option<LoadStats>)> {
     let plan = LoadPlan::whole_files(&source.files);
     let sink = ScanSink::new(opts.chunk_bytes, |_, bytes| {
         std::hint::black_box(bytes);
         Ok(())
     });
-    let stats = execute(&plan, &sink, &LoadOptions { io: IoMode::Direct, ..opts.clone() })?;
-    Ok(stats.bytes_read)
+    let stats = execute(
+        &plan,
+        &sink,
+        &LoadOptions {
+            io: IoMode::Direct,
+            ..opts.clone()
+        },
+    )?;
+    Ok((stats.bytes_read, Some(stats)))
 }
 
-fn flash_load(source: &ModelSource, opts: &LoadOptions) -> Result<u64> {
-    let (model, _) = load_to_host(source, None, opts)?;
-    Ok(model.tensors().iter().map(|t| t.length).sum())
+fn flash_run(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<(u64, Option<LoadStats>)> {
+    match device {
+        Device::Cpu => {
+            let (model, stats) = load_to_host(source, None, opts)?;
+            Ok((model.tensors().iter().map(|t| t.length).sum(), Some(stats)))
+        }
+        Device::Cuda(gpu) => {
+            let (model, stats) = load_to_gpu(source, None, gpu, opts, None)?;
+            gpu.synchronize()?;
+            Ok((model.tensors().iter().map(|t| t.length).sum(), Some(stats)))
+        }
+    }
 }
 
-fn mmap_copy(source: &ModelSource) -> Result<u64> {
+fn mmap_copy(source: &ModelSource, device: &Device) -> Result<(u64, Option<LoadStats>)> {
     let mut maps = Vec::with_capacity(source.files.len());
     for f in &source.files {
-        let file = File::open(&f.path).with_context(|| format!("{}: cannot open", f.path.display()))?;
+        let file =
+            File::open(&f.path).with_context(|| format!("{}: cannot open", f.path.display()))?;
         maps.push(os::Mapping::new(&file)?);
     }
-    let mut total = 0;
-    let mut out = Vec::with_capacity(source.tensors.len());
-    for t in &source.tensors {
-        let bytes = &maps[t.file][t.offset as usize..(t.offset + t.length) as usize];
-        out.push(bytes.to_vec());
-        total += t.length;
+    let total: u64 = source.tensors.iter().map(|t| t.length).sum();
+    match device {
+        Device::Cpu => {
+            let out: Vec<Vec<u8>> = source
+                .tensors
+                .iter()
+                .map(|t| maps[t.file][t.offset as usize..(t.offset + t.length) as usize].to_vec())
+                .collect();
+            std::hint::black_box(&out);
+        }
+        Device::Cuda(gpu) => {
+            let mem = gpu.alloc(total.max(1) as usize)?;
+            let mut off = 0usize;
+            for t in &source.tensors {
+                mem.copy_from_host(
+                    off,
+                    &maps[t.file][t.offset as usize..(t.offset + t.length) as usize],
+                )?;
+                off += t.length as usize;
+            }
+            gpu.synchronize()?;
+        }
     }
-    std::hint::black_box(&out);
-    Ok(total)
+    Ok((total, None))
+}
+
+/// The model in pinned host memory (untimed), then timed: one device
+/// allocation and the upload.
+fn pinned_run(source: &ModelSource, opts: &LoadOptions, gpu: &Gpu) -> Result<(f64, u64)> {
+    let plan = LoadPlan::new(source, None)?;
+    let mut host = gpu.pinned(plan.dest_len.max(1) as usize)?;
+    execute(&plan, &HostSink::new(&mut host), opts)?;
+    let stream = gpu.stream()?;
+    let t = Instant::now();
+    let mem = gpu.alloc(plan.dest_len.max(1) as usize)?;
+    let _host = upload_pinned(host, &mem, &stream, 64 << 20)?;
+    gpu.synchronize()?;
+    Ok((t.elapsed().as_secs_f64(), plan.tensor_bytes()))
+}
+
+/// Pinned host-to-device bandwidth, the limit of the pinned scenario.
+fn h2d_limit(gpu: &Gpu) -> Result<f64> {
+    let piece = 64 << 20;
+    let bufs = (0..4)
+        .map(|_| gpu.pinned(piece))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mem = gpu.alloc(4 * piece)?;
+    let streams = [gpu.stream()?, gpu.stream()?];
+    let mut best = 0.0f64;
+    let mut bufs = bufs;
+    for _ in 0..3 {
+        let (d, b) =
+            cuda::timed_pinned_copies(Direction::HostToDevice, &mem, bufs, &streams, 16 << 20)?;
+        bufs = b;
+        best = best.max((4 * piece) as f64 / d.as_secs_f64() / 1e9);
+    }
+    Ok(best)
 }
 
 struct Target {
@@ -123,73 +240,141 @@ fn resolve(ctx: &Ctx, a: &BenchArgs) -> Result<Target> {
         };
         let spec = flash_synth::spec(arch.parse()?, size)?;
         let store = ctx.store()?;
-        let scratch = store.root().join("tmp").join(format!("bench-{}-synth", std::process::id()));
+        let scratch = store
+            .root()
+            .join("tmp")
+            .join(format!("bench-{}-synth", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
-        let dir = scratch.join("model");
         std::fs::create_dir_all(&scratch)?;
-        let target = Target { dir: dir.clone(), label: format!("synth:{arch}:{size}"), scratch: Some(scratch) };
+        let dir = scratch.join("model");
+        let target = Target {
+            dir: dir.clone(),
+            label: format!("synth:{arch}:{size}"),
+            scratch: Some(scratch),
+        };
         flash_synth::synth(&spec, &dir, &flash_synth::SynthOptions::default())?;
         return Ok(target);
     }
-    let t = a.target.as_deref().expect("clap requires target or --synth");
+    let t = a
+        .target
+        .as_deref()
+        .expect("clap requires target or --synth");
     let p = Path::new(t);
     if p.is_dir() {
-        return Ok(Target { dir: p.to_path_buf(), label: t.to_string(), scratch: None });
+        return Ok(Target {
+            dir: p.to_path_buf(),
+            label: t.to_string(),
+            scratch: None,
+        });
     }
     let name = model_name(t)?;
     let dir = ctx.store()?.existing(&name)?;
-    Ok(Target { dir, label: name.to_string(), scratch: None })
+    Ok(Target {
+        dir,
+        label: name.to_string(),
+        scratch: None,
+    })
 }
 
 pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
+    let device = pick_device(&a.device)?;
+    let (card, device_name) = match &device {
+        Device::Cpu => ("cpu".to_string(), "cpu".to_string()),
+        Device::Cuda(g) => (g.info()?.name, format!("cuda:{}", g.ordinal())),
+    };
+    let all: &[&str] = match device {
+        Device::Cpu => &["cold", "warm"],
+        Device::Cuda(_) => &["cold", "warm", "pinned"],
+    };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["cold", "warm"],
-        s @ ("cold" | "warm") => vec![s],
-        other => bail!("unknown scenario {other:?} on the CPU (cold, warm, all)"),
+        "all" => all.to_vec(),
+        s if all.contains(&s) => vec![s],
+        other => bail!(
+            "unknown scenario {other:?} on {device_name} ({}, all)",
+            all.join(", ")
+        ),
     };
     let target = resolve(ctx, &a)?;
     let source = ModelSource::open(&target.dir)?;
     let files: Vec<PathBuf> = source.files.iter().map(|f| f.path.clone()).collect();
-    let opts = LoadOptions { threads: a.threads.max(1), chunk_bytes: a.chunk_size, io: IoMode::Auto };
-    let mut rows = Vec::new();
-    type LoaderFn<'a> = Box<dyn Fn() -> Result<u64> + 'a>;
-    let loaders: Vec<(&str, LoaderFn)> = vec![
-        ("disk", Box::new(|| disk_read(&source, &opts))),
-        ("flash", Box::new(|| flash_load(&source, &opts))),
-        ("mmap", Box::new(|| mmap_copy(&source))),
-    ];
-    for scenario in &scenarios {
-        for (loader, f) in &loaders {
-            if *loader == "disk" && *scenario == "warm" {
-                continue; // O_DIRECT bypasses the page cache: warm means nothing to it
+    let opts = LoadOptions {
+        threads: a.threads.unwrap_or_else(default_threads).max(1),
+        chunk_bytes: a.chunk_size,
+        io: a.io.parse().map_err(anyhow::Error::msg)?,
+    };
+    for l in &a.loader {
+        if !["disk", "flash", "mmap"].contains(&l.as_str()) {
+            bail!("unknown loader {l:?} (disk, flash, mmap)");
+        }
+    }
+    let wanted = |l: &str| a.loader.is_empty() || a.loader.iter().any(|w| w == l);
+    let measure = |loader: &str, scenario: &str| -> Result<Measurement> {
+        let resident_before = match scenario {
+            "cold" => evict(&files)?,
+            _ => {
+                warm(&files)?;
+                residency(&files)?
             }
+        };
+        let (seconds, bytes, stats) = if scenario == "pinned" {
+            let Device::Cuda(gpu) = &device else {
+                unreachable!("pinned is GPU only")
+            };
+            let (s, b) = pinned_run(&source, &opts, gpu)?;
+            (s, b, None)
+        } else {
+            let t = Instant::now();
+            let (bytes, stats) = match loader {
+                "disk" => disk_read(&source, &opts)?,
+                "flash" => flash_run(&source, &opts, &device)?,
+                _ => mmap_copy(&source, &device)?,
+            };
+            (t.elapsed().as_secs_f64(), bytes, stats)
+        };
+        Ok(Measurement {
+            loader: loader.to_string(),
+            model: target.label.clone(),
+            scenario: scenario.to_string(),
+            seconds,
+            gbps: bytes as f64 / seconds / 1e9,
+            bytes,
+            card: card.clone(),
+            device: device_name.clone(),
+            resident_before,
+            stats,
+            limit_gbps: None,
+        })
+    };
+    let mut rows: Vec<Measurement> = Vec::new();
+    for scenario in &scenarios {
+        let loaders: &[&str] = match *scenario {
+            "cold" => &["disk", "flash", "mmap"],
+            "warm" => &["flash", "mmap"],
+            _ => &["flash"],
+        };
+        for loader in loaders.iter().filter(|l| wanted(l)) {
             let mut best: Option<Measurement> = None;
             for _ in 0..a.repeat.max(1) {
-                let resident_before = if *scenario == "cold" {
-                    evict(&files)?
-                } else {
-                    warm(&files)?;
-                    residency(&files)?
-                };
-                let t = Instant::now();
-                let bytes = f()?;
-                let seconds = t.elapsed().as_secs_f64();
-                let m = Measurement {
-                    loader: loader.to_string(),
-                    model: target.label.clone(),
-                    scenario: scenario.to_string(),
-                    seconds,
-                    gbps: bytes as f64 / seconds / 1e9,
-                    bytes,
-                    card: "cpu".into(),
-                    resident_before,
-                };
+                let m = measure(loader, scenario)?;
                 if best.as_ref().is_none_or(|b| m.seconds < b.seconds) {
                     best = Some(m);
                 }
             }
             rows.extend(best);
         }
+    }
+    // Each run against the limit of its stage.
+    let disk = rows.iter().find(|r| r.loader == "disk").map(|r| r.gbps);
+    let h2d = match (&device, scenarios.contains(&"pinned")) {
+        (Device::Cuda(g), true) => Some(h2d_limit(g)?),
+        _ => None,
+    };
+    for r in &mut rows {
+        r.limit_gbps = match r.scenario.as_str() {
+            "cold" if r.loader != "disk" => disk,
+            "pinned" => h2d,
+            _ => None,
+        };
     }
     if a.json {
         for r in &rows {
@@ -202,20 +387,26 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
 }
 
 fn print_table(rows: &[Measurement]) {
-    let disk = rows.iter().find(|r| r.loader == "disk").map(|r| r.gbps);
+    if let Some(r) = rows.first() {
+        println!("{} on {} ({})", r.model, r.device, r.card);
+    }
     println!(
-        "{:<6} {:<6} {:>9} {:>8} {:>9} {:>9} {:>9}",
-        "LOADER", "CASE", "SECONDS", "GB/s", "VS mmap", "% DISK", "CACHED"
+        "{:<6} {:<7} {:>9} {:>8} {:>9} {:>10} {:>7}",
+        "LOADER", "CASE", "SECONDS", "GB/s", "VS mmap", "OF LIMIT", "CACHED"
     );
     for r in rows {
-        let base = rows.iter().find(|b| b.loader == "mmap" && b.scenario == r.scenario);
-        let ratio = base.map(|b| format!("{:.2}x", r.seconds / b.seconds)).unwrap_or_default();
-        let pct = match (disk, r.scenario.as_str()) {
-            (Some(d), "cold") => format!("{:.0}%", 100.0 * r.gbps / d),
-            _ => String::new(),
-        };
+        let base = rows
+            .iter()
+            .find(|b| b.loader == "mmap" && b.scenario == r.scenario);
+        let ratio = base
+            .map(|b| format!("{:.2}x", r.seconds / b.seconds))
+            .unwrap_or_default();
+        let pct = r
+            .limit_gbps
+            .map(|l| format!("{:.0}%", 100.0 * r.gbps / l))
+            .unwrap_or_default();
         println!(
-            "{:<6} {:<6} {:>9.3} {:>8.2} {:>9} {:>9} {:>8.0}%",
+            "{:<6} {:<7} {:>9.3} {:>8.2} {:>9} {:>10} {:>6.0}%",
             r.loader,
             r.scenario,
             r.seconds,
@@ -225,9 +416,12 @@ fn print_table(rows: &[Measurement]) {
             100.0 * r.resident_before
         );
     }
-    if let Some(r) = rows.iter().find(|r| r.scenario == "cold" && r.resident_before > 0.5) {
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.scenario == "cold" && r.resident_before > 0.5)
+    {
         println!(
-            "note: {:.0}% of the files stayed in the page cache after eviction (tmpfs or no permission): cold numbers are warm ones",
+            "note: {:.0}% of the files stayed in the page cache after eviction (tmpfs, or no permission): the cold numbers are warm ones",
             100.0 * r.resident_before
         );
     }

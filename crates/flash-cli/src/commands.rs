@@ -48,11 +48,20 @@ fn default_local_name(dir: &Path) -> Result<ModelName> {
         .unwrap_or_default();
     let clean: String = leaf
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let clean = clean.trim_start_matches('.').to_string();
     if clean.is_empty() {
-        bail!("cannot derive a model name from {}; pass --name ORG/NAME", dir.display());
+        bail!(
+            "cannot derive a model name from {}; pass --name ORG/NAME",
+            dir.display()
+        );
     }
     model_name(&format!("local/{clean}"))
 }
@@ -71,7 +80,9 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
                 (Some(n), _) | (None, Some(n)) => model_name(n)?,
                 (None, None) => default_local_name(dir)?,
             };
-            let abs = dir.canonicalize().with_context(|| format!("{}: cannot open", dir.display()))?;
+            let abs = dir
+                .canonicalize()
+                .with_context(|| format!("{}: cannot open", dir.display()))?;
             let opts = ImportOptions {
                 dtype,
                 force: a.force,
@@ -129,8 +140,16 @@ pub fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
         println!("no models (add one with `flash pull ORG/NAME` or `flash pull --from DIR`)");
         return Ok(ExitCode::SUCCESS);
     }
-    let w = models.iter().map(|m| m.model_id.len()).max().unwrap_or(5).max(5);
-    println!("{:<w$}  {:>10}  {:<6}  {:<24}  SOURCE", "MODEL", "SIZE", "DTYPE", "ARCHITECTURE");
+    let w = models
+        .iter()
+        .map(|m| m.model_id.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "{:<w$}  {:>10}  {:<6}  {:<24}  SOURCE",
+        "MODEL", "SIZE", "DTYPE", "ARCHITECTURE"
+    );
     for m in &models {
         println!(
             "{:<w$}  {:>10}  {:<6}  {:<24}  {}",
@@ -151,7 +170,10 @@ pub fn info(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
     } else {
         println!("model_id      {}", i.model_id);
         println!("size          {} ({} bytes)", human_bytes(i.size), i.size);
-        println!("dtype         {}", i.dtype.map(|d| d.to_string()).unwrap_or_default());
+        println!(
+            "dtype         {}",
+            i.dtype.map(|d| d.to_string()).unwrap_or_default()
+        );
         println!("architecture  {}", i.architecture.as_deref().unwrap_or("-"));
         println!("tensors       {}", i.tensor_count);
         println!("ranks         {}", i.ranks);
@@ -176,7 +198,9 @@ pub fn verify(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
         bar.set_length(total);
         bar.set_position(done);
     };
-    let report = ctx.store()?.verify(&name, &LoadOptions::default(), Some(&progress))?;
+    let report = ctx
+        .store()?
+        .verify(&name, &LoadOptions::default(), Some(&progress))?;
     bar.finish_and_clear();
     if json {
         print_json(&report)?;
@@ -201,13 +225,23 @@ pub fn verify(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
             );
         }
     }
-    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn export(ctx: &Ctx, model: &str, to: &Path, shard_size: u64) -> Result<ExitCode> {
     let name = model_name(model)?;
-    let files = ctx.store()?.export(&name, to, shard_size, &LoadOptions::default())?;
-    println!("{name}: {} safetensors file(s) in {}", files.len(), to.display());
+    let files = ctx
+        .store()?
+        .export(&name, to, shard_size, &LoadOptions::default())?;
+    println!(
+        "{name}: {} safetensors file(s) in {}",
+        files.len(),
+        to.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

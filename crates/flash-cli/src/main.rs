@@ -1,1 +1,85 @@
-fn main() {}
+//! `flash`: the command-line front of flashtensors. Argument parsing lives in
+//! `args`, each group of commands in its own module; the work itself is done
+//! by the library crates (flash-store, flash-load, flash-synth...).
+
+mod args;
+mod bench;
+mod commands;
+mod doctor;
+mod progress;
+mod selftest;
+
+use args::{Cli, Command};
+use clap::{CommandFactory, Parser};
+use std::process::ExitCode;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line. Library errors often name their
+/// cause in their own message too; a cause already said is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let ctx = commands::Ctx::new(cli.storage.clone(), cli.quiet);
+    match cli.command {
+        Command::Pull(a) => commands::pull(&ctx, a),
+        Command::List { json } => commands::list(&ctx, json),
+        Command::Info { model, json } => commands::info(&ctx, &model, json),
+        Command::Rm { model } => commands::rm(&ctx, &model),
+        Command::Verify { model, json } => commands::verify(&ctx, &model, json),
+        Command::Export {
+            model,
+            to,
+            shard_size,
+        } => commands::export(&ctx, &model, &to, shard_size),
+        Command::Synth(a) => commands::synth(&ctx, a),
+        Command::Bench(a) => bench::run(&ctx, a),
+        Command::Doctor { json } => {
+            let store = ctx.store()?;
+            doctor::run(store.root(), json).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Selftest { require_gpu, json } => selftest::run(&ctx, require_gpu, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "flash", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

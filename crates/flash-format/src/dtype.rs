@@ -107,9 +107,7 @@ impl DType {
     /// Byte length of a tensor of this type and shape, or `None` when the
     /// element count overflows or does not fill a whole number of bytes.
     pub fn byte_len(self, shape: &[u64]) -> Option<u64> {
-        let elements = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
+        let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))?;
         let bits = elements.checked_mul(self.bits())?;
         if bits % 8 != 0 {
             return None;
@@ -148,7 +146,10 @@ mod tests {
     fn names_round_trip() {
         for d in DType::ALL {
             assert_eq!(d.name().parse::<DType>().unwrap(), d);
-            assert_eq!(serde_json::to_string(&d).unwrap(), format!("\"{}\"", d.name()));
+            assert_eq!(
+                serde_json::to_string(&d).unwrap(),
+                format!("\"{}\"", d.name())
+            );
         }
         assert!("bf16".parse::<DType>().is_err());
     }

@@ -117,10 +117,7 @@ pub enum ManifestError {
 
 /// True when `name` can be used as a file name inside a model folder.
 pub fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0'])
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 impl Manifest {
@@ -173,7 +170,10 @@ impl Manifest {
     /// offending tensor or file.
     pub fn validate(&self) -> Result<(), String> {
         if self.format != FORMAT_NAME {
-            return Err(format!("format is {:?}, expected {FORMAT_NAME:?}", self.format));
+            return Err(format!(
+                "format is {:?}, expected {FORMAT_NAME:?}",
+                self.format
+            ));
         }
         if self.version != FORMAT_VERSION {
             return Err(format!(
@@ -182,10 +182,16 @@ impl Manifest {
             ));
         }
         if !self.alignment.is_power_of_two() || self.alignment < 8 {
-            return Err(format!("alignment {} is not a power of two >= 8", self.alignment));
+            return Err(format!(
+                "alignment {} is not a power of two >= 8",
+                self.alignment
+            ));
         }
         if self.checksum.algorithm != CHECKSUM_ALGORITHM {
-            return Err(format!("unknown checksum algorithm {:?}", self.checksum.algorithm));
+            return Err(format!(
+                "unknown checksum algorithm {:?}",
+                self.checksum.algorithm
+            ));
         }
         if self.checksum.chunk_size == 0 || self.checksum.chunk_size % self.alignment != 0 {
             return Err(format!(
@@ -195,7 +201,10 @@ impl Manifest {
         }
         for f in &self.files {
             if !is_plain_file_name(&f.name) || f.name == MANIFEST_FILE {
-                return Err(format!("data file name {:?} is not a plain file name", f.name));
+                return Err(format!(
+                    "data file name {:?} is not a plain file name",
+                    f.name
+                ));
             }
             let chunks = f.size.div_ceil(self.checksum.chunk_size);
             if f.checksums.len() as u64 != chunks {
@@ -205,7 +214,10 @@ impl Manifest {
                     f.checksums.len()
                 ));
             }
-            if f.checksums.iter().any(|c| u64::from_str_radix(c, 16).is_err() || c.len() != 16) {
+            if f.checksums
+                .iter()
+                .any(|c| u64::from_str_radix(c, 16).is_err() || c.len() != 16)
+            {
                 return Err(format!("data file {:?} has a malformed checksum", f.name));
             }
         }
@@ -215,15 +227,20 @@ impl Manifest {
             if names.insert(t.name.as_str(), ()).is_some() {
                 return Err(format!("tensor {:?} appears twice", t.name));
             }
-            let file = self
-                .files
-                .get(t.file as usize)
-                .ok_or_else(|| format!("tensor {:?} names data file #{} which does not exist", t.name, t.file))?;
+            let file = self.files.get(t.file as usize).ok_or_else(|| {
+                format!(
+                    "tensor {:?} names data file #{} which does not exist",
+                    t.name, t.file
+                )
+            })?;
             if t.checksum.len() != 16 || u64::from_str_radix(&t.checksum, 16).is_err() {
                 return Err(format!("tensor {:?} has a malformed checksum", t.name));
             }
             if t.offset % self.alignment != 0 {
-                return Err(format!("tensor {:?} offset {} is not aligned", t.name, t.offset));
+                return Err(format!(
+                    "tensor {:?} offset {} is not aligned",
+                    t.name, t.offset
+                ));
             }
             if t.dtype.byte_len(&t.shape) != Some(t.length) {
                 return Err(format!(
@@ -231,7 +248,10 @@ impl Manifest {
                     t.name, t.length, t.shape, t.dtype
                 ));
             }
-            if t.offset.checked_add(t.length).is_none_or(|end| end > file.size) {
+            if t.offset
+                .checked_add(t.length)
+                .is_none_or(|end| end > file.size)
+            {
                 return Err(format!(
                     "tensor {:?}: bytes [{}, +{}) run past the end of {:?} ({} bytes)",
                     t.name, t.offset, t.length, file.name, file.size
@@ -243,7 +263,10 @@ impl Manifest {
             list.sort_by_key(|t| (t.offset, t.length));
             for w in list.windows(2) {
                 if w[0].length > 0 && w[1].length > 0 && w[0].offset + w[0].length > w[1].offset {
-                    return Err(format!("tensors {:?} and {:?} overlap", w[0].name, w[1].name));
+                    return Err(format!(
+                        "tensors {:?} and {:?} overlap",
+                        w[0].name, w[1].name
+                    ));
                 }
             }
         }
@@ -252,7 +275,9 @@ impl Manifest {
                 return Err(format!("alias {alias:?} is also a stored tensor"));
             }
             if !names.contains_key(target.as_str()) {
-                return Err(format!("alias {alias:?} points to {target:?}, which is not stored"));
+                return Err(format!(
+                    "alias {alias:?} points to {target:?}, which is not stored"
+                ));
             }
         }
         for f in &self.extra_files {

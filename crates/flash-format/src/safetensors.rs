@@ -52,7 +52,9 @@ pub enum HeaderError {
         expected: String,
         actual: u64,
     },
-    #[error("tensor {name:?}: data_offsets [{begin}, {end}] run past the data area ({data_len} bytes)")]
+    #[error(
+        "tensor {name:?}: data_offsets [{begin}, {end}] run past the data area ({data_len} bytes)"
+    )]
     OutOfRange {
         name: String,
         begin: u64,
@@ -203,7 +205,9 @@ fn parse_entry(name: String, value: &Value, data_len: u64) -> Result<TensorEntry
         name: name.clone(),
         why: why.to_string(),
     };
-    let obj = value.as_object().ok_or_else(|| bad("entry is not an object"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("entry is not an object"))?;
     let dtype_name = obj
         .get("dtype")
         .and_then(Value::as_str)
@@ -348,15 +352,24 @@ pub fn build_header(
     }
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
-        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("strings"));
+        map.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
     }
     let mut lens = Vec::with_capacity(specs.len());
     let mut cursor = 0u64;
     for s in specs {
-        let len = s.dtype.byte_len(&s.shape).ok_or_else(|| HeaderError::BadEntry {
-            name: s.name.clone(),
-            why: format!("shape {:?} of {} is not a whole number of bytes", s.shape, s.dtype),
-        })?;
+        let len = s
+            .dtype
+            .byte_len(&s.shape)
+            .ok_or_else(|| HeaderError::BadEntry {
+                name: s.name.clone(),
+                why: format!(
+                    "shape {:?} of {} is not a whole number of bytes",
+                    s.shape, s.dtype
+                ),
+            })?;
         if s.name == "__metadata__" {
             return Err(HeaderError::BadEntry {
                 name: s.name.clone(),
@@ -369,7 +382,10 @@ pub fn build_header(
             data_offsets: [cursor, cursor + len],
         };
         if map
-            .insert(s.name.clone(), serde_json::to_value(info).expect("plain data"))
+            .insert(
+                s.name.clone(),
+                serde_json::to_value(info).expect("plain data"),
+            )
             .is_some()
         {
             return Err(HeaderError::DuplicateKey(s.name.clone()));
@@ -529,14 +545,42 @@ mod tests {
     #[test]
     fn refuses_malformed_headers() {
         let cases: &[(&str, usize, &str)] = &[
-            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, 4, "needs 8 bytes"),
-            (r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#, 1, "unknown dtype"),
-            (r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#, 6, "overlap"),
-            (r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#, 4, "hole"),
-            (r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#, 4, "past the data area"),
-            (r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#, 2, "twice"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                4,
+                "needs 8 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#,
+                1,
+                "unknown dtype",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
+                6,
+                "overlap",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}"#,
+                4,
+                "hole",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]}}"#,
+                4,
+                "past the data area",
+            ),
+            (
+                r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
+                2,
+                "twice",
+            ),
             (r#"{"a":1}"#, 0, "not an object"),
-            (r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#, 1, "shape"),
+            (
+                r#"{"a":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}"#,
+                1,
+                "shape",
+            ),
             (r#"{"__metadata__":{"a":1}}"#, 0, "__metadata__"),
             (r#"[1,2]"#, 0, "start with"),
             (r#"{"a":"#, 0, "JSON"),
@@ -545,22 +589,39 @@ mod tests {
             let err = parse_bytes(&file_with(json, &vec![0; *data])).unwrap_err();
             assert!(err.to_string().contains(want), "{json}: {err}");
         }
-        assert!(matches!(parse_bytes(&[1, 2]), Err(HeaderError::TooShort(2))));
+        assert!(matches!(
+            parse_bytes(&[1, 2]),
+            Err(HeaderError::TooShort(2))
+        ));
         let mut huge = (MAX_HEADER_LEN + 1).to_le_bytes().to_vec();
         huge.extend_from_slice(b"{}");
-        assert!(matches!(parse_bytes(&huge), Err(HeaderError::HeaderTooLarge { .. })));
+        assert!(matches!(
+            parse_bytes(&huge),
+            Err(HeaderError::HeaderTooLarge { .. })
+        ));
         let past = file_with("{}", &[]);
         let mut past = past.clone();
         past[0] = 200;
-        assert!(matches!(parse_bytes(&past), Err(HeaderError::HeaderPastEnd { .. })));
+        assert!(matches!(
+            parse_bytes(&past),
+            Err(HeaderError::HeaderPastEnd { .. })
+        ));
     }
 
     #[test]
     fn writer_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.safetensors");
-        let a = TensorSpec { name: "a".into(), dtype: DType::F16, shape: vec![3] };
-        let b = TensorSpec { name: "b".into(), dtype: DType::U8, shape: vec![] };
+        let a = TensorSpec {
+            name: "a".into(),
+            dtype: DType::F16,
+            shape: vec![3],
+        };
+        let b = TensorSpec {
+            name: "b".into(),
+            dtype: DType::U8,
+            shape: vec![],
+        };
         let mut meta = BTreeMap::new();
         meta.insert("k".to_string(), "v".to_string());
         write_file(&p, &[(a, &[1, 2, 3, 4, 5, 6]), (b, &[9])], &meta).unwrap();

@@ -2,9 +2,7 @@
 //! offset, padding zeroed, one checksum per chunk computed on the way.
 
 use crate::dtype::DType;
-use crate::manifest::{
-    align_up, checksum_hex, DataFile, ManifestError, TensorRecord, ALIGNMENT,
-};
+use crate::manifest::{align_up, checksum_hex, DataFile, ManifestError, TensorRecord, ALIGNMENT};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -64,7 +62,10 @@ impl DataWriter {
 
     fn start_file(&mut self) -> Result<(), ManifestError> {
         self.close_file()?;
-        let name = format!("data-{:05}.bin", self.files.len() + usize::from(self.open.is_some()));
+        let name = format!(
+            "data-{:05}.bin",
+            self.files.len() + usize::from(self.open.is_some())
+        );
         let path = self.dir.join(&name);
         let file = File::create(&path).map_err(|e| io_err(&path, e))?;
         self.open = Some(OpenFile {
@@ -122,19 +123,31 @@ impl DataWriter {
         if f.in_chunk > 0 {
             f.record.checksums.push(checksum_hex(f.hasher.digest()));
         }
-        let file = f.out.into_inner().map_err(|e| io_err(&f.path, e.into_error()))?;
+        let file = f
+            .out
+            .into_inner()
+            .map_err(|e| io_err(&f.path, e.into_error()))?;
         file.sync_all().map_err(|e| io_err(&f.path, e))?;
         self.files.push(f.record);
         Ok(())
     }
 
     /// Starts a tensor; its bytes follow through [`DataWriter::write`].
-    pub fn begin_tensor(&mut self, name: &str, dtype: DType, shape: &[u64]) -> Result<(), ManifestError> {
+    pub fn begin_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+    ) -> Result<(), ManifestError> {
         assert_eq!(self.pending, 0, "previous tensor incomplete");
-        let length = dtype.byte_len(shape).ok_or_else(|| ManifestError::Invalid {
-            path: self.dir.clone(),
-            why: format!("tensor {name:?}: shape {shape:?} of {dtype} is not a whole number of bytes"),
-        })?;
+        let length = dtype
+            .byte_len(shape)
+            .ok_or_else(|| ManifestError::Invalid {
+                path: self.dir.clone(),
+                why: format!(
+                    "tensor {name:?}: shape {shape:?} of {dtype} is not a whole number of bytes"
+                ),
+            })?;
         let size = self.open.as_ref().map(|f| f.record.size);
         match size {
             None => self.start_file()?,
@@ -224,8 +237,14 @@ mod tests {
         assert_eq!(bytes.len() as u64, files[0].size);
         assert_eq!(&bytes[..6], &[1, 2, 3, 4, 5, 0]);
         assert_eq!(files[0].checksums.len(), 2);
-        assert_eq!(files[0].checksums[1], checksum_hex(chunk_checksum(&bytes[8192..])));
-        assert_eq!(tensors[0].checksum, checksum_hex(chunk_checksum(&[1, 2, 3, 4, 5])));
+        assert_eq!(
+            files[0].checksums[1],
+            checksum_hex(chunk_checksum(&bytes[8192..]))
+        );
+        assert_eq!(
+            tensors[0].checksum,
+            checksum_hex(chunk_checksum(&[1, 2, 3, 4, 5]))
+        );
         assert_eq!(tensors[2].checksum, checksum_hex(chunk_checksum(&[])));
     }
 

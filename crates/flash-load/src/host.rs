@@ -158,7 +158,10 @@ pub fn load_to_host(
 ) -> Result<(HostModel, LoadStats), LoadError> {
     let plan = LoadPlan::new(source, select)?;
     let mut buf = AlignedBuf::new(plan.dest_len as usize).map_err(|e| {
-        LoadError::model(&source.dir, format!("cannot allocate {} bytes: {e}", plan.dest_len))
+        LoadError::model(
+            &source.dir,
+            format!("cannot allocate {} bytes: {e}", plan.dest_len),
+        )
     })?;
     let stats = execute(&plan, &HostSink::new(&mut buf), opts)?;
     let index = plan

@@ -7,16 +7,18 @@
 //!    so that each file window maps to an aligned destination window;
 //! 3. [`execute`] runs reader threads over the plan's jobs and hands each job
 //!    to a [`Sink`]: [`HostSink`] (host memory, in place), [`ScanSink`]
-//!    (streamed to a function), or the GPU sink of the `cuda` module.
+//!    (streamed to a function) or [`CudaSink`] (pinned staging, async copies).
 
 pub mod error;
+pub mod gpu;
 pub mod host;
 pub mod pipeline;
 pub mod plan;
 pub mod source;
 
 pub use error::LoadError;
+pub use gpu::{load_to_gpu, CudaSink, GpuModel, StagingPool};
 pub use host::{load_to_host, HostModel, HostSink, ScanSink};
-pub use pipeline::{execute, IoMode, LoadOptions, LoadStats, Sink, SinkWorker};
+pub use pipeline::{default_threads, execute, IoMode, LoadOptions, LoadStats, Sink, SinkWorker};
 pub use plan::{Job, LoadPlan, Segment, TensorView};
 pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};

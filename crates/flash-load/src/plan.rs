@@ -89,7 +89,10 @@ impl LoadPlan {
         for (alias, target) in &source.aliases {
             if wanted(alias) {
                 let &i = by_name.get(target.as_str()).ok_or_else(|| {
-                    LoadError::model(&source.dir, format!("alias {alias:?} points to missing {target:?}"))
+                    LoadError::model(
+                        &source.dir,
+                        format!("alias {alias:?} points to missing {target:?}"),
+                    )
                 })?;
                 chosen[i] = true;
                 aliases.push((alias.clone(), i));

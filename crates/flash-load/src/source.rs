@@ -158,7 +158,10 @@ impl ModelSource {
                     if index.weight_map.get(&t.name) != Some(name) {
                         return Err(LoadError::model(
                             &path,
-                            format!("tensor {:?} is here but the index does not map it to this shard", t.name),
+                            format!(
+                                "tensor {:?} is here but the index does not map it to this shard",
+                                t.name
+                            ),
                         ));
                     }
                 }
@@ -178,7 +181,10 @@ impl ModelSource {
             if let Some(missing) = index.weight_map.keys().find(|k| !where_.contains_key(*k)) {
                 return Err(LoadError::model(
                     &index_path,
-                    format!("the index maps tensor {missing:?} to {:?}, which does not hold it", index.weight_map[missing]),
+                    format!(
+                        "the index maps tensor {missing:?} to {:?}, which does not hold it",
+                        index.weight_map[missing]
+                    ),
                 ));
             }
         }

@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(convert(DType::F16, DType::F32, h), f32b);
         let b = convert(DType::F32, DType::BF16, f32b.clone());
         let back = convert(DType::BF16, DType::F32, b);
-        let got: Vec<f32> = back.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let got: Vec<f32> = back
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(&got[..4], &vals[..4]);
         assert_eq!(got[4], 65536.0, "bf16 rounds 65504 to nearest even");
     }

@@ -33,7 +33,9 @@ fn check_part(input: &str, part: &str, what: &str) -> Result<(), NameError> {
         return Err(err(format!("the {what} may not be {part:?}")));
     }
     if part.len() > MAX_PART {
-        return Err(err(format!("the {what} is longer than {MAX_PART} characters")));
+        return Err(err(format!(
+            "the {what} is longer than {MAX_PART} characters"
+        )));
     }
     if part.starts_with('.') {
         return Err(err(format!("the {what} may not start with '.'")));
@@ -126,14 +128,30 @@ mod tests {
         assert_eq!(n.rel_path(), PathBuf::from("Qwen/Qwen3-0.6B"));
         let r: ModelName = "meta-llama/Llama-3.2-1B:v1.0".parse().unwrap();
         assert_eq!(r.to_string(), "meta-llama/Llama-3.2-1B:v1.0");
-        assert_eq!(ModelName::from_rel("meta-llama", "Llama-3.2-1B@v1.0"), Some(r));
+        assert_eq!(
+            ModelName::from_rel("meta-llama", "Llama-3.2-1B@v1.0"),
+            Some(r)
+        );
     }
 
     #[test]
     fn refuses_escapes() {
         for bad in [
-            "", "a", "/a", "a/", "../a", "a/..", "a/b/c", "/etc/passwd", "a/b\0", "a\\b/c", "a/.hidden",
-            "a/b:", "a/b:../x", "a/b c", "./a",
+            "",
+            "a",
+            "/a",
+            "a/",
+            "../a",
+            "a/..",
+            "a/b/c",
+            "/etc/passwd",
+            "a/b\0",
+            "a\\b/c",
+            "a/.hidden",
+            "a/b:",
+            "a/b:../x",
+            "a/b c",
+            "./a",
         ] {
             let e = bad.parse::<ModelName>().unwrap_err();
             assert!(e.to_string().contains("invalid model name"), "{bad}: {e}");

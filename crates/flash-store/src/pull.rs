@@ -24,7 +24,12 @@ pub fn wanted_file(path: &str) -> bool {
 impl Store {
     /// Downloads `name` (its revision, default `main`) from the Hub and
     /// imports it. Files already in the Hub cache are not downloaded again.
-    pub fn pull(&self, hub: &HubClient, name: &ModelName, opts: &ImportOptions) -> Result<ImportReport> {
+    pub fn pull(
+        &self,
+        hub: &HubClient,
+        name: &ModelName,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         if self.contains(name) && !opts.force {
             return Err(StoreError::Exists(name.to_string()));
         }
@@ -53,10 +58,24 @@ impl Store {
 mod tests {
     #[test]
     fn wanted_files() {
-        for yes in ["model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json", "merges.txt", "tokenizer.model", "chat_template.jinja"] {
+        for yes in [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "config.json",
+            "tokenizer.json",
+            "merges.txt",
+            "tokenizer.model",
+            "chat_template.jinja",
+        ] {
             assert!(super::wanted_file(yes), "{yes}");
         }
-        for no in ["pytorch_model.bin", "original/consolidated.00.pth", "onnx/model.onnx", "README.md", "sub/config.json"] {
+        for no in [
+            "pytorch_model.bin",
+            "original/consolidated.00.pth",
+            "onnx/model.onnx",
+            "README.md",
+            "sub/config.json",
+        ] {
             assert!(!super::wanted_file(no), "{no}");
         }
     }

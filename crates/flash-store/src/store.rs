@@ -36,7 +36,9 @@ pub const MAX_DATA_FILE: u64 = 4 << 30;
 pub const EXPORT_SHARD_BYTES: u64 = 5_000_000_000;
 
 /// Weight formats other than safetensors: never copied as "extra" files.
-const FOREIGN_WEIGHTS: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx"];
+const FOREIGN_WEIGHTS: &[&str] = &[
+    ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx",
+];
 
 /// Reports progress in bytes: `(done, total)`.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
@@ -229,21 +231,34 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        self.root
-            .join("trash")
-            .join(format!("{}--{}-{nanos}", name.org, name.rel_path().file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()))
+        self.root.join("trash").join(format!(
+            "{}--{}-{nanos}",
+            name.org,
+            name.rel_path()
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ))
     }
 
     /// Imports a Hugging Face style folder (safetensors, sharded or not, plus
     /// config and tokenizer files) as model `name`.
-    pub fn import(&self, src_dir: &Path, name: &ModelName, opts: &ImportOptions) -> Result<ImportReport> {
+    pub fn import(
+        &self,
+        src_dir: &Path,
+        name: &ModelName,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         let start = Instant::now();
         if self.contains(name) && !opts.force {
             return Err(StoreError::Exists(name.to_string()));
         }
         let src = ModelSource::open(src_dir)?;
         if src.tensors.is_empty() {
-            return Err(StoreError::invalid(src_dir, "the checkpoint holds no tensors"));
+            return Err(StoreError::invalid(
+                src_dir,
+                "the checkpoint holds no tensors",
+            ));
         }
         let tmp = self.tmp_dir("import")?;
         let result = self.write_model(&src, &tmp, name, opts).and_then(|m| {
@@ -266,7 +281,13 @@ impl Store {
         }
     }
 
-    fn write_model(&self, src: &ModelSource, tmp: &Path, name: &ModelName, opts: &ImportOptions) -> Result<Manifest> {
+    fn write_model(
+        &self,
+        src: &ModelSource,
+        tmp: &Path,
+        name: &ModelName,
+        opts: &ImportOptions,
+    ) -> Result<Manifest> {
         let chunk = manifest::DEFAULT_CHECKSUM_CHUNK;
         let mut writer = DataWriter::new(tmp, chunk, MAX_DATA_FILE);
         let files: Vec<File> = src
@@ -334,8 +355,9 @@ impl Store {
             metadata: src.metadata.clone(),
             extra_files,
         };
-        m.validate()
-            .map_err(|why| StoreError::invalid(tmp, format!("internal error, manifest invalid: {why}")))?;
+        m.validate().map_err(|why| {
+            StoreError::invalid(tmp, format!("internal error, manifest invalid: {why}"))
+        })?;
         let mpath = tmp.join(MANIFEST_FILE);
         let f = File::create(&mpath).map_err(|e| StoreError::io(&mpath, e))?;
         std::io::Write::write_all(&mut &f, m.to_json().as_bytes())
@@ -351,7 +373,9 @@ impl Store {
         let mut out = Vec::new();
         let orgs = fs::read_dir(&models).map_err(|e| StoreError::io(&models, e))?;
         for org in orgs.flatten() {
-            let Ok(leaves) = fs::read_dir(org.path()) else { continue };
+            let Ok(leaves) = fs::read_dir(org.path()) else {
+                continue;
+            };
             for leaf in leaves.flatten() {
                 let Some(name) = ModelName::from_rel(
                     &org.file_name().to_string_lossy(),
@@ -409,11 +433,19 @@ impl Store {
 
     /// Re-reads every chunk of the model's data files and compares it with
     /// the manifest's checksum; a bad chunk names the tensors in it.
-    pub fn verify(&self, name: &ModelName, opts: &LoadOptions, progress: Option<Progress>) -> Result<VerifyReport> {
+    pub fn verify(
+        &self,
+        name: &ModelName,
+        opts: &LoadOptions,
+        progress: Option<Progress>,
+    ) -> Result<VerifyReport> {
         let start = Instant::now();
         let dir = self.existing(name)?;
         let src = ModelSource::open(&dir)?;
-        let m = src.manifest.as_ref().expect("the store holds the flash format");
+        let m = src
+            .manifest
+            .as_ref()
+            .expect("the store holds the flash format");
         let chunk = m.checksum.chunk_size;
         let plan = LoadPlan::whole_files(&src.files);
         let total = m.data_bytes();
@@ -424,7 +456,11 @@ impl Store {
             let want = &m.files[job.file].checksums[idx];
             let got = manifest::checksum_hex(manifest::chunk_checksum(bytes));
             if &got != want {
-                bad.lock().unwrap_or_else(|p| p.into_inner()).push((job.file, job.file_offset, bytes.len() as u64));
+                bad.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    job.file,
+                    job.file_offset,
+                    bytes.len() as u64,
+                ));
             }
             let d = done.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             if let Some(p) = progress {
@@ -461,14 +497,27 @@ impl Store {
 
     /// Writes the model back out as safetensors (sharded at `shard_bytes`)
     /// with its config and tokenizer files, through the load path.
-    pub fn export(&self, name: &ModelName, to: &Path, shard_bytes: u64, opts: &LoadOptions) -> Result<Vec<PathBuf>> {
+    pub fn export(
+        &self,
+        name: &ModelName,
+        to: &Path,
+        shard_bytes: u64,
+        opts: &LoadOptions,
+    ) -> Result<Vec<PathBuf>> {
         let dir = self.existing(name)?;
-        if to.exists() && fs::read_dir(to).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        if to.exists()
+            && fs::read_dir(to)
+                .map(|mut d| d.next().is_some())
+                .unwrap_or(true)
+        {
             return Err(StoreError::invalid(to, "already exists and is not empty"));
         }
         let src = ModelSource::open(&dir)?;
         let m = src.manifest.clone().expect("flash format");
-        let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
         let tmp = parent.join(format!(".flash-export-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
@@ -493,27 +542,59 @@ impl Store {
 
 /// Names of the tensors (and their aliases) with bytes in `[offset, offset+len)`
 /// of `file` whose own checksum no longer matches. Empty when only padding changed.
-fn bad_tensors_in(m: &Manifest, path: &Path, file: u32, offset: u64, len: u64) -> Result<Vec<String>> {
+fn bad_tensors_in(
+    m: &Manifest,
+    path: &Path,
+    file: u32,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<String>> {
     let f = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut names = Vec::new();
     for t in &m.tensors {
-        if t.file != file || t.length == 0 || t.offset >= offset + len || offset >= t.offset + t.length {
+        if t.file != file
+            || t.length == 0
+            || t.offset >= offset + len
+            || offset >= t.offset + t.length
+        {
             continue;
         }
         let mut bytes = vec![0u8; t.length as usize];
-        f.read_exact_at(&mut bytes, t.offset).map_err(|e| StoreError::io(path, e))?;
+        f.read_exact_at(&mut bytes, t.offset)
+            .map_err(|e| StoreError::io(path, e))?;
         if manifest::checksum_hex(manifest::chunk_checksum(&bytes)) != t.checksum {
             names.push(t.name.clone());
-            names.extend(m.aliases.iter().filter(|(_, target)| **target == t.name).map(|(a, _)| a.clone()));
+            names.extend(
+                m.aliases
+                    .iter()
+                    .filter(|(_, target)| **target == t.name)
+                    .map(|(a, _)| a.clone()),
+            );
         }
     }
     Ok(names)
 }
 
-fn export_into(src: &ModelSource, m: &Manifest, tmp: &Path, shard_bytes: u64, opts: &LoadOptions) -> Result<Vec<String>> {
+fn export_into(
+    src: &ModelSource,
+    m: &Manifest,
+    tmp: &Path,
+    shard_bytes: u64,
+    opts: &LoadOptions,
+) -> Result<Vec<String>> {
     // Output tensors: stored ones in manifest order, then aliases.
-    let mut outputs: Vec<(String, usize)> = m.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-    let by_name: HashMap<&str, usize> = m.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+    let mut outputs: Vec<(String, usize)> = m
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let by_name: HashMap<&str, usize> = m
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
     for (alias, target) in &m.aliases {
         outputs.push((alias.clone(), by_name[target.as_str()]));
     }
@@ -531,10 +612,18 @@ fn export_into(src: &ModelSource, m: &Manifest, tmp: &Path, shard_bytes: u64, op
     }
     let n = shards.len();
     let names: Vec<String> = (0..n)
-        .map(|s| if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", s + 1) })
+        .map(|s| {
+            if n == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{n:05}.safetensors", s + 1)
+            }
+        })
         .collect();
     let mut metadata = m.metadata.clone();
-    metadata.entry("format".into()).or_insert_with(|| "pt".into());
+    metadata
+        .entry("format".into())
+        .or_insert_with(|| "pt".into());
     // Where each stored tensor's bytes go: (shard, absolute offset).
     let mut targets: Vec<Vec<(usize, u64)>> = vec![Vec::new(); m.tensors.len()];
     let mut out_files = Vec::with_capacity(n);
@@ -545,7 +634,11 @@ fn export_into(src: &ModelSource, m: &Manifest, tmp: &Path, shard_bytes: u64, op
             .iter()
             .map(|&k| {
                 let t = &m.tensors[outputs[k].1];
-                TensorSpec { name: outputs[k].0.clone(), dtype: t.dtype, shape: t.shape.clone() }
+                TensorSpec {
+                    name: outputs[k].0.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                }
             })
             .collect();
         let path = tmp.join(&names[s]);
@@ -607,7 +700,8 @@ fn export_into(src: &ModelSource, m: &Manifest, tmp: &Path, shard_bytes: u64, op
             weight_map,
         };
         let p = tmp.join(INDEX_FILE);
-        fs::write(&p, serde_json::to_vec_pretty(&index).expect("plain data")).map_err(|e| StoreError::io(&p, e))?;
+        fs::write(&p, serde_json::to_vec_pretty(&index).expect("plain data"))
+            .map_err(|e| StoreError::io(&p, e))?;
     }
     Ok(names)
 }
@@ -649,7 +743,8 @@ fn copy_extra_files(src: &Path, dst: &Path, dtype: DtypeChoice) -> Result<Vec<St
                         obj.insert("dtype".into(), torch.into());
                     }
                 }
-                fs::write(&to, serde_json::to_vec_pretty(&v).expect("json")).map_err(|e| StoreError::io(&to, e))?;
+                fs::write(&to, serde_json::to_vec_pretty(&v).expect("json"))
+                    .map_err(|e| StoreError::io(&to, e))?;
                 names.push(name);
                 continue;
             }

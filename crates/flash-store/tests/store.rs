@@ -24,27 +24,47 @@ fn write_checkpoint(dir: &Path, tensors: &[(TensorSpec, Vec<u8>)], shards: usize
         } else {
             format!("model-{:05}-of-{:05}.safetensors", i + 1, chunks.len())
         };
-        let items: Vec<(TensorSpec, &[u8])> = chunk.iter().map(|(s, b)| (s.clone(), b.as_slice())).collect();
+        let items: Vec<(TensorSpec, &[u8])> = chunk
+            .iter()
+            .map(|(s, b)| (s.clone(), b.as_slice()))
+            .collect();
         for (s, _) in chunk.iter() {
             weight_map.insert(s.name.clone(), fname.clone());
         }
         st::write_file(&dir.join(&fname), &items, &BTreeMap::new()).unwrap();
     }
     if chunks.len() > 1 {
-        let index = st::ShardIndex { metadata: None, weight_map };
-        std::fs::write(dir.join(st::INDEX_FILE), serde_json::to_vec(&index).unwrap()).unwrap();
+        let index = st::ShardIndex {
+            metadata: None,
+            weight_map,
+        };
+        std::fs::write(
+            dir.join(st::INDEX_FILE),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
     }
-    std::fs::write(dir.join("config.json"), r#"{"architectures":["Qwen3ForCausalLM"],"torch_dtype":"bfloat16"}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"architectures":["Qwen3ForCausalLM"],"torch_dtype":"bfloat16"}"#,
+    )
+    .unwrap();
     std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
 }
 
 fn spec(name: &str, dtype: DType, shape: &[u64]) -> TensorSpec {
-    TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+    TensorSpec {
+        name: name.into(),
+        dtype,
+        shape: shape.to_vec(),
+    }
 }
 
 fn bytes_for(s: &TensorSpec, seed: u8) -> Vec<u8> {
     let n = s.dtype.byte_len(&s.shape).unwrap() as usize;
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn sample() -> Vec<(TensorSpec, Vec<u8>)> {
@@ -57,14 +77,25 @@ fn sample() -> Vec<(TensorSpec, Vec<u8>)> {
         spec("fp8", DType::F8_E4M3, &[5000]),
         spec("mask", DType::BOOL, &[3]),
     ];
-    let mut v: Vec<_> = specs.iter().enumerate().map(|(i, s)| (s.clone(), bytes_for(s, i as u8))).collect();
+    let mut v: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.clone(), bytes_for(s, i as u8)))
+        .collect();
     // A tied copy: same bytes, stored twice in the checkpoint.
-    v.push((spec("lm_head.weight", DType::BF16, &[300, 64]), v[0].1.clone()));
+    v.push((
+        spec("lm_head.weight", DType::BF16, &[300, 64]),
+        v[0].1.clone(),
+    ));
     v
 }
 
 fn opts() -> LoadOptions {
-    LoadOptions { threads: 3, chunk_bytes: 8192, io: IoMode::Auto }
+    LoadOptions {
+        threads: 3,
+        chunk_bytes: 8192,
+        io: IoMode::Auto,
+    }
 }
 
 #[test]
@@ -90,7 +121,9 @@ fn import_load_export_round_trip() {
         let (model, stats) = load_to_host(&source, None, &opts()).unwrap();
         assert!(stats.bytes_read > 0);
         for (s, bytes) in &tensors {
-            let (view, got) = model.get(&s.name).unwrap_or_else(|| panic!("{} missing", s.name));
+            let (view, got) = model
+                .get(&s.name)
+                .unwrap_or_else(|| panic!("{} missing", s.name));
             assert_eq!(view.dtype, s.dtype);
             assert_eq!(view.shape, s.shape);
             assert_eq!(got, bytes.as_slice(), "{} in {}", s.name, dir.display());
@@ -102,7 +135,10 @@ fn import_load_export_round_trip() {
     let only = |t: &str| t == "lm_head.weight" || t == "scalar";
     let (model, _) = load_to_host(&source, Some(&only), &opts()).unwrap();
     assert_eq!(model.tensors().len(), 2);
-    assert_eq!(model.get("lm_head.weight").unwrap().1, tensors[0].1.as_slice());
+    assert_eq!(
+        model.get("lm_head.weight").unwrap().1,
+        tensors[0].1.as_slice()
+    );
 
     assert!(store.verify(&n, &opts(), None).unwrap().ok());
 
@@ -112,10 +148,18 @@ fn import_load_export_round_trip() {
     let back = ModelSource::open(&out).unwrap();
     let (model, _) = load_to_host(&back, None, &opts()).unwrap();
     for (s, bytes) in &tensors {
-        assert_eq!(model.get(&s.name).unwrap().1, bytes.as_slice(), "{} after export", s.name);
+        assert_eq!(
+            model.get(&s.name).unwrap().1,
+            bytes.as_slice(),
+            "{} after export",
+            s.name
+        );
     }
     assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
-    assert!(store.export(&n, &out, 4000, &opts()).is_err(), "refuses a non-empty target");
+    assert!(
+        store.export(&n, &out, 4000, &opts()).is_err(),
+        "refuses a non-empty target"
+    );
 }
 
 #[test]
@@ -128,7 +172,10 @@ fn verify_names_the_tensor_with_a_flipped_byte() {
     store.import(&src, &n, &ImportOptions::default()).unwrap();
     let m = store.manifest(&n).unwrap();
     let t = m.tensors.iter().find(|t| t.name == "fp8").unwrap();
-    let path = store.existing(&n).unwrap().join(&m.files[t.file as usize].name);
+    let path = store
+        .existing(&n)
+        .unwrap()
+        .join(&m.files[t.file as usize].name);
     let mut data = std::fs::read(&path).unwrap();
     data[(t.offset + 17) as usize] ^= 0x40;
     std::fs::write(&path, data).unwrap();
@@ -142,14 +189,32 @@ fn verify_names_the_tensor_with_a_flipped_byte() {
 fn dtype_conversion_leaves_integers() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let vals: Vec<u8> = [1.0f32, -0.5, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let vals: Vec<u8> = [1.0f32, -0.5, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let ints: Vec<u8> = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
-    write_checkpoint(&src, &[(spec("w", DType::F32, &[3]), vals), (spec("i", DType::I64, &[2]), ints.clone())], 1);
+    write_checkpoint(
+        &src,
+        &[
+            (spec("w", DType::F32, &[3]), vals),
+            (spec("i", DType::I64, &[2]), ints.clone()),
+        ],
+        1,
+    );
     let store = Store::open(&tmp.path().join("store")).unwrap();
     let n = name("test/conv");
-    let o = ImportOptions { dtype: DtypeChoice::To(DType::BF16), ..Default::default() };
+    let o = ImportOptions {
+        dtype: DtypeChoice::To(DType::BF16),
+        ..Default::default()
+    };
     store.import(&src, &n, &o).unwrap();
-    let (model, _) = load_to_host(&ModelSource::open(&store.existing(&n).unwrap()).unwrap(), None, &opts()).unwrap();
+    let (model, _) = load_to_host(
+        &ModelSource::open(&store.existing(&n).unwrap()).unwrap(),
+        None,
+        &opts(),
+    )
+    .unwrap();
     let (w, wb) = model.get("w").unwrap();
     assert_eq!(w.dtype, DType::BF16);
     assert_eq!(wb, &[0x80, 0x3f, 0x00, 0xbf, 0x40, 0x40]);
@@ -173,8 +238,16 @@ fn bad_input_changes_nothing_in_the_store() {
     write_checkpoint(&bad, &sample(), 1);
     let f = bad.join("model.safetensors");
     let len = std::fs::metadata(&f).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 10).unwrap();
-    let force = ImportOptions { force: true, ..Default::default() };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let force = ImportOptions {
+        force: true,
+        ..Default::default()
+    };
     let err = store.import(&bad, &n, &force).unwrap_err().to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 
@@ -183,7 +256,10 @@ fn bad_input_changes_nothing_in_the_store() {
     write_checkpoint(&bad2, &sample(), 3);
     std::fs::remove_file(bad2.join("model-00002-of-00003.safetensors")).unwrap();
     let err = store.import(&bad2, &n, &force).unwrap_err().to_string();
-    assert!(err.contains("model-00002-of-00003.safetensors") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model-00002-of-00003.safetensors") && err.contains("missing"),
+        "{err}"
+    );
 
     // Bad JSON index.
     let bad3 = tmp.path().join("bad3");
@@ -193,12 +269,19 @@ fn bad_input_changes_nothing_in_the_store() {
     assert!(err.contains("model.safetensors.index.json"), "{err}");
 
     // Existing model without --force.
-    assert!(matches!(store.import(&good, &n, &ImportOptions::default()), Err(StoreError::Exists(_))));
+    assert!(matches!(
+        store.import(&good, &n, &ImportOptions::default()),
+        Err(StoreError::Exists(_))
+    ));
 
     let after = std::fs::read(store.existing(&n).unwrap().join("model.flash.json")).unwrap();
     assert_eq!(before, after);
     assert!(store.verify(&n, &opts(), None).unwrap().ok());
-    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0, "no temporary left");
+    assert_eq!(
+        std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
+        0,
+        "no temporary left"
+    );
 }
 
 #[test]
@@ -226,13 +309,16 @@ fn arb_dtype() -> impl Strategy<Value = DType> {
 }
 
 fn arb_tensor() -> impl Strategy<Value = (DType, Vec<u64>)> {
-    (arb_dtype(), proptest::collection::vec(0u64..6, 0..4)).prop_filter_map("whole bytes", |(d, mut shape)| {
-        // Sub-byte types need an element count that fills whole bytes.
-        if d.byte_len(&shape).is_none() {
-            shape.push(8);
-        }
-        d.byte_len(&shape).map(|_| (d, shape))
-    })
+    (arb_dtype(), proptest::collection::vec(0u64..6, 0..4)).prop_filter_map(
+        "whole bytes",
+        |(d, mut shape)| {
+            // Sub-byte types need an element count that fills whole bytes.
+            if d.byte_len(&shape).is_none() {
+                shape.push(8);
+            }
+            d.byte_len(&shape).map(|_| (d, shape))
+        },
+    )
 }
 
 proptest! {

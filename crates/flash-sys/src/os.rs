@@ -39,7 +39,10 @@ impl AlignedBuf {
         // SAFETY: layout has a non-zero size (len > 0) and a valid alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::OutOfMemory, format!("cannot allocate {len} bytes"))
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate {len} bytes"),
+            )
         })?;
         Ok(AlignedBuf { ptr, len })
     }
@@ -168,11 +171,17 @@ impl<'a> SharedRegion<'a> {
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!("range [{offset}, +{len}) outside a region of {} bytes", self.len),
+                    format!(
+                        "range [{offset}, +{len}) outside a region of {} bytes",
+                        self.len
+                    ),
                 )
             })?;
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let before = claims.range(..=offset).next_back().map(|(_, &e)| e > offset);
+        let before = claims
+            .range(..=offset)
+            .next_back()
+            .map(|(_, &e)| e > offset);
         let after = claims.range(offset..end.max(offset + 1)).next().is_some();
         if (len > 0 && (before == Some(true) || after)) || claims.contains_key(&offset) {
             return Err(io::Error::new(
@@ -293,9 +302,7 @@ pub fn io_uring_allowed() -> bool {
     let mut params = Params([0; 30]);
     // SAFETY: io_uring_setup(entries, params) reads and writes only the
     // 120-byte params struct we pass; on success we close the returned fd.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut params as *mut Params)
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, &mut params as *mut Params) };
     if fd >= 0 {
         // SAFETY: fd was just returned to us and is closed once.
         unsafe { libc::close(fd as libc::c_int) };
@@ -335,7 +342,12 @@ impl std::ops::Deref for Mapping {
 /// Bytes of physical memory, from sysconf.
 pub fn physical_memory() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
-    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     (pages.max(0) as u64) * (size.max(0) as u64)
 }
 

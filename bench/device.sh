@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# The benchmark run on the GPU machine (no network, no Rust there):
+#
+#   bash bench/device.sh
+#
+# with the release binary at .carry/flash and the peers' wheels at .whl/
+# (bench/fetch-wheels.sh). Steps:
+#   1. install the wheels into /tmp/site;
+#   2. flash doctor --json, flash selftest;
+#   3. flash synth qwen3 8b and 0.6b into a scratch folder on the local disk,
+#      flash pull --from each into the store (the flash format);
+#   4. per model (8b first), per scenario (cold, warm): every peer loader in a
+#      fresh python3 bench/peers.py process, then flash bench on the plain
+#      safetensors folder and on the store model; flash bench --scenario
+#      pinned on the store model;
+#   5. a table: loader, model, scenario, seconds, GB/s, and the ratio of the
+#      best peer's time to this time (>1: faster than every peer).
+# Every JSON line goes to $OUT/results.jsonl (the lead copies $OUT back into
+# bench/results/). Steps past the time budget (BUDGET seconds, default 540)
+# are skipped, and say so.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+START=$SECONDS
+BUDGET=${BUDGET:-540}
+OUT=${OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+exec > >(tee -a "$OUT/device.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+FLASH=${FLASH:-$ROOT/.carry/flash}
+PEERS=(st_load_file st_safe_open fastsafetensors runai instanttensor)
+PEER_TIMEOUT=${PEER_TIMEOUT:-150}
+
+log() { printf '[%4ds] %s\n' "$((SECONDS - START))" "$*"; }
+in_budget() { (( SECONDS - START < BUDGET )); }
+skip() { # skip WHAT: record that a step was skipped for time
+    log "SKIPPED (time budget): $1"
+    printf '{"skipped": "%s", "reason": "time budget"}\n' "$1" >>"$RESULTS"
+}
+
+[ -x "$FLASH" ] || chmod +x "$FLASH" 2>/dev/null
+if [ ! -x "$FLASH" ]; then
+    echo "no flash binary at $FLASH" >&2
+    exit 1
+fi
+
+# 1. Wheels.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        log "wheel install failed: the non-safetensors peers will report errors"
+    fi
+else
+    log "no .whl/: only the safetensors peers can run"
+fi
+
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
+CARD=${CARD:-unknown}
+log "card $CARD, flash $("$FLASH" --version 2>/dev/null)"
+
+# Scratch on the local disk (not tmpfs: the disk is what is measured).
+SCRATCH=${SCRATCH:-/var/tmp/flash-bench}
+mkdir -p "$SCRATCH"
+if [ "$(stat -f -c %T "$SCRATCH")" = "tmpfs" ]; then
+    SCRATCH=$ROOT/.bench-scratch
+    mkdir -p "$SCRATCH"
+fi
+export FLASH_HOME=$SCRATCH/store
+mkdir -p "$FLASH_HOME"
+df -h "$SCRATCH" | tail -1
+log "scratch $SCRATCH ($(stat -f -c %T "$SCRATCH")), store $FLASH_HOME"
+
+# 2. Doctor and self-test.
+log "flash doctor --json"
+if "$FLASH" doctor --json >"$OUT/doctor.json"; then
+    cat "$OUT/doctor.json"
+    echo
+else
+    log "doctor failed (rc $?)"
+fi
+log "flash selftest"
+"$FLASH" selftest --require-gpu 2>&1 | tail -25
+log "selftest rc ${PIPESTATUS[0]}"
+
+# flash bench --device exists only in some versions of the CLI.
+DEVICE_FLAG=()
+if "$FLASH" bench --help 2>/dev/null | grep -q -- '--device'; then
+    DEVICE_FLAG=(--device cuda:0)
+fi
+
+# Appends flash's JSON lines to the results, tagged with what was benched.
+tag() { # tag LABEL MODEL SCENARIO
+    python3 -c '
+import json, sys
+label, model, scenario, card = sys.argv[1:5]
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("{"):
+        if line:
+            print(line, file=sys.stderr)
+        continue
+    try:
+        d = json.loads(line)
+    except ValueError:
+        print(line, file=sys.stderr)
+        continue
+    d["target"] = label
+    d.setdefault("model", model)
+    if d.get("scenario") not in (None, scenario):
+        d["scenario_reported"] = d["scenario"]
+    d["scenario"] = scenario
+    d.setdefault("card", card)
+    print(json.dumps(d), flush=True)
+' "$1" "$2" "$3" "$CARD"
+}
+
+run_peer() { # run_peer LOADER DIR MODEL SCENARIO
+    local line
+    line=$(timeout "$PEER_TIMEOUT" python3 bench/peers.py --loader "$1" --model-dir "$2" \
+        --model "$3" --scenario "$4" --card "$CARD" 2>"$OUT/peer.err" | tail -1)
+    local rc=$?
+    if [ -z "$line" ]; then
+        line=$(printf '{"loader": "%s", "model": "%s", "scenario": "%s", "card": "%s", "error": "no output (rc %s): %s"}' \
+            "$1" "$3" "$4" "$CARD" "$rc" "$(tail -c 300 "$OUT/peer.err" | tr '"\n\\' "' /")")
+    fi
+    echo "$line" | tee -a "$RESULTS"
+}
+
+run_flash() { # run_flash LABEL MODEL SCENARIO TARGET
+    if [ "$3" = "cold" ]; then
+        # The same eviction the peers get (flash bench evicts too).
+        [ -d "$4" ] && python3 bench/peers.py --evict-only --model-dir "$4" 2>/dev/null
+    fi
+    timeout "$PEER_TIMEOUT" "$FLASH" -q bench "$4" "${DEVICE_FLAG[@]}" --scenario "$3" --json \
+        2>"$OUT/flash.err" | tag "$1" "$2" "$3" | tee -a "$RESULTS"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" != 0 ]; then
+        log "flash bench $4 --scenario $3: rc $rc: $(tail -c 400 "$OUT/flash.err")"
+        printf '{"loader": "flash", "target": "%s", "model": "%s", "scenario": "%s", "card": "%s", "error": "rc %s"}\n' \
+            "$1" "$2" "$3" "$CARD" "$rc" >>"$RESULTS"
+    fi
+}
+
+# 3. Checkpoints: written once each.
+declare -A DIRS STORE
+for size in 8b 0.6b; do
+    model=qwen3-$size
+    dir=$SCRATCH/$model
+    if ! in_budget; then skip "synth $model"; continue; fi
+    if [ ! -f "$dir/config.json" ]; then
+        rm -rf "$dir"
+        log "flash synth qwen3 $size $dir"
+        "$FLASH" -q synth qwen3 "$size" "$dir" || { log "synth $model failed"; continue; }
+    fi
+    DIRS[$model]=$dir
+    log "flash pull --from $dir --name bench/$model"
+    if "$FLASH" -q pull --from "$dir" --name "bench/$model" --force; then
+        STORE[$model]=bench/$model
+    else
+        log "pull $model failed: the flash-format runs are skipped"
+    fi
+    du -sh "$dir" "$FLASH_HOME" 2>/dev/null
+done
+df -h "$SCRATCH" | tail -1
+
+# 4. Loads.
+for model in qwen3-8b qwen3-0.6b; do
+    dir=${DIRS[$model]:-}
+    [ -n "$dir" ] || continue
+    for scenario in cold warm; do
+        if ! in_budget; then skip "$model $scenario"; continue; fi
+        log "== $model $scenario"
+        for peer in "${PEERS[@]}"; do
+            if ! in_budget; then skip "$peer $model $scenario"; continue; fi
+            run_peer "$peer" "$dir" "$model" "$scenario"
+        done
+        in_budget && run_flash flash-safetensors "$model" "$scenario" "$dir"
+        if [ -n "${STORE[$model]:-}" ] && in_budget; then
+            run_flash flash-format "$model" "$scenario" "${STORE[$model]}"
+        fi
+    done
+    if [ -n "${STORE[$model]:-}" ]; then
+        if in_budget; then
+            log "== $model pinned"
+            run_flash flash-format "$model" pinned "${STORE[$model]}"
+        else
+            skip "$model pinned"
+        fi
+    fi
+done
+
+# 5. Where the cold time goes: flash alone on the store model, over reader
+#    threads, read sizes and I/O modes.
+if [ -n "${STORE[qwen3-8b]:-}" ]; then
+    for io in direct buffered; do
+        for threads in 8 16 32 64; do
+            for chunk in 8M 32M; do
+                if ! in_budget; then skip "sweep $io $threads $chunk"; continue; fi
+                "$FLASH" -q bench "${STORE[qwen3-8b]}" "${DEVICE_FLAG[@]}" --scenario cold --loader flash \
+                    --io $io --threads $threads --chunk-size $chunk --json 2>>"$OUT/flash.err" \
+                    | tag "sweep-$io-t$threads-c$chunk" qwen3-8b cold | tee -a "$RESULTS"
+            done
+        done
+    done
+fi
+
+# 6. The table.
+log "done; results in $RESULTS"
+python3 - "$RESULTS" <<'EOF' | tee "$OUT/table.txt"
+import json, sys
+
+PEERS = {"st_load_file", "st_safe_open", "fastsafetensors", "runai", "instanttensor"}
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if not isinstance(d, dict) or "loader" not in d and "target" not in d:
+        continue
+    name = d.get("loader") or "flash"
+    if "target" in d:
+        name = d["target"] if name in ("flash", None) else f'{name}@{d["target"]}'
+    secs = next((d[k] for k in ("seconds", "secs", "time_s") if d.get(k) is not None), None)
+    gbps = next((d[k] for k in ("gbps", "gb_per_s") if d.get(k) is not None), None)
+    if gbps is None and secs and d.get("bytes"):
+        gbps = d["bytes"] / secs / 1e9
+    rows.append((name, d.get("model", "?"), d.get("scenario", "?"), secs, gbps, d.get("error"),
+                 d.get("loader") in PEERS and "target" not in d))
+
+best = {}
+for name, model, scen, secs, gbps, err, is_peer in rows:
+    if is_peer and secs and not err:
+        key = (model, scen)
+        best[key] = min(best.get(key, float("inf")), secs)
+
+print(f'{"loader":<32} {"model":<11} {"scenario":<8} {"seconds":>8} {"GB/s":>7} {"vs best peer":>12}')
+for name, model, scen, secs, gbps, err, is_peer in rows:
+    if err or secs is None:
+        print(f'{name:<32} {model:<11} {scen:<8} {"-":>8} {"-":>7} {"-":>12}  {str(err)[:60]}')
+        continue
+    b = best.get((model, scen))
+    ratio = f"{secs / b:.2f}x" if b else "-"
+    print(f'{name:<32} {model:<11} {scen:<8} {secs:>8.2f} {gbps or 0:>7.2f} {ratio:>12}')
+print("vs best peer = seconds / the fastest peer's seconds for that model and scenario; < 1 is faster.")
+EOF
+log "total ${SECONDS}s"

@@ -1,0 +1,596 @@
+//! `flash doctor`: what this machine offers each stage of a load.
+//!
+//! A load is storage → staging (pinned host memory) → PCIe → VRAM; the doctor
+//! measures each stage's limit on this machine, so a load report can say
+//! "X GB/s, Y % of the stage limit":
+//! - the host: OS, CPUs, memory, whether io_uring may be used;
+//! - the GPUs (through `flash_sys::cuda`): driver, CUDA version, each GPU's
+//!   memory and PCIe link; on GPU 0, how fast host memory is pinned, pinned
+//!   host↔device copies (1 GiB in 64 MiB pieces over 2 streams, best of 3),
+//!   a device-to-device copy and pageable host-to-device copies;
+//! - the store's disk: a scratch file of about 2 GiB written into the store
+//!   folder, evicted from the page cache and read back with O_DIRECT from 8
+//!   threads in 16 MiB pieces, then read again from the page cache; deleted
+//!   after.
+//!
+//! Without a GPU the CPU and disk parts are still measured and the report says
+//! in one line why the GPU parts are missing. Every measurement that fails is
+//! reported, never fatal.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use flash_sys::cuda::{self, Direction, Gpu, GpuInfo};
+use flash_sys::os;
+
+const GIB: usize = 1 << 30;
+const COPY_BYTES: usize = GIB;
+const COPY_PIECE: usize = 64 << 20;
+const COPY_STREAMS: usize = 2;
+const REPEATS: usize = 3;
+const DISK_BYTES: u64 = 2 << 30;
+const DISK_PIECE: usize = 16 << 20;
+const DISK_THREADS: usize = 8;
+
+/// Everything `flash doctor` found. Bandwidths are in GB/s (10^9 bytes per
+/// second); `None` where the measurement could not be made (see the
+/// `*_error` / `gpu_reason` fields).
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    pub flash_version: String,
+    /// PRETTY_NAME of /etc/os-release, else the OS family.
+    pub os: String,
+    pub kernel: Option<String>,
+    pub cpu_count: usize,
+    pub memory_bytes: u64,
+    pub io_uring_allowed: bool,
+
+    /// Whether CUDA and at least one GPU are usable.
+    pub gpu_available: bool,
+    /// Why the GPU parts are missing, or which GPU measurement failed.
+    pub gpu_reason: Option<String>,
+    /// The kernel driver ("580.159.04").
+    pub driver_version: Option<String>,
+    /// The newest CUDA the driver supports ("13.0").
+    pub cuda_version: Option<String>,
+    pub gpus: Vec<GpuReport>,
+    /// Pinning fresh host memory (`cuMemHostAlloc` of 2 × 512 MiB, zeroed).
+    pub pin_gbps: Option<f64>,
+    /// Pinned host → GPU 0, 1 GiB in 64 MiB pieces over 2 streams, best of 3.
+    pub h2d_pinned_gbps: Option<f64>,
+    /// GPU 0 → pinned host, likewise.
+    pub d2h_pinned_gbps: Option<f64>,
+    /// A 1 GiB device-to-device copy on GPU 0, counting bytes read plus
+    /// bytes written (the memory bandwidth it used), best of 3.
+    pub d2d_gbps: Option<f64>,
+    /// Pageable (ordinary) host memory → GPU 0, synchronous 64 MiB copies.
+    pub h2d_pageable_gbps: Option<f64>,
+
+    pub store_dir: PathBuf,
+    /// Size of the scratch file the disk was measured with.
+    pub disk_test_bytes: u64,
+    /// Whether the cold read used O_DIRECT (else buffered, after eviction).
+    pub disk_direct_io: Option<bool>,
+    /// Page-cache residency of the scratch file after eviction (should be ~0).
+    pub disk_residency_after_evict: Option<f64>,
+    /// Cold read of the scratch file: 8 threads, 16 MiB pieces.
+    pub disk_read_gbps: Option<f64>,
+    /// The same read with the file in the page cache (buffered).
+    pub page_cache_read_gbps: Option<f64>,
+    pub disk_error: Option<String>,
+}
+
+/// One GPU, as the report shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuReport {
+    pub ordinal: usize,
+    pub name: String,
+    pub uuid: String,
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    /// "9.0".
+    pub compute_capability: String,
+    pub pci_bus_id: String,
+    pub pcie_link_gen: Option<u8>,
+    pub pcie_link_width: Option<u8>,
+    /// The link's payload limit per direction, from generation and width.
+    pub pcie_link_gbps: Option<f64>,
+}
+
+impl From<&GpuInfo> for GpuReport {
+    fn from(i: &GpuInfo) -> Self {
+        GpuReport {
+            ordinal: i.ordinal,
+            name: i.name.clone(),
+            uuid: i.uuid.clone(),
+            total_bytes: i.total_bytes,
+            free_bytes: i.free_bytes,
+            compute_capability: format!("{}.{}", i.compute_capability.0, i.compute_capability.1),
+            pci_bus_id: i.pci_bus_id.clone(),
+            pcie_link_gen: i.pcie_link_gen,
+            pcie_link_width: i.pcie_link_width,
+            pcie_link_gbps: i.pcie_link_gbps().map(round2),
+        }
+    }
+}
+
+/// Runs every check and prints the report: one JSON object with `json`, else
+/// a short aligned table.
+pub fn run(store_dir: &Path, json: bool) -> Result<()> {
+    if !json {
+        eprintln!("flash doctor: measuring GPU copies and the store's disk (about 30 s)...");
+    }
+    let report = collect(store_dir);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).context("serialising the report")?
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+/// Builds the report (the measurements take some seconds).
+pub fn collect(store_dir: &Path) -> DoctorReport {
+    collect_sized(store_dir, DISK_BYTES)
+}
+
+/// As [`collect`], with a scratch file of at most `disk_bytes`.
+fn collect_sized(store_dir: &Path, disk_bytes: u64) -> DoctorReport {
+    let mut r = DoctorReport {
+        flash_version: env!("CARGO_PKG_VERSION").to_string(),
+        os: os_name(),
+        kernel: read_trim("/proc/sys/kernel/osrelease"),
+        cpu_count: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_bytes: os::physical_memory(),
+        io_uring_allowed: os::io_uring_allowed(),
+        gpu_available: false,
+        gpu_reason: None,
+        driver_version: None,
+        cuda_version: None,
+        gpus: Vec::new(),
+        pin_gbps: None,
+        h2d_pinned_gbps: None,
+        d2h_pinned_gbps: None,
+        d2d_gbps: None,
+        h2d_pageable_gbps: None,
+        store_dir: store_dir.to_path_buf(),
+        disk_test_bytes: 0,
+        disk_direct_io: None,
+        disk_residency_after_evict: None,
+        disk_read_gbps: None,
+        page_cache_read_gbps: None,
+        disk_error: None,
+    };
+    gpu_checks(&mut r);
+    if let Err(e) = disk_checks(&mut r, store_dir, disk_bytes) {
+        r.disk_error = Some(format!("{e:#}"));
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------
+// GPU
+// ---------------------------------------------------------------------------
+
+fn gpu_checks(r: &mut DoctorReport) {
+    let cuda = match cuda::probe() {
+        Ok(c) => c,
+        Err(reason) => {
+            r.gpu_reason = Some(reason.to_string());
+            return;
+        }
+    };
+    r.driver_version = cuda.driver_version().map(str::to_string);
+    r.cuda_version = Some(cuda.cuda_version());
+    for i in 0..cuda.device_count() {
+        match cuda.device(i).and_then(|g| g.info()) {
+            Ok(info) => r.gpus.push(GpuReport::from(&info)),
+            Err(e) => {
+                r.gpu_reason = Some(format!("GPU {i}: {e}"));
+                return;
+            }
+        }
+    }
+    r.gpu_available = true;
+    let gpu = match cuda.device(0) {
+        Ok(g) => g,
+        Err(e) => {
+            r.gpu_reason = Some(e.to_string());
+            return;
+        }
+    };
+    if let Err(e) = copy_checks(r, &gpu) {
+        r.gpu_reason = Some(format!("GPU 0 copy measurement: {e:#}"));
+    }
+}
+
+fn copy_checks(r: &mut DoctorReport, gpu: &Gpu) -> Result<()> {
+    // A small GPU still gets measured, with less.
+    let (free, _) = gpu.mem_info()?;
+    let bytes = COPY_BYTES.min((free as usize / 4) & !(COPY_PIECE - 1));
+    anyhow::ensure!(bytes >= COPY_PIECE, "only {free} bytes free on GPU 0");
+    let per_buf = bytes / COPY_STREAMS;
+
+    let mem = gpu.alloc(bytes)?;
+    let t = Instant::now();
+    let mut bufs = Vec::with_capacity(COPY_STREAMS);
+    for _ in 0..COPY_STREAMS {
+        bufs.push(gpu.pinned(per_buf)?);
+    }
+    r.pin_gbps = Some(gbps(per_buf * COPY_STREAMS, t.elapsed().as_secs_f64()));
+    for (i, b) in bufs.iter_mut().enumerate() {
+        fill_noise(b, i as u64 + 1);
+    }
+    let streams = (0..COPY_STREAMS)
+        .map(|_| gpu.stream())
+        .collect::<Result<Vec<_>, _>>()?;
+    let moved = per_buf * COPY_STREAMS;
+
+    for direction in [Direction::HostToDevice, Direction::DeviceToHost] {
+        let mut best = f64::MAX;
+        for _ in 0..REPEATS {
+            let (d, back) = cuda::timed_pinned_copies(direction, &mem, bufs, &streams, COPY_PIECE)?;
+            bufs = back;
+            best = best.min(d.as_secs_f64());
+        }
+        let v = Some(gbps(moved, best));
+        match direction {
+            Direction::HostToDevice => r.h2d_pinned_gbps = v,
+            Direction::DeviceToHost => r.d2h_pinned_gbps = v,
+        }
+    }
+    drop(bufs);
+
+    // Device to device, timed with events.
+    let dst = gpu.alloc(bytes)?;
+    let (start, end) = (gpu.event(true)?, gpu.event(true)?);
+    let mut best_ms = f32::MAX;
+    for _ in 0..REPEATS {
+        start.record(&streams[0])?;
+        mem.copy_to_device(0, &dst, 0, bytes, &streams[0])?;
+        end.record(&streams[0])?;
+        best_ms = best_ms.min(start.elapsed_ms(&end)?);
+    }
+    r.d2d_gbps = Some(gbps(2 * bytes, best_ms as f64 / 1e3));
+    drop(dst);
+
+    // Pageable host memory, synchronous copies.
+    let mut host = vec![0u8; bytes];
+    fill_noise(&mut host, 99);
+    let mut best = f64::MAX;
+    for _ in 0..REPEATS {
+        let t = Instant::now();
+        for (i, chunk) in host.chunks(COPY_PIECE).enumerate() {
+            mem.copy_from_host(i * COPY_PIECE, chunk)?;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    r.h2d_pageable_gbps = Some(gbps(bytes, best));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Disk
+// ---------------------------------------------------------------------------
+
+/// Removes the scratch file however the check ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn disk_checks(r: &mut DoctorReport, store_dir: &Path, max_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(store_dir)
+        .with_context(|| format!("creating {}", store_dir.display()))?;
+    let piece = DISK_PIECE as u64;
+    let size = match free_space(store_dir) {
+        Some(free) => max_bytes.min(free / 4 / piece * piece),
+        None => max_bytes / piece * piece,
+    };
+    anyhow::ensure!(
+        size >= 4 * piece,
+        "too little free space in {} for a disk test",
+        store_dir.display()
+    );
+    r.disk_test_bytes = size;
+    let path = store_dir.join(format!(".flash-doctor-{}.tmp", std::process::id()));
+    let scratch = Scratch(path.clone());
+
+    // Write incompressible bytes, then make them durable.
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let mut block = vec![0u8; DISK_PIECE];
+        for i in 0..size / piece {
+            fill_noise(&mut block, i + 7);
+            f.write_all(&block)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        f.sync_all().context("fsync of the scratch file")?;
+    }
+
+    // Cold: evict, then read with O_DIRECT (or buffered when refused).
+    let file = File::open(&path)?;
+    os::evict_page_cache(&file).context("evicting the scratch file")?;
+    r.disk_residency_after_evict = os::page_cache_residency(&file).ok().map(round2);
+    let (cold_file, direct) = match os::open_direct(&path)? {
+        Some(f) => (f, true),
+        None => (File::open(&path)?, false),
+    };
+    r.disk_direct_io = Some(direct);
+    let secs = parallel_read(&cold_file, size).context("cold read")?;
+    r.disk_read_gbps = Some(gbps(size as usize, secs));
+
+    // Warm: fill the page cache (untimed), then read it again.
+    let warm_file = File::open(&path)?;
+    parallel_read(&warm_file, size).context("filling the page cache")?;
+    let secs = parallel_read(&warm_file, size).context("page-cache read")?;
+    r.page_cache_read_gbps = Some(gbps(size as usize, secs));
+    drop(scratch);
+    Ok(())
+}
+
+/// Reads `[0, size)` of `file` (size a multiple of DISK_PIECE) from
+/// DISK_THREADS threads, each claiming the next piece; returns the seconds.
+fn parallel_read(file: &File, size: u64) -> Result<f64> {
+    let pieces = (size / DISK_PIECE as u64) as usize;
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let workers: Vec<_> = (0..DISK_THREADS.min(pieces))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = os::AlignedBuf::new(DISK_PIECE)?;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= pieces {
+                            return Ok(());
+                        }
+                        file.read_exact_at(&mut buf, (i * DISK_PIECE) as u64)
+                            .with_context(|| format!("reading piece {i}"))?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Available bytes on the file system of `dir`, from `df` (None if unknown).
+fn free_space(dir: &Path) -> Option<u64> {
+    let out = std::process::Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    parse_df(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_df(s: &str) -> Option<u64> {
+    let line = s.lines().nth(1)?;
+    let kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    round2(bytes as f64 / secs / 1e9)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Fills `buf` with xorshift noise (incompressible, never all zeros).
+fn fill_noise(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+fn read_trim(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn os_name() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::OS.to_string())
+}
+
+fn human_bytes(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / GIB as f64)
+}
+
+fn opt_gbps(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.2} GB/s"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The human form: one aligned "label  value" line per item.
+pub fn render(r: &DoctorReport) -> String {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
+    row(
+        "os",
+        match &r.kernel {
+            Some(k) => format!("{} (Linux {k})", r.os),
+            None => r.os.clone(),
+        },
+    );
+    row("cpus", r.cpu_count.to_string());
+    row("memory", human_bytes(r.memory_bytes));
+    row(
+        "io_uring",
+        if r.io_uring_allowed {
+            "allowed"
+        } else {
+            "not allowed (threads are used)"
+        }
+        .into(),
+    );
+    if r.gpus.is_empty() {
+        row(
+            "gpu",
+            format!(
+                "none: {}",
+                r.gpu_reason.as_deref().unwrap_or("unknown reason")
+            ),
+        );
+    } else {
+        row(
+            "driver",
+            format!(
+                "{}, CUDA {}",
+                r.driver_version.as_deref().unwrap_or("unknown"),
+                r.cuda_version.as_deref().unwrap_or("?")
+            ),
+        );
+        for g in &r.gpus {
+            let link = match (g.pcie_link_gen, g.pcie_link_width) {
+                (Some(gen), Some(w)) => {
+                    format!("PCIe gen{gen} x{w} ({})", opt_gbps(g.pcie_link_gbps))
+                }
+                _ => "PCIe link unknown".into(),
+            };
+            row(
+                &format!("gpu {}", g.ordinal),
+                format!(
+                    "{}, {} ({} free), cc {}, {} {}",
+                    g.name,
+                    human_bytes(g.total_bytes),
+                    human_bytes(g.free_bytes),
+                    g.compute_capability,
+                    g.pci_bus_id,
+                    link
+                ),
+            );
+        }
+        let link = r.gpus.first().and_then(|g| g.pcie_link_gbps);
+        let of_link = |v: Option<f64>| match (v, link) {
+            (Some(x), Some(l)) if l > 0.0 => {
+                format!("{}  ({:.0} % of the link)", opt_gbps(v), 100.0 * x / l)
+            }
+            _ => opt_gbps(v),
+        };
+        row("pin host memory", opt_gbps(r.pin_gbps));
+        row("H2D pinned", of_link(r.h2d_pinned_gbps));
+        row("D2H pinned", of_link(r.d2h_pinned_gbps));
+        row("H2D pageable", of_link(r.h2d_pageable_gbps));
+        row("D2D (read+write)", opt_gbps(r.d2d_gbps));
+        if let Some(reason) = &r.gpu_reason {
+            row("gpu problem", reason.clone());
+        }
+    }
+    row("store", r.store_dir.display().to_string());
+    if let Some(e) = &r.disk_error {
+        row("disk", format!("not measured: {e}"));
+    }
+    if r.disk_read_gbps.is_some() {
+        let how = match r.disk_direct_io {
+            Some(true) => "O_DIRECT",
+            _ => "buffered, evicted",
+        };
+        row(
+            "disk read",
+            format!(
+                "{}  ({how}, {}, {DISK_THREADS} threads x {} MiB)",
+                opt_gbps(r.disk_read_gbps),
+                human_bytes(r.disk_test_bytes),
+                DISK_PIECE >> 20
+            ),
+        );
+        row("page cache read", opt_gbps(r.page_cache_read_gbps));
+    }
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("flash {} doctor\n", r.flash_version);
+    for (k, v) in rows {
+        out.push_str(&format!("  {k:<width$}  {v}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn df_parsing() {
+        let s = "Filesystem     1024-blocks      Used Available Capacity Mounted on\n/dev/vda        263174212  12000000  82000000      14% /\n";
+        assert_eq!(parse_df(s), Some(82_000_000 * 1024));
+        assert_eq!(parse_df("garbage"), None);
+    }
+
+    #[test]
+    fn noise_is_not_zero() {
+        let mut b = vec![0u8; 1001];
+        fill_noise(&mut b, 0);
+        assert!(b.iter().filter(|&&x| x == 0).count() < 50);
+    }
+
+    #[test]
+    fn report_renders_and_serialises() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = collect_sized(dir.path(), 4 * DISK_PIECE as u64);
+        assert!(r.cpu_count >= 1);
+        assert!(r.gpu_available || r.gpu_reason.is_some());
+        let text = render(&r);
+        assert!(text.contains("cpus"));
+        assert_eq!(
+            r.disk_test_bytes,
+            4 * DISK_PIECE as u64,
+            "{:?}",
+            r.disk_error
+        );
+        assert!(r.disk_read_gbps.is_some() && r.page_cache_read_gbps.is_some());
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert!(v.get("io_uring_allowed").is_some());
+        // The scratch file is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,210 @@
+//! `flash selftest`: synthesizes models, loads them through every path to
+//! every GPU (and to host memory) and checks every tensor's bytes against the
+//! checksums the import recorded. The binary checks itself on machines that
+//! have no Rust toolchain; the exit code says it all.
+
+use crate::commands::Ctx;
+use anyhow::{Context, Result};
+use flash_format::manifest::{checksum_hex, chunk_checksum, Manifest};
+use flash_load::{load_to_gpu, load_to_host, IoMode, LoadOptions, ModelSource, TensorView};
+use flash_store::{ImportOptions, ModelName, Store};
+use flash_sys::cuda::{self, Gpu};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+struct Check {
+    model: String,
+    device: String,
+    source: String,
+    io: String,
+    subset: bool,
+    tensors: usize,
+    bytes: u64,
+    seconds: f64,
+    ok: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    wrong: Vec<String>,
+}
+
+/// Expected checksum of every tensor name (aliases take their target's).
+fn expected(m: &Manifest) -> HashMap<String, String> {
+    let mut map: HashMap<String, String> = m
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.checksum.clone()))
+        .collect();
+    for (alias, target) in &m.aliases {
+        if let Some(sum) = map.get(target).cloned() {
+            map.insert(alias.clone(), sum);
+        }
+    }
+    map
+}
+
+fn wrong_tensors<'a>(
+    views: &'a [TensorView],
+    want: &HashMap<String, String>,
+    bytes_of: impl Fn(&TensorView) -> &'a [u8],
+) -> Vec<String> {
+    views
+        .iter()
+        .filter(|t| want.get(&t.name) != Some(&checksum_hex(chunk_checksum(bytes_of(t)))))
+        .map(|t| t.name.clone())
+        .collect()
+}
+
+fn check_one(
+    dir: &Path,
+    want: &HashMap<String, String>,
+    gpu: Option<&Gpu>,
+    opts: &LoadOptions,
+    subset: bool,
+) -> Result<(usize, u64, Vec<String>)> {
+    let source = ModelSource::open(dir)?;
+    let every_other = |name: &str| name.len() % 2 == 0;
+    let select: Option<&dyn Fn(&str) -> bool> = if subset { Some(&every_other) } else { None };
+    match gpu {
+        None => {
+            let (model, stats) = load_to_host(&source, select, opts)?;
+            let wrong = wrong_tensors(model.tensors(), want, |t| model.bytes(t));
+            Ok((model.tensors().len(), stats.bytes_read, wrong))
+        }
+        Some(gpu) => {
+            let (model, stats) = load_to_gpu(&source, select, gpu, opts, None)?;
+            let mut host = vec![0u8; model.mem.len()];
+            model.mem.copy_to_host(0, &mut host)?;
+            let wrong = wrong_tensors(model.tensors(), want, |t| {
+                &host[t.offset as usize..(t.offset + t.length) as usize]
+            });
+            Ok((model.tensors().len(), stats.bytes_read, wrong))
+        }
+    }
+}
+
+pub fn run(ctx: &Ctx, require_gpu: bool, json: bool) -> Result<ExitCode> {
+    let store_root = ctx.store()?.root().to_path_buf();
+    let scratch = store_root
+        .join("tmp")
+        .join(format!("selftest-{}-0", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    let result = run_in(&scratch, require_gpu, json);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
+    let gpus: Vec<Gpu> = match cuda::probe() {
+        Ok(c) => (0..c.device_count())
+            .map(|i| c.device(i))
+            .collect::<Result<_, _>>()?,
+        Err(why) => {
+            eprintln!("selftest: no GPU ({why}); checking the host paths only");
+            Vec::new()
+        }
+    };
+    // Small models in many small shards exercise the planner's edges; a
+    // real-sized one (GPU machines only) exercises long pipelines.
+    let mut models = vec![("qwen3", "tiny", 64 << 10), ("llama", "tiny", 48 << 10)];
+    if !gpus.is_empty() {
+        models.push(("qwen3", "0.6b", 5_000_000_000));
+    }
+    let store = Store::open(&scratch.join("store"))?;
+    let mut checks = Vec::new();
+    for (arch, size, shard) in models {
+        let label = format!("{arch}-{size}");
+        let src = scratch.join(&label);
+        let spec = flash_synth::spec(arch.parse()?, size)?;
+        let opts = flash_synth::SynthOptions {
+            seed: 7,
+            max_shard_bytes: shard,
+            ..Default::default()
+        };
+        flash_synth::synth(&spec, &src, &opts).with_context(|| format!("synthesizing {label}"))?;
+        let name: ModelName = format!("selftest/{label}").parse()?;
+        store.import(&src, &name, &ImportOptions::default())?;
+        let flash_dir = store.existing(&name)?;
+        let want = expected(&Manifest::read(&flash_dir)?);
+        let chunk = if size == "tiny" { 8 << 10 } else { 8 << 20 };
+        let devices: Vec<Option<&Gpu>> =
+            std::iter::once(None).chain(gpus.iter().map(Some)).collect();
+        for gpu in devices {
+            for (kind, dir) in [("flash", &flash_dir), ("safetensors", &src)] {
+                for io in [IoMode::Direct, IoMode::Buffered] {
+                    for subset in [false, true] {
+                        let lopts = LoadOptions {
+                            threads: 4,
+                            chunk_bytes: chunk,
+                            io,
+                        };
+                        let t = Instant::now();
+                        let (tensors, bytes, wrong) = check_one(dir, &want, gpu, &lopts, subset)?;
+                        checks.push(Check {
+                            model: label.clone(),
+                            device: gpu.map_or("cpu".into(), |g| format!("cuda:{}", g.ordinal())),
+                            source: kind.into(),
+                            io: format!("{io:?}").to_lowercase(),
+                            subset,
+                            tensors,
+                            bytes,
+                            seconds: t.elapsed().as_secs_f64(),
+                            ok: wrong.is_empty() && tensors > 0,
+                            wrong,
+                        });
+                    }
+                }
+            }
+        }
+        store.remove(&name)?;
+        std::fs::remove_dir_all(&src).ok();
+    }
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    let gpu_missing = require_gpu && gpus.is_empty();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "ok": failed == 0 && !gpu_missing,
+                "gpus": gpus.len(),
+                "checks": checks,
+            }))?
+        );
+    } else {
+        for c in &checks {
+            println!(
+                "{:<4} {:<11} {:<7} {:<11} {:<8} {:<6} {:>4} tensors {:>12} bytes {:>7.3}s{}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.model,
+                c.device,
+                c.source,
+                c.io,
+                if c.subset { "subset" } else { "all" },
+                c.tensors,
+                c.bytes,
+                c.seconds,
+                if c.wrong.is_empty() {
+                    String::new()
+                } else {
+                    format!("  wrong: {}", c.wrong.join(", "))
+                }
+            );
+        }
+        println!(
+            "selftest: {} checks, {failed} failed, {} GPU(s)",
+            checks.len(),
+            gpus.len()
+        );
+    }
+    if gpu_missing {
+        eprintln!("selftest: --require-gpu given but no GPU is usable");
+    }
+    Ok(if failed == 0 && !gpu_missing {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -87,6 +87,13 @@ log "flash selftest"
 "$FLASH" selftest --require-gpu 2>&1 | tail -25
 log "selftest rc ${PIPESTATUS[0]}"
 
+log "transformers loads what flash synth writes (tests/gpu)"
+rm -rf "$SCRATCH/compat"
+"$FLASH" -q synth qwen3 tiny "$SCRATCH/compat/qwen3-tiny" --seed 1
+"$FLASH" -q synth llama tiny "$SCRATCH/compat/llama-tiny" --seed 1 --dtype fp32 --shard-size 60000
+FLASH_SYNTH_DIR="$SCRATCH/compat/qwen3-tiny:$SCRATCH/compat/llama-tiny" \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+
 # flash bench --device exists only in some versions of the CLI.
 DEVICE_FLAG=()
 if "$FLASH" bench --help 2>/dev/null | grep -q -- '--device'; then
@@ -110,7 +117,9 @@ for line in sys.stdin:
         print(line, file=sys.stderr)
         continue
     d["target"] = label
-    d.setdefault("model", model)
+    if d.get("model") not in (None, model):
+        d["path"] = d["model"]
+    d["model"] = model
     if d.get("scenario") not in (None, scenario):
         d["scenario_reported"] = d["scenario"]
     d["scenario"] = scenario
@@ -194,22 +203,7 @@ for model in qwen3-8b qwen3-0.6b; do
     fi
 done
 
-# 5. Where the cold time goes: flash alone on the store model, over reader
-#    threads, read sizes and I/O modes.
-if [ -n "${STORE[qwen3-8b]:-}" ]; then
-    for io in direct buffered; do
-        for threads in 8 16 32 64; do
-            for chunk in 8M 32M; do
-                if ! in_budget; then skip "sweep $io $threads $chunk"; continue; fi
-                "$FLASH" -q bench "${STORE[qwen3-8b]}" "${DEVICE_FLAG[@]}" --scenario cold --loader flash \
-                    --io $io --threads $threads --chunk-size $chunk --json 2>>"$OUT/flash.err" \
-                    | tag "sweep-$io-t$threads-c$chunk" qwen3-8b cold | tee -a "$RESULTS"
-            done
-        done
-    done
-fi
-
-# 6. The table.
+# 5. The table.
 log "done; results in $RESULTS"
 python3 - "$RESULTS" <<'EOF' | tee "$OUT/table.txt"
 import json, sys

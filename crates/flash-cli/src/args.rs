@@ -148,11 +148,11 @@ pub struct BenchArgs {
     /// the file), direct, or buffered
     #[arg(long, default_value = "auto")]
     pub io: String,
-    /// Reader threads [default: one per core, 4 to 16]
+    /// Reader threads [default: two per core, 4 to 32]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Bytes per read and per staging buffer (suffixes K, M, G)
-    #[arg(long, default_value = "8M", value_parser = parse_size)]
+    /// Bytes per read (suffixes K, M, G)
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Timed runs per loader and scenario (the best is reported)
     #[arg(long, default_value_t = 1)]

@@ -49,6 +49,23 @@ pub struct Measurement {
     /// pinned host-to-device for pinned).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_gbps: Option<f64>,
+    /// Peak resident host memory of this process during the run (Linux:
+    /// VmHWM after resetting it), to show what a load holds in host memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_peak_bytes: Option<u64>,
+}
+
+/// Resets the kernel's peak-RSS mark of this process (Linux 4.0+).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak RSS since the last reset, from /proc/self/status.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Drops the files from the page cache; returns the share still resident
@@ -316,6 +333,7 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
                 residency(&files)?
             }
         };
+        reset_peak_rss();
         let (seconds, bytes, stats) = if scenario == "pinned" {
             let Device::Cuda(gpu) = &device else {
                 unreachable!("pinned is GPU only")
@@ -343,6 +361,7 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
             resident_before,
             stats,
             limit_gbps: None,
+            rss_peak_bytes: peak_rss(),
         })
     };
     let mut rows: Vec<Measurement> = Vec::new();
@@ -391,8 +410,8 @@ fn print_table(rows: &[Measurement]) {
         println!("{} on {} ({})", r.model, r.device, r.card);
     }
     println!(
-        "{:<6} {:<7} {:>9} {:>8} {:>9} {:>10} {:>7}",
-        "LOADER", "CASE", "SECONDS", "GB/s", "VS mmap", "OF LIMIT", "CACHED"
+        "{:<6} {:<7} {:>9} {:>8} {:>9} {:>10} {:>7} {:>10}",
+        "LOADER", "CASE", "SECONDS", "GB/s", "VS mmap", "OF LIMIT", "CACHED", "PEAK RSS"
     );
     for r in rows {
         let base = rows
@@ -405,15 +424,20 @@ fn print_table(rows: &[Measurement]) {
             .limit_gbps
             .map(|l| format!("{:.0}%", 100.0 * r.gbps / l))
             .unwrap_or_default();
+        let rss = r
+            .rss_peak_bytes
+            .map(|b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
+            .unwrap_or_default();
         println!(
-            "{:<6} {:<7} {:>9.3} {:>8.2} {:>9} {:>10} {:>6.0}%",
+            "{:<6} {:<7} {:>9.3} {:>8.2} {:>9} {:>10} {:>6.0}% {:>10}",
             r.loader,
             r.scenario,
             r.seconds,
             r.gbps,
             ratio,
             pct,
-            100.0 * r.resident_before
+            100.0 * r.resident_before,
+            rss
         );
     }
     if let Some(r) = rows

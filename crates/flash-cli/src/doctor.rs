@@ -8,10 +8,10 @@
 //!   memory and PCIe link; on GPU 0, how fast host memory is pinned, pinned
 //!   host↔device copies (1 GiB in 64 MiB pieces over 2 streams, best of 3),
 //!   a device-to-device copy and pageable host-to-device copies;
-//! - the store's disk: a scratch file of about 2 GiB written into the store
-//!   folder, evicted from the page cache and read back with O_DIRECT from 8
-//!   threads in 16 MiB pieces, then read again from the page cache; deleted
-//!   after.
+//! - the store's disk: a scratch file of about 4 GiB written into the store
+//!   folder, evicted from the page cache and read back with O_DIRECT from 32
+//!   threads in 32 MiB pieces (a deep queue: what the load path uses), then
+//!   read again from the page cache; deleted after.
 //!
 //! Without a GPU the CPU and disk parts are still measured and the report says
 //! in one line why the GPU parts are missing. Every measurement that fails is
@@ -35,9 +35,9 @@ const COPY_BYTES: usize = GIB;
 const COPY_PIECE: usize = 64 << 20;
 const COPY_STREAMS: usize = 2;
 const REPEATS: usize = 3;
-const DISK_BYTES: u64 = 2 << 30;
-const DISK_PIECE: usize = 16 << 20;
-const DISK_THREADS: usize = 8;
+const DISK_BYTES: u64 = 4 << 30;
+const DISK_PIECE: usize = 32 << 20;
+const DISK_THREADS: usize = 32;
 
 /// Everything `flash doctor` found. Bandwidths are in GB/s (10^9 bytes per
 /// second); `None` where the measurement could not be made (see the
@@ -80,7 +80,7 @@ pub struct DoctorReport {
     pub disk_direct_io: Option<bool>,
     /// Page-cache residency of the scratch file after eviction (should be ~0).
     pub disk_residency_after_evict: Option<f64>,
-    /// Cold read of the scratch file: 8 threads, 16 MiB pieces.
+    /// Cold read of the scratch file: DISK_THREADS threads, DISK_PIECE pieces (a deep queue).
     pub disk_read_gbps: Option<f64>,
     /// The same read with the file in the page cache (buffered).
     pub page_cache_read_gbps: Option<f64>,

@@ -1,21 +1,33 @@
-//! The GPU sink: readers fill pinned staging buffers, each buffer is copied
-//! to the device asynchronously on the worker's own stream, and a buffer is
-//! reused once the event after its copy has completed.
+//! The GPU sink: readers fill small pinned staging buffers, each buffer is
+//! copied to the device asynchronously on the worker's own stream, and a
+//! buffer is reused once the event after its copy has completed.
 //!
-//! Per reader thread: one CUDA stream and up to `buffers_per_worker` pinned
-//! buffers of `chunk_bytes`, allocated lazily (the first read starts after one
-//! allocation, not all of them) or taken from a [`StagingPool`] allocated
-//! once (the daemon's path: pinning is slow, so never on the load path).
-//! Ownership of a buffer moves: worker (CPU writes) → `InFlight` (DMA reads)
-//! → worker again after the event; `flash_sys::cuda` enforces it.
+//! Per reader thread: one CUDA stream and up to [`PINNED_PER_WORKER`] pinned
+//! buffers of [`PINNED_PIECE`] bytes, pinned lazily (a new one only while the
+//! previous copy has not ended) or taken from a [`StagingPool`] pinned once
+//! (the daemon's path: never pin on the load path). A job (a read window of
+//! `LoadOptions::chunk_bytes`) is read and copied piece by piece. Ownership
+//! of a buffer moves worker (CPU writes) → `InFlight` (DMA reads) → worker,
+//! enforced by `flash_sys::cuda`.
+//!
+//! Measured on the GPU machine (bench/results): pinning runs at 1.4-2.3 GB/s,
+//! so the staging stays small (at most 6 MiB a reader); a pageable staging
+//! path with synchronous copies was tried and was no faster cold and slower
+//! for small models (first-touch faults of fresh buffers), so it is gone.
 
 use crate::error::LoadError;
-use crate::pipeline::{execute, LoadOptions, LoadStats, Sink, SinkWorker};
+use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
 use crate::plan::{Job, LoadPlan, TensorView};
 use crate::source::ModelSource;
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stream};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+
+/// Bytes of one pinned staging buffer: small, since pinning is slow and a
+/// copy from the page cache needs little in flight to keep PCIe busy.
+pub const PINNED_PIECE: usize = 2 << 20;
+/// Pinned buffers a reader may hold.
+pub const PINNED_PER_WORKER: usize = 3;
 
 fn dev(e: CudaError) -> LoadError {
     LoadError::Device(e.to_string())
@@ -55,33 +67,24 @@ impl StagingPool {
 pub struct CudaSink<'d> {
     dest: &'d DeviceMemory,
     pool: Option<&'d StagingPool>,
-    chunk_bytes: usize,
-    buffers_per_worker: usize,
 }
 
 impl<'d> CudaSink<'d> {
-    /// Staging buffers are pinned lazily by each worker, `chunk_bytes` each.
-    pub fn new(dest: &'d DeviceMemory, chunk_bytes: u64, buffers_per_worker: usize) -> Self {
-        CudaSink {
-            dest,
-            pool: None,
-            chunk_bytes: chunk_bytes as usize,
-            buffers_per_worker: buffers_per_worker.max(1),
-        }
+    /// Pinned buffers are pinned lazily by each worker.
+    pub fn new(dest: &'d DeviceMemory) -> Self {
+        CudaSink { dest, pool: None }
     }
 
-    /// Staging buffers come from `pool` (its buffers must hold a whole job).
-    pub fn with_pool(
-        dest: &'d DeviceMemory,
-        pool: &'d StagingPool,
-        buffers_per_worker: usize,
-    ) -> Self {
+    /// Pinned buffers come from `pool`.
+    pub fn with_pool(dest: &'d DeviceMemory, pool: &'d StagingPool) -> Self {
         CudaSink {
             dest,
             pool: Some(pool),
-            chunk_bytes: pool.buf_bytes,
-            buffers_per_worker: buffers_per_worker.max(1),
         }
+    }
+
+    fn piece(&self) -> usize {
+        self.pool.map_or(PINNED_PIECE, |p| p.buf_bytes)
     }
 }
 
@@ -90,7 +93,7 @@ pub struct CudaWorker<'s, 'd> {
     stream: Stream,
     free: Vec<PinnedBuffer>,
     in_flight: VecDeque<InFlight>,
-    allocated: usize,
+    pinned: usize,
 }
 
 impl<'d> Sink for CudaSink<'d> {
@@ -105,31 +108,32 @@ impl<'d> Sink for CudaSink<'d> {
             stream,
             free: Vec::new(),
             in_flight: VecDeque::new(),
-            allocated: 0,
+            pinned: 0,
         })
     }
 }
 
 impl CudaWorker<'_, '_> {
-    /// A buffer the CPU may write: a free one, a new one while under the
-    /// per-worker budget, else the oldest one in flight once its copy ended.
-    fn buffer(&mut self) -> Result<PinnedBuffer, LoadError> {
+    /// A pinned buffer the CPU may write: a free one, the oldest in flight if
+    /// its copy already ended, a new one while under the budget, else the
+    /// oldest in flight once its copy ends.
+    fn pinned_buffer(&mut self) -> Result<PinnedBuffer, LoadError> {
         if let Some(b) = self.free.pop() {
             return Ok(b);
         }
-        if self.allocated < self.sink.buffers_per_worker {
+        if let Some(t) = self.in_flight.pop_front() {
+            match t.try_take().map_err(dev)? {
+                Ok(b) => return Ok(b),
+                Err(t) => self.in_flight.push_front(t),
+            }
+        }
+        if self.pinned < PINNED_PER_WORKER {
             let b = match self.sink.pool {
                 Some(pool) => pool.take(),
-                None => Some(
-                    self.sink
-                        .dest
-                        .gpu()
-                        .pinned(self.sink.chunk_bytes)
-                        .map_err(dev)?,
-                ),
+                None => Some(self.sink.dest.gpu().pinned(PINNED_PIECE).map_err(dev)?),
             };
             if let Some(b) = b {
-                self.allocated += 1;
+                self.pinned += 1;
                 return Ok(b);
             }
         }
@@ -143,33 +147,30 @@ impl CudaWorker<'_, '_> {
 }
 
 impl SinkWorker for CudaWorker<'_, '_> {
-    fn transfer(
-        &mut self,
-        job: &Job,
-        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
-    ) -> Result<(), LoadError> {
-        let mut buf = self.buffer()?;
-        if job.len as usize > buf.len() {
-            let len = buf.len();
-            self.free.push(buf);
-            return Err(LoadError::Device(format!(
-                "a read of {} bytes does not fit a {len}-byte staging buffer",
-                job.len
-            )));
-        }
-        let n = match read(&mut buf[..job.len as usize]) {
-            Ok(n) => n,
-            Err(e) => {
-                self.free.push(buf);
-                return Err(e);
+    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+        let piece = self.sink.piece() as u64;
+        let mut at = 0u64;
+        while at < job.len {
+            let mut buf = self.pinned_buffer()?;
+            let want = piece.min(job.len - at) as usize;
+            let n = match read(&mut buf[..want], at) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.free.push(buf);
+                    return Err(e);
+                }
+            };
+            let t = self
+                .sink
+                .dest
+                .copy_from_host_async((job.dest_offset + at) as usize, buf, 0..n, &self.stream)
+                .map_err(dev)?;
+            self.in_flight.push_back(t);
+            if n < want {
+                break; // end of file
             }
-        };
-        let t = self
-            .sink
-            .dest
-            .copy_from_host_async(job.dest_offset as usize, buf, 0..n, &self.stream)
-            .map_err(dev)?;
-        self.in_flight.push_back(t);
+            at += n as u64;
+        }
         Ok(())
     }
 
@@ -184,8 +185,8 @@ impl SinkWorker for CudaWorker<'_, '_> {
 
 impl Drop for CudaWorker<'_, '_> {
     fn drop(&mut self) {
-        // On an error path copies may still be queued: wait for them (an
-        // InFlight's drop does), then hand pooled buffers back.
+        // On an error path copies may still be queued: wait for them, then
+        // hand pooled buffers back.
         let done: Vec<PinnedBuffer> = self
             .in_flight
             .drain(..)
@@ -240,14 +241,8 @@ pub fn load_to_gpu(
         )
     })?;
     let stats = match pool {
-        Some(pool) => {
-            let opts = LoadOptions {
-                chunk_bytes: pool.buf_bytes as u64,
-                ..opts.clone()
-            };
-            execute(&plan, &CudaSink::with_pool(&mem, pool, 2), &opts)?
-        }
-        None => execute(&plan, &CudaSink::new(&mem, opts.chunk_bytes, 2), opts)?,
+        Some(pool) => execute(&plan, &CudaSink::with_pool(&mem, pool), opts)?,
+        None => execute(&plan, &CudaSink::new(&mem), opts)?,
     };
     let index = plan
         .tensors

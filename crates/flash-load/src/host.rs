@@ -3,7 +3,7 @@
 //! export, which must not hold a whole model in memory).
 
 use crate::error::LoadError;
-use crate::pipeline::{execute, LoadOptions, LoadStats, Sink, SinkWorker};
+use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
 use crate::plan::{Job, LoadPlan, TensorView};
 use crate::source::ModelSource;
 use flash_sys::os::{AlignedBuf, SharedRegion};
@@ -41,17 +41,13 @@ impl<'a> Sink for HostSink<'a> {
 }
 
 impl SinkWorker for HostWorker<'_, '_> {
-    fn transfer(
-        &mut self,
-        job: &Job,
-        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
-    ) -> Result<(), LoadError> {
+    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
         let mut window = self
             .sink
             .region
             .claim(job.dest_offset as usize, job.len as usize)
             .map_err(|e| LoadError::Device(format!("host destination: {e}")))?;
-        read(&mut window)?;
+        read(&mut window, 0)?;
         Ok(())
     }
     fn finish(self) -> Result<(), LoadError> {
@@ -102,11 +98,7 @@ impl<F> SinkWorker for ScanWorker<'_, F>
 where
     F: Fn(&Job, &[u8]) -> Result<(), LoadError> + Sync,
 {
-    fn transfer(
-        &mut self,
-        job: &Job,
-        read: &mut dyn FnMut(&mut [u8]) -> Result<usize, LoadError>,
-    ) -> Result<(), LoadError> {
+    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
         if job.len as usize > self.buf.len() {
             return Err(LoadError::Device(format!(
                 "job of {} bytes exceeds the {}-byte staging buffer",
@@ -114,7 +106,7 @@ where
                 self.buf.len()
             )));
         }
-        let n = read(&mut self.buf[..job.len as usize])?;
+        let n = read(&mut self.buf[..job.len as usize], 0)?;
         (self.sink.f)(job, &self.buf[..n])
     }
     fn finish(self) -> Result<(), LoadError> {

@@ -19,6 +19,8 @@ pub mod source;
 pub use error::LoadError;
 pub use gpu::{load_to_gpu, CudaSink, GpuModel, StagingPool};
 pub use host::{load_to_host, HostModel, HostSink, ScanSink};
-pub use pipeline::{default_threads, execute, IoMode, LoadOptions, LoadStats, Sink, SinkWorker};
+pub use pipeline::{
+    default_threads, execute, IoMode, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker,
+};
 pub use plan::{Job, LoadPlan, Segment, TensorView};
 pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};

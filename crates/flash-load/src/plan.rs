@@ -55,6 +55,9 @@ pub struct Job {
     /// Bytes to read; the file may end sooner (last window of a file).
     pub len: u64,
     pub dest_offset: u64,
+    /// Set by the pipeline: the file is read through the page cache (it was
+    /// found there), not with O_DIRECT.
+    pub buffered: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +229,7 @@ impl LoadPlan {
                     file_offset: off,
                     len,
                     dest_offset: dest_start + (off - start),
+                    buffered: false,
                 });
                 off += len;
             }

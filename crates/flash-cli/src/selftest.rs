@@ -6,7 +6,9 @@
 use crate::commands::Ctx;
 use anyhow::{Context, Result};
 use flash_format::manifest::{checksum_hex, chunk_checksum, Manifest};
-use flash_load::{load_to_gpu, load_to_host, IoMode, LoadOptions, ModelSource, TensorView};
+use flash_load::{
+    load_placed, load_to_gpu, load_to_host, DeviceMap, IoMode, LoadOptions, ModelSource, TensorView,
+};
 use flash_store::{ImportOptions, ModelName, Store};
 use flash_sys::cuda::{self, Gpu};
 use serde::Serialize;
@@ -85,6 +87,36 @@ fn check_one(
     }
 }
 
+/// Loads through a device_map and checks every tensor where it landed.
+fn check_placed(
+    dir: &Path,
+    want: &HashMap<String, String>,
+    map: &DeviceMap,
+    gpus: &[Gpu],
+) -> Result<(usize, u64, Vec<String>)> {
+    let source = ModelSource::open(dir)?;
+    let placed = load_placed(&source, map, gpus, &LoadOptions::default())?;
+    let mut tensors = 0;
+    let mut wrong = Vec::new();
+    if let Some(host) = &placed.host {
+        tensors += host.tensors().len();
+        wrong.extend(wrong_tensors(host.tensors(), want, |t| host.bytes(t)));
+    }
+    for (_, model) in &placed.gpus {
+        let mut bytes = vec![0u8; model.mem.len()];
+        model.mem.copy_to_host(0, &mut bytes)?;
+        tensors += model.tensors().len();
+        wrong.extend(wrong_tensors(model.tensors(), want, |t| {
+            &bytes[t.offset as usize..(t.offset + t.length) as usize]
+        }));
+    }
+    let read = placed.stats.iter().map(|(_, s)| s.bytes_read).sum();
+    if tensors != want.len() {
+        wrong.push(format!("{} of {} tensors placed", tensors, want.len()));
+    }
+    Ok((tensors, read, wrong))
+}
+
 pub fn run(ctx: &Ctx, require_gpu: bool, json: bool) -> Result<ExitCode> {
     let store_root = ctx.store()?.root().to_path_buf();
     let scratch = store_root
@@ -158,6 +190,30 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
                     }
                 }
             }
+        }
+        // Placement: a mixed GPU + host device_map on any GPU machine, and
+        // `auto` (over every GPU, or the host without one).
+        let mut maps = vec![("auto", DeviceMap::Auto)];
+        if !gpus.is_empty() {
+            let mixed = DeviceMap::from_json(r#"{"": 0, "model.layers.1": "cpu"}"#)
+                .map_err(anyhow::Error::msg)?;
+            maps.push(("{\"\": 0, \"model.layers.1\": \"cpu\"}", mixed));
+        }
+        for (label_map, map) in maps {
+            let t = Instant::now();
+            let (tensors, bytes, wrong) = check_placed(&flash_dir, &want, &map, &gpus)?;
+            checks.push(Check {
+                model: label.clone(),
+                device: format!("map {label_map}"),
+                source: "flash".into(),
+                io: "auto".into(),
+                subset: false,
+                tensors,
+                bytes,
+                seconds: t.elapsed().as_secs_f64(),
+                ok: wrong.is_empty() && tensors > 0,
+                wrong,
+            });
         }
         store.remove(&name)?;
         std::fs::remove_dir_all(&src).ok();

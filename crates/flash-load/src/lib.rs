@@ -13,6 +13,7 @@ pub mod error;
 pub mod gpu;
 pub mod host;
 pub mod pipeline;
+pub mod placement;
 pub mod plan;
 pub mod source;
 
@@ -22,5 +23,6 @@ pub use host::{load_to_host, HostModel, HostSink, ScanSink};
 pub use pipeline::{
     default_threads, execute, IoMode, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker,
 };
+pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
 pub use plan::{Job, LoadPlan, Segment, TensorView};
 pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};

@@ -17,10 +17,10 @@
 
 use crate::error::LoadError;
 use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
-use crate::plan::{Job, LoadPlan, TensorView};
+use crate::plan::{Job, LoadPlan, TensorTable, TensorView};
 use crate::source::ModelSource;
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stream};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// Bytes of one pinned staging buffer: small, since pinning is slow and a
@@ -202,17 +202,16 @@ impl Drop for CudaWorker<'_, '_> {
 /// A model resident in one device allocation.
 pub struct GpuModel {
     pub mem: DeviceMemory,
-    tensors: Vec<TensorView>,
-    index: HashMap<String, usize>,
+    table: TensorTable,
 }
 
 impl GpuModel {
     pub fn tensors(&self) -> &[TensorView] {
-        &self.tensors
+        self.table.all()
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorView> {
-        Some(&self.tensors[*self.index.get(name)?])
+        self.table.get(name)
     }
 
     /// Device address of a tensor.
@@ -244,17 +243,10 @@ pub fn load_to_gpu(
         Some(pool) => execute(&plan, &CudaSink::with_pool(&mem, pool), opts)?,
         None => execute(&plan, &CudaSink::new(&mem), opts)?,
     };
-    let index = plan
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
     Ok((
         GpuModel {
             mem,
-            tensors: plan.tensors,
-            index,
+            table: TensorTable::new(plan.tensors),
         },
         stats,
     ))

@@ -4,10 +4,9 @@
 
 use crate::error::LoadError;
 use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
-use crate::plan::{Job, LoadPlan, TensorView};
+use crate::plan::{Job, LoadPlan, TensorTable, TensorView};
 use crate::source::ModelSource;
 use flash_sys::os::{AlignedBuf, SharedRegion};
-use std::collections::HashMap;
 
 /// Fills host memory in place: each reader writes its window of the
 /// destination directly (O_DIRECT straight into it when the file allows),
@@ -117,18 +116,17 @@ where
 /// A model loaded into host memory.
 pub struct HostModel {
     buf: AlignedBuf,
-    tensors: Vec<TensorView>,
-    index: HashMap<String, usize>,
+    table: TensorTable,
 }
 
 impl HostModel {
     pub fn tensors(&self) -> &[TensorView] {
-        &self.tensors
+        self.table.all()
     }
 
     /// The view and bytes of tensor `name`.
     pub fn get(&self, name: &str) -> Option<(&TensorView, &[u8])> {
-        let t = &self.tensors[*self.index.get(name)?];
+        let t = self.table.get(name)?;
         Some((t, self.bytes(t)))
     }
 
@@ -156,17 +154,10 @@ pub fn load_to_host(
         )
     })?;
     let stats = execute(&plan, &HostSink::new(&mut buf), opts)?;
-    let index = plan
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
     Ok((
         HostModel {
             buf,
-            tensors: plan.tensors,
-            index,
+            table: TensorTable::new(plan.tensors),
         },
         stats,
     ))

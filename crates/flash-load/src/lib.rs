@@ -24,5 +24,5 @@ pub use pipeline::{
     default_threads, execute, IoMode, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker,
 };
 pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
-pub use plan::{Job, LoadPlan, Segment, TensorView};
+pub use plan::{Job, LoadPlan, Segment, TensorTable, TensorView};
 pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};

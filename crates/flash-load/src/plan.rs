@@ -37,6 +37,33 @@ pub struct TensorView {
     pub length: u64,
 }
 
+/// The tensors of a loaded model, found by name.
+#[derive(Debug, Clone, Default)]
+pub struct TensorTable {
+    tensors: Vec<TensorView>,
+    index: HashMap<String, usize>,
+}
+
+impl TensorTable {
+    pub fn new(tensors: Vec<TensorView>) -> Self {
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        TensorTable { tensors, index }
+    }
+
+    /// Every tensor, in the source's order (aliases after stored tensors).
+    pub fn all(&self) -> &[TensorView] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorView> {
+        Some(&self.tensors[*self.index.get(name)?])
+    }
+}
+
 /// A contiguous byte range of one file and where it lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {

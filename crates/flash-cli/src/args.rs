@@ -148,6 +148,9 @@ pub struct BenchArgs {
     /// the file), direct, or buffered
     #[arg(long, default_value = "auto")]
     pub io: String,
+    /// Bytes of one pinned staging buffer on the way to a GPU (suffixes K, M, G)
+    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    pub staging_size: u64,
     /// Reader threads [default: two per core, 4 to 32]
     #[arg(long)]
     pub threads: Option<usize>,

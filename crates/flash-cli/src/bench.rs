@@ -318,6 +318,7 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
         threads: a.threads.unwrap_or_else(default_threads).max(1),
         chunk_bytes: a.chunk_size,
         io: a.io.parse().map_err(anyhow::Error::msg)?,
+        staging_bytes: a.staging_size,
     };
     for l in &a.loader {
         if !["disk", "flash", "mmap"].contains(&l.as_str()) {

@@ -172,6 +172,8 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
                             threads: 4,
                             chunk_bytes: chunk,
                             io,
+                            // Tiny models: several staging pieces per read.
+                            staging_bytes: if size == "tiny" { 4096 } else { 2 << 20 },
                         };
                         let t = Instant::now();
                         let (tensors, bytes, wrong) = check_one(dir, &want, gpu, &lopts, subset)?;

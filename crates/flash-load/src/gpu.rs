@@ -3,7 +3,7 @@
 //! buffer is reused once the event after its copy has completed.
 //!
 //! Per reader thread: one CUDA stream and up to [`PINNED_PER_WORKER`] pinned
-//! buffers of [`PINNED_PIECE`] bytes, pinned lazily (a new one only while the
+//! buffers of `LoadOptions::staging_bytes`, pinned lazily (a new one only while the
 //! previous copy has not ended) or taken from a [`StagingPool`] pinned once
 //! (the daemon's path: never pin on the load path). A job (a read window of
 //! `LoadOptions::chunk_bytes`) is read and copied piece by piece. Ownership
@@ -23,9 +23,6 @@ use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stre
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-/// Bytes of one pinned staging buffer: small, since pinning is slow and a
-/// copy from the page cache needs little in flight to keep PCIe busy.
-pub const PINNED_PIECE: usize = 2 << 20;
 /// Pinned buffers a reader may hold.
 pub const PINNED_PER_WORKER: usize = 3;
 
@@ -67,12 +64,17 @@ impl StagingPool {
 pub struct CudaSink<'d> {
     dest: &'d DeviceMemory,
     pool: Option<&'d StagingPool>,
+    piece: usize,
 }
 
 impl<'d> CudaSink<'d> {
-    /// Pinned buffers are pinned lazily by each worker.
-    pub fn new(dest: &'d DeviceMemory) -> Self {
-        CudaSink { dest, pool: None }
+    /// Pinned buffers of `piece` bytes are pinned lazily by each worker.
+    pub fn new(dest: &'d DeviceMemory, piece: usize) -> Self {
+        CudaSink {
+            dest,
+            pool: None,
+            piece: piece.max(4096),
+        }
     }
 
     /// Pinned buffers come from `pool`.
@@ -80,11 +82,8 @@ impl<'d> CudaSink<'d> {
         CudaSink {
             dest,
             pool: Some(pool),
+            piece: pool.buf_bytes,
         }
-    }
-
-    fn piece(&self) -> usize {
-        self.pool.map_or(PINNED_PIECE, |p| p.buf_bytes)
     }
 }
 
@@ -130,7 +129,7 @@ impl CudaWorker<'_, '_> {
         if self.pinned < PINNED_PER_WORKER {
             let b = match self.sink.pool {
                 Some(pool) => pool.take(),
-                None => Some(self.sink.dest.gpu().pinned(PINNED_PIECE).map_err(dev)?),
+                None => Some(self.sink.dest.gpu().pinned(self.sink.piece).map_err(dev)?),
             };
             if let Some(b) = b {
                 self.pinned += 1;
@@ -148,7 +147,7 @@ impl CudaWorker<'_, '_> {
 
 impl SinkWorker for CudaWorker<'_, '_> {
     fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
-        let piece = self.sink.piece() as u64;
+        let piece = self.sink.piece as u64;
         let mut at = 0u64;
         while at < job.len {
             let mut buf = self.pinned_buffer()?;
@@ -241,7 +240,11 @@ pub fn load_to_gpu(
     })?;
     let stats = match pool {
         Some(pool) => execute(&plan, &CudaSink::with_pool(&mem, pool), opts)?,
-        None => execute(&plan, &CudaSink::new(&mem), opts)?,
+        None => execute(
+            &plan,
+            &CudaSink::new(&mem, opts.staging_bytes as usize),
+            opts,
+        )?,
     };
     Ok((
         GpuModel {

@@ -49,6 +49,10 @@ pub struct LoadOptions {
     /// Bytes per read (rounded up to 4 KiB).
     pub chunk_bytes: u64,
     pub io: IoMode,
+    /// Bytes of one pinned staging buffer of the GPU sink (ignored by host
+    /// sinks). Small by default: pinning runs at ~2 GB/s, so the staging
+    /// that a one-shot load pins is paid for in its time.
+    pub staging_bytes: u64,
 }
 
 /// Default reader threads: two per core, at least 4 and at most 32. Reader
@@ -68,6 +72,7 @@ impl Default for LoadOptions {
             threads: default_threads(),
             chunk_bytes: 32 << 20,
             io: IoMode::Auto,
+            staging_bytes: 2 << 20,
         }
     }
 }

@@ -95,6 +95,7 @@ fn opts() -> LoadOptions {
         threads: 3,
         chunk_bytes: 8192,
         io: IoMode::Auto,
+        ..Default::default()
     }
 }
 

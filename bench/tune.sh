@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A short tuning run on the GPU machine: where the cold time goes over reader
-# threads, read sizes and staging, with two peers for reference. Prints JSON
-# lines; `bench/device.sh` is the full benchmark.
+# threads, read sizes and pinned staging sizes, with two peers for reference.
+# Prints one line a run; `bench/device.sh` is the full benchmark.
+# (The run recorded in bench/results/2026-11-27-NVIDIA-H200-tune.log compared
+# pinned with a pageable staging path since removed; the next run sweeps
+# --staging-size.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 F=$PWD/.carry/flash
@@ -23,13 +26,14 @@ for rep in 1 2; do
   b t/q0.6b --scenario cold --loader flash --threads 32 --chunk-size 32M
   b t/q0.6b --scenario cold --loader flash --threads 16 --chunk-size 8M
   b t/q0.6b --scenario cold --loader flash --threads 32 --chunk-size 4M
-  b t/q0.6b --scenario cold --loader flash,disk --threads 32 --chunk-size 32M --staging pinned
+  b t/q0.6b --scenario cold --loader flash,disk --threads 32 --chunk-size 32M --staging-size 8M
   python3 bench/peers.py --loader fastsafetensors --model-dir $S/q0.6b --model q0.6b --scenario cold --card H | tail -1
 done
 python3 bench/peers.py --loader runai --model-dir $S/q8b --model q8b --scenario cold --card H | tail -1
 for rep in 1 2; do
   b t/q8b --scenario cold --loader flash --threads 32 --chunk-size 32M
-  b t/q8b --scenario cold --loader flash --threads 32 --chunk-size 32M --staging pinned
+  b t/q8b --scenario cold --loader flash --threads 32 --chunk-size 32M --staging-size 8M
+  b t/q8b --scenario cold --loader flash --threads 32 --chunk-size 32M --staging-size 32M
 done
 b t/q8b --scenario cold --loader flash --threads 64 --chunk-size 32M
 b t/q8b --scenario cold --loader flash --threads 32 --chunk-size 64M

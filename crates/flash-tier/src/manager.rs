@@ -1,0 +1,1111 @@
+//! The [`TierManager`]: the policy of [`Ledger`] made concurrent, with the
+//! memory and transfer work delegated to the daemon's [`Transfers`].
+
+use crate::backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
+use crate::error::{Holder, NoSpace, TierError};
+use crate::ledger::{Flight, Ledger, Plan, Refusal, Slot};
+use crate::status::{ModelReport, ModelState, TierReport, TierStatus};
+use crate::types::{fmt_bytes, ClientId, LeaseId, ModelId, Tier};
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Index of the memory tier in `State::tiers`; GPU `n` is at `n + 1`.
+const MEMORY: usize = 0;
+
+/// How long a request waits by default for bytes in flight (loads, copies
+/// used as a transfer source, frees) to become usable before it is refused.
+pub const DEFAULT_SPACE_WAIT: Duration = Duration::from_secs(30);
+
+fn tier_at(t: usize) -> Tier {
+    if t == MEMORY {
+        Tier::Memory
+    } else {
+        Tier::Gpu((t - 1) as u16)
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+/// A model image in a tier, shared by the table, leases and transfers.
+pub(crate) enum Image<X: Transfers> {
+    Memory(Arc<MemoryBuf<X>>),
+    Gpu(Arc<GpuBuf<X>>),
+}
+
+impl<X: Transfers> Clone for Image<X> {
+    fn clone(&self) -> Self {
+        match self {
+            Image::Memory(b) => Image::Memory(b.clone()),
+            Image::Gpu(b) => Image::Gpu(b.clone()),
+        }
+    }
+}
+
+/// Builds a [`TierManager`]; see [`TierManager::builder`].
+pub struct TierBuilder<X: Transfers> {
+    transfers: X,
+    memory: X::Memory,
+    memory_budget: u64,
+    gpus: Vec<(X::Gpu, u64)>,
+    inclusive: bool,
+    space_wait: Duration,
+}
+
+impl<X: Transfers> TierBuilder<X> {
+    /// Adds a GPU tier; the first call is `gpu:0`, the next `gpu:1`, ...
+    /// A budget of 0 bytes disables it (requests get [`TierError::Disabled`]).
+    pub fn gpu(mut self, backend: X::Gpu, budget: u64) -> Self {
+        self.gpus.push((backend, budget));
+        self
+    }
+
+    /// Whether a GPU load from disk goes through the memory tier, leaving a
+    /// copy there (default: yes). When the memory tier has no room at once, the
+    /// load goes straight from disk to the GPU either way; when no, the memory
+    /// tier is used as a source only if it already holds (or is loading) the
+    /// model.
+    pub fn inclusive(mut self, yes: bool) -> Self {
+        self.inclusive = yes;
+        self
+    }
+
+    /// How long a request waits for bytes in flight before it is refused
+    /// (default [`DEFAULT_SPACE_WAIT`]). Requests that cannot be met even once
+    /// every load has finished are refused at once, whatever this is.
+    pub fn space_wait(mut self, wait: Duration) -> Self {
+        self.space_wait = wait;
+        self
+    }
+
+    pub fn build(self) -> TierManager<X> {
+        let mut tiers = vec![Ledger::new(Tier::Memory, self.memory_budget)];
+        let mut gpus = Vec::with_capacity(self.gpus.len());
+        for (i, (backend, budget)) in self.gpus.into_iter().enumerate() {
+            tiers.push(Ledger::new(Tier::Gpu(i as u16), budget));
+            gpus.push(backend);
+        }
+        TierManager {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    tiers,
+                    leases: HashMap::new(),
+                    next_lease: 1,
+                    tick: 0,
+                }),
+                changed: Condvar::new(),
+                transfers: self.transfers,
+                memory: self.memory,
+                gpus,
+                inclusive: self.inclusive,
+                space_wait: self.space_wait,
+            }),
+        }
+    }
+}
+
+/// The tiers of one daemon. Cheap to clone (one `Arc`); every method blocks
+/// the calling thread (call it from `spawn_blocking` in async code).
+pub struct TierManager<X: Transfers> {
+    shared: Arc<Shared<X>>,
+}
+
+impl<X: Transfers> Clone for TierManager<X> {
+    fn clone(&self) -> Self {
+        TierManager {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<X: Transfers> fmt::Debug for TierManager<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TierManager")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+struct Shared<X: Transfers> {
+    state: Mutex<State<X>>,
+    /// Signalled after every change of `state` that could let a waiter go
+    /// on: a load ending, a lease or pin released, memory freed, an unload.
+    changed: Condvar,
+    transfers: X,
+    memory: X::Memory,
+    gpus: Vec<X::Gpu>,
+    inclusive: bool,
+    space_wait: Duration,
+}
+
+struct State<X: Transfers> {
+    /// Memory, then the GPUs by ordinal.
+    tiers: Vec<Ledger<Image<X>>>,
+    leases: HashMap<LeaseId, LeaseRecord>,
+    next_lease: u64,
+    /// Logical clock of uses (LRU order).
+    tick: u64,
+}
+
+struct LeaseRecord {
+    model: ModelId,
+    tier: usize,
+    client: ClientId,
+    /// Owned by a [`Lease`] value (released by its drop), or detached
+    /// (released by [`TierManager::release`] or [`TierManager::client_gone`]).
+    attached: bool,
+}
+
+/// What a successful [`obtain`](Shared::obtain) leaves on the copy.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    /// A lease for this client.
+    Lease(ClientId),
+    /// A pin, for the caller to use the copy as a transfer source.
+    Pin,
+    /// Nothing (prewarm); `keep` marks the copy as never evicted.
+    Prewarm { keep: bool },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    hold: Hold,
+    /// Wait up to `space_wait` for bytes in flight, instead of being refused.
+    wait_for_space: bool,
+    /// Load the model when absent (else `NotResident`).
+    may_load: bool,
+}
+
+struct Obtained<X: Transfers> {
+    /// Present for `Hold::Lease` and `Hold::Pin`.
+    image: Option<Image<X>>,
+    lease: Option<LeaseId>,
+    bytes: u64,
+    served_from: Tier,
+}
+
+#[derive(Clone, Copy)]
+enum Count {
+    Hit,
+    Coalesced,
+    Miss,
+}
+
+enum Found {
+    /// With the tier its bytes came from.
+    Ready(Tier),
+    Loading(Arc<Flight>, Tier),
+    Absent,
+}
+
+/// The result of [`TierManager::load`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loaded {
+    pub tier: Tier,
+    pub bytes: u64,
+    /// `tier` itself when the copy was already there.
+    pub served_from: Tier,
+}
+
+impl<X: Transfers> TierManager<X> {
+    /// A manager with a memory tier of `memory_budget` bytes (0: none) and no
+    /// GPU tier yet: add them with [`TierBuilder::gpu`].
+    pub fn builder(transfers: X, memory: X::Memory, memory_budget: u64) -> TierBuilder<X> {
+        TierBuilder {
+            transfers,
+            memory,
+            memory_budget,
+            gpus: Vec::new(),
+            inclusive: true,
+            space_wait: DEFAULT_SPACE_WAIT,
+        }
+    }
+
+    /// The cache tiers: memory, then the GPUs.
+    pub fn tiers(&self) -> Vec<Tier> {
+        (0..=self.shared.gpus.len()).map(tier_at).collect()
+    }
+
+    /// The daemon's transfers, as given to the builder.
+    pub fn transfers(&self) -> &X {
+        &self.shared.transfers
+    }
+
+    /// Makes `model` resident in `tier` and leases that copy to `client`.
+    ///
+    /// Served from the highest tier that holds the model: a hit in `tier`
+    /// costs a lock; otherwise the model is loaded from the memory tier (GPU
+    /// tiers only) or from disk, evicting least recently used copies as
+    /// needed. Concurrent requests for the same copy share one load. Blocks
+    /// for the load, and for at most `space_wait` when the room it needs is
+    /// held by loads in flight; refuses at once when leased and kept copies
+    /// leave too little room ([`TierError::NoSpace`] says which).
+    pub fn acquire(
+        &self,
+        model: &ModelId,
+        tier: Tier,
+        client: ClientId,
+    ) -> Result<Lease<X>, TierError> {
+        let t = self.shared.index(tier)?;
+        let o = self.shared.obtain(
+            model,
+            t,
+            Want {
+                hold: Hold::Lease(client),
+                wait_for_space: true,
+                may_load: true,
+            },
+        )?;
+        Ok(Lease {
+            shared: self.shared.clone(),
+            id: o.lease.expect("a lease was taken"),
+            model: model.clone(),
+            tier,
+            client,
+            bytes: o.bytes,
+            served_from: o.served_from,
+            image: o.image,
+        })
+    }
+
+    /// Prewarms: makes `model` resident in `tier` without leasing it. With
+    /// `keep`, the copy is never evicted until [`TierManager::unload`] or
+    /// [`TierManager::set_keep`]; without, an existing mark is left as is.
+    /// A GPU load also leaves a memory copy when the manager is inclusive;
+    /// `keep` applies to `tier` only.
+    pub fn load(&self, model: &ModelId, tier: Tier, keep: bool) -> Result<Loaded, TierError> {
+        let t = self.shared.index(tier)?;
+        let o = self.shared.obtain(
+            model,
+            t,
+            Want {
+                hold: Hold::Prewarm { keep },
+                wait_for_space: true,
+                may_load: true,
+            },
+        )?;
+        Ok(Loaded {
+            tier,
+            bytes: o.bytes,
+            served_from: o.served_from,
+        })
+    }
+
+    /// Sets or clears the keep mark of a resident copy.
+    pub fn set_keep(&self, model: &ModelId, tier: Tier, keep: bool) -> Result<(), TierError> {
+        let t = self.shared.index(tier)?;
+        let mut st = self.shared.lock();
+        let r = st.tiers[t]
+            .ready_mut(model)
+            .ok_or_else(|| TierError::NotResident {
+                model: model.clone(),
+                tier,
+            })?;
+        r.kept = keep;
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Removes the copies of `model` from `tier`, or from every cache tier
+    /// when `None`, and returns the bytes freed per tier (tiers without a copy
+    /// are left out). Clears keep marks. All or nothing: when a targeted
+    /// copy is leased, nothing is removed ([`TierError::Busy`]). Waits for a
+    /// load of the model in flight to end, and for transfers reading the copy.
+    pub fn unload(
+        &self,
+        model: &ModelId,
+        tier: Option<Tier>,
+    ) -> Result<Vec<(Tier, u64)>, TierError> {
+        let sh = &*self.shared;
+        let targets: Vec<usize> = match tier {
+            Some(tier) => vec![sh.index(tier)?],
+            None => (0..=sh.gpus.len()).rev().collect(),
+        };
+        let mut st = sh.lock();
+        loop {
+            let mut transient = false;
+            for &t in &targets {
+                match st.tiers[t].get(model).map(|e| &e.slot) {
+                    Some(Slot::Ready(r)) if r.leases > 0 => {
+                        return Err(TierError::Busy {
+                            model: model.clone(),
+                            tier: tier_at(t),
+                            holders: st.clients_of(model, t),
+                        })
+                    }
+                    Some(Slot::Ready(r)) => transient |= r.pins > 0,
+                    Some(Slot::Loading(_)) => transient = true,
+                    None => {}
+                }
+            }
+            if !transient {
+                break;
+            }
+            st = sh.wait(st);
+        }
+        let mut removed = Vec::new();
+        for &t in &targets {
+            if st.tiers[t].ready(model).is_some() {
+                let (image, bytes) = st.tiers[t].remove(model);
+                st.tiers[t].counters.unloads += 1;
+                removed.push((t, image, bytes));
+            }
+        }
+        drop(st);
+        let freed = removed.iter().map(|(t, _, b)| (tier_at(*t), *b)).collect();
+        info!(%model, ?freed, "unloaded");
+        sh.free_outside_lock(removed);
+        Ok(freed)
+    }
+
+    /// Releases a detached lease (see [`Lease::detach`]).
+    pub fn release(&self, lease: LeaseId) -> Result<(), TierError> {
+        let mut st = self.shared.lock();
+        match st.leases.get(&lease) {
+            None => return Err(TierError::UnknownLease(lease)),
+            Some(r) if r.attached => return Err(TierError::LeaseAttached(lease)),
+            Some(_) => st.end_lease(lease),
+        }
+        drop(st);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// The client's connection closed: releases its detached leases and
+    /// returns how many. Leases still owned by [`Lease`] values are released
+    /// when those are dropped (the RPC layer drops a connection's values with
+    /// the connection).
+    pub fn client_gone(&self, client: ClientId) -> usize {
+        let mut st = self.shared.lock();
+        let ids: Vec<LeaseId> = st
+            .leases
+            .iter()
+            .filter(|(_, r)| r.client == client && !r.attached)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            st.end_lease(*id);
+        }
+        drop(st);
+        if !ids.is_empty() {
+            info!(%client, leases = ids.len(), "client gone: leases released");
+            self.shared.changed.notify_all();
+        }
+        ids.len()
+    }
+
+    /// The tiers holding a complete copy of `model`, highest first.
+    pub fn locate(&self, model: &ModelId) -> Vec<Tier> {
+        let st = self.shared.lock();
+        let mut v: Vec<Tier> = st
+            .tiers
+            .iter()
+            .filter(|l| l.ready(model).is_some())
+            .map(|l| l.tier)
+            .collect();
+        v.reverse();
+        v
+    }
+
+    /// A snapshot of every tier: budgets, use, copies, counters, load times.
+    pub fn status(&self) -> TierStatus {
+        let st = self.shared.lock();
+        let now = Instant::now();
+        let mut clients: HashMap<(usize, &ModelId), Vec<ClientId>> = HashMap::new();
+        for r in st.leases.values() {
+            clients
+                .entry((r.tier, &r.model))
+                .or_default()
+                .push(r.client);
+        }
+        let tiers = st
+            .tiers
+            .iter()
+            .enumerate()
+            .map(|(t, l)| {
+                let mut models: Vec<(u64, ModelReport)> = l
+                    .entries()
+                    .map(|(m, e)| match &e.slot {
+                        Slot::Loading(x) => (
+                            u64::MAX,
+                            ModelReport {
+                                model: m.clone(),
+                                bytes: e.bytes,
+                                state: ModelState::Loading,
+                                loaded_from: x.from,
+                                leases: 0,
+                                clients: Vec::new(),
+                                kept: false,
+                                pins: 0,
+                                waiters: x.waiters,
+                                idle_ms: None,
+                            },
+                        ),
+                        Slot::Ready(r) => {
+                            let mut c = clients.get(&(t, m)).cloned().unwrap_or_default();
+                            c.sort();
+                            (
+                                r.last_use,
+                                ModelReport {
+                                    model: m.clone(),
+                                    bytes: e.bytes,
+                                    state: ModelState::Ready,
+                                    loaded_from: r.from,
+                                    leases: r.leases,
+                                    clients: c,
+                                    kept: r.kept,
+                                    pins: r.pins,
+                                    waiters: 0,
+                                    idle_ms: Some(now.duration_since(r.used_at).as_millis() as u64),
+                                },
+                            )
+                        }
+                    })
+                    .collect();
+                models.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.model.cmp(&b.1.model)));
+                let mut load_seconds = vec![l.load_times[0].report(Tier::Disk)];
+                if t != MEMORY {
+                    load_seconds.push(l.load_times[1].report(Tier::Memory));
+                }
+                TierReport {
+                    tier: l.tier,
+                    budget: l.budget,
+                    used: l.used(),
+                    resident: l.resident(),
+                    loading: l.loading(),
+                    freeing: l.freeing(),
+                    waiting: l.waiting,
+                    models: models.into_iter().map(|(_, m)| m).collect(),
+                    counters: l.counters,
+                    load_seconds,
+                }
+            })
+            .collect();
+        TierStatus {
+            tiers,
+            leases: st.leases.len(),
+        }
+    }
+
+    /// Checks the invariants (budget accounting of every tier; every lease
+    /// on a resident copy, lease counts matching the lease table). For tests
+    /// and debug assertions of the daemon; takes the lock.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let st = self.shared.lock();
+        for l in &st.tiers {
+            l.check()?;
+        }
+        let mut counts: HashMap<(usize, &ModelId), u32> = HashMap::new();
+        for (id, r) in &st.leases {
+            if st.tiers[r.tier].ready(&r.model).is_none() {
+                return Err(format!(
+                    "{id} of {} holds {} in the {} tier, which has no copy of it",
+                    r.client,
+                    r.model,
+                    tier_at(r.tier)
+                ));
+            }
+            *counts.entry((r.tier, &r.model)).or_default() += 1;
+        }
+        for (t, l) in st.tiers.iter().enumerate() {
+            for (m, e) in l.entries() {
+                if let Slot::Ready(r) = &e.slot {
+                    let n = counts.get(&(t, m)).copied().unwrap_or(0);
+                    if r.leases != n {
+                        return Err(format!(
+                            "{m} in the {} tier counts {} leases, the lease table {n}",
+                            l.tier, r.leases
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<X: Transfers> State<X> {
+    /// A use of `model` in tier `t`; also refreshes the memory copy behind a
+    /// GPU copy, so that an inclusive memory tier does not see the hottest
+    /// models as the coldest.
+    fn touch(&mut self, model: &ModelId, t: usize) {
+        self.tick += 1;
+        let now = Instant::now();
+        self.tiers[t].touch(model, self.tick, now);
+        if t != MEMORY {
+            self.tiers[MEMORY].touch(model, self.tick, now);
+        }
+    }
+
+    /// Applies `hold` to the ready copy of `model` in tier `t`.
+    fn hold(
+        &mut self,
+        model: &ModelId,
+        t: usize,
+        hold: Hold,
+    ) -> (Option<Image<X>>, Option<LeaseId>, u64) {
+        let ledger = &mut self.tiers[t];
+        let bytes = ledger.get(model).expect("held copy exists").bytes;
+        let r = ledger.ready_mut(model).expect("held copy is ready");
+        match hold {
+            Hold::Lease(client) => {
+                r.leases += 1;
+                let image = r.image.clone();
+                let id = LeaseId(self.next_lease);
+                self.next_lease += 1;
+                self.leases.insert(
+                    id,
+                    LeaseRecord {
+                        model: model.clone(),
+                        tier: t,
+                        client,
+                        attached: true,
+                    },
+                );
+                (Some(image), Some(id), bytes)
+            }
+            Hold::Pin => {
+                r.pins += 1;
+                (Some(r.image.clone()), None, bytes)
+            }
+            Hold::Prewarm { keep } => {
+                r.kept |= keep;
+                (None, None, bytes)
+            }
+        }
+    }
+
+    /// Ends a pin. The caller's clone of the image goes first, so that the
+    /// table holds the only reference once the copy is evictable again.
+    fn unpin(&mut self, model: &ModelId, t: usize, image: Option<Image<X>>) {
+        drop(image);
+        let r = self.tiers[t].ready_mut(model).expect("a pinned copy stays");
+        r.pins -= 1;
+    }
+
+    fn end_lease(&mut self, id: LeaseId) {
+        let rec = self.leases.remove(&id).expect("lease exists");
+        let r = self.tiers[rec.tier]
+            .ready_mut(&rec.model)
+            .expect("a leased copy stays");
+        r.leases -= 1;
+    }
+
+    fn clients_of(&self, model: &ModelId, t: usize) -> Vec<ClientId> {
+        let mut v: Vec<ClientId> = self
+            .leases
+            .values()
+            .filter(|r| r.tier == t && &r.model == model)
+            .map(|r| r.client)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The error for a request of `bytes` in tier `t` that cannot be met.
+    fn refusal(
+        &self,
+        model: &ModelId,
+        t: usize,
+        bytes: u64,
+        why: Refusal,
+        waited: Option<Duration>,
+    ) -> TierError {
+        let l = &self.tiers[t];
+        let tier = l.tier;
+        match why {
+            Refusal::Disabled => TierError::Disabled {
+                model: model.clone(),
+                tier,
+            },
+            Refusal::TooLarge => TierError::TooLarge {
+                model: model.clone(),
+                tier,
+                needed: bytes,
+                budget: l.budget,
+            },
+            Refusal::Full => {
+                let b = l.breakdown();
+                let mut held: Vec<Holder> = l
+                    .entries()
+                    .filter_map(|(m, e)| match &e.slot {
+                        Slot::Ready(r) if r.held() => Some(Holder {
+                            model: m.clone(),
+                            bytes: e.bytes,
+                            kept: r.kept,
+                            clients: self.clients_of(m, t),
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                held.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.model.cmp(&b.model)));
+                TierError::NoSpace(Box::new(NoSpace {
+                    model: model.clone(),
+                    tier,
+                    needed: bytes,
+                    budget: l.budget,
+                    free: b.free,
+                    evictable: b.evictable,
+                    in_flight: b.in_flight,
+                    held,
+                    waited_ms: waited.map(|d| d.as_millis() as u64),
+                }))
+            }
+        }
+    }
+}
+
+impl<X: Transfers> Shared<X> {
+    fn lock(&self) -> MutexGuard<'_, State<X>> {
+        // No code outside this crate runs under the lock, and the state is
+        // consistent between statements, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State<X>>) -> MutexGuard<'a, State<X>> {
+        self.changed.wait(g).unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait_timeout<'a>(
+        &self,
+        g: MutexGuard<'a, State<X>>,
+        d: Duration,
+    ) -> MutexGuard<'a, State<X>> {
+        self.changed
+            .wait_timeout(g, d)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
+    fn index(&self, tier: Tier) -> Result<usize, TierError> {
+        match tier {
+            Tier::Memory => Ok(MEMORY),
+            Tier::Gpu(n) if (n as usize) < self.gpus.len() => Ok(n as usize + 1),
+            _ => Err(TierError::NoSuchTier {
+                tier,
+                available: (0..=self.gpus.len())
+                    .map(|t| tier_at(t).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Drops removed copies (no lock held: a free may be slow), then returns
+    /// their bytes from `freeing` to the free budget.
+    fn free_outside_lock(&self, removed: Vec<(usize, Image<X>, u64)>) {
+        if removed.is_empty() {
+            return;
+        }
+        let sizes: Vec<(usize, u64)> = removed.into_iter().map(|(t, _image, b)| (t, b)).collect();
+        let mut st = self.lock();
+        for (t, b) in sizes {
+            st.tiers[t].freed(b);
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The heart of the manager: makes `model` ready in tier `t` and applies
+    /// `want.hold` to it, under the lock, in the same critical section that
+    /// finds or completes the copy (so nothing can evict it in between).
+    ///
+    /// Lock discipline: the lock is released around every call into the
+    /// daemon (`image_bytes`, allocations, transfers), around drops of
+    /// buffers, and while waiting on `changed`; after each such gap the state
+    /// is looked at afresh (`continue`).
+    fn obtain(&self, model: &ModelId, t: usize, want: Want) -> Result<Obtained<X>, TierError> {
+        let tier = tier_at(t);
+        let mut size: Option<u64> = None;
+        // A pin on the memory copy, when a GPU load will copy from it.
+        let mut source: Option<Obtained<X>> = None;
+        let mut tried_memory = false;
+        // What the request counts in this tier, by outcome: it loaded (or
+        // was refused), found the copy on its first look, or got a copy
+        // another request loaded.
+        let mut count = Count::Miss;
+        let mut first_look = true;
+        let mut waiting_since: Option<Instant> = None;
+        let mut st = self.lock();
+        if st.tiers[t].budget == 0 {
+            return Err(st.refusal(model, t, 0, Refusal::Disabled, None));
+        }
+        let result = loop {
+            let found = match st.tiers[t].get(model).map(|e| &e.slot) {
+                Some(Slot::Ready(r)) => Found::Ready(r.from),
+                Some(Slot::Loading(l)) => Found::Loading(l.flight.clone(), l.from),
+                None => Found::Absent,
+            };
+            match found {
+                Found::Ready(from) => {
+                    // Found on arrival: a hit. Found after a gap (sizing,
+                    // filling memory, waiting for room): another request
+                    // loaded it meanwhile, as if we had waited for its load.
+                    let (c, served_from) = if first_look {
+                        (Count::Hit, tier)
+                    } else {
+                        (Count::Coalesced, from)
+                    };
+                    count = c;
+                    st.touch(model, t);
+                    let (image, lease, bytes) = st.hold(model, t, want.hold);
+                    break Ok(Obtained {
+                        image,
+                        lease,
+                        bytes,
+                        served_from,
+                    });
+                }
+                Found::Loading(flight, from) => {
+                    count = Count::Coalesced;
+                    if let Some(src) = source.take() {
+                        // Someone else is loading this copy: our source is not needed.
+                        st.unpin(model, MEMORY, src.image);
+                        self.changed.notify_all();
+                    }
+                    st.tiers[t].loading_mut(model).expect("loading").waiters += 1;
+                    while flight.outcome.get().is_none() {
+                        st = self.wait(st);
+                    }
+                    match flight.outcome.get().expect("outcome set") {
+                        Ok(()) => {
+                            // The loader left a pin for us: the copy is there.
+                            st.tiers[t].ready_mut(model).expect("pinned for us").pins -= 1;
+                            st.touch(model, t);
+                            let (image, lease, bytes) = st.hold(model, t, want.hold);
+                            break Ok(Obtained {
+                                image,
+                                lease,
+                                bytes,
+                                served_from: from,
+                            });
+                        }
+                        Err(e) => break Err(e.clone()),
+                    }
+                }
+                Found::Absent => first_look = false,
+            }
+            if !want.may_load {
+                break Err(TierError::NotResident {
+                    model: model.clone(),
+                    tier,
+                });
+            }
+            let Some(bytes) = size else {
+                drop(st);
+                let r = panic::catch_unwind(AssertUnwindSafe(|| self.transfers.image_bytes(model)))
+                    .unwrap_or_else(|p| {
+                        Err(TierError::model(
+                            model,
+                            format!("sizing panicked: {}", panic_message(&*p)),
+                        ))
+                    });
+                st = self.lock();
+                match r {
+                    Ok(b) => {
+                        size = Some(b);
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let plan = st.tiers[t].plan(bytes);
+            if let Plan::Refuse(why) = plan {
+                break Err(st.refusal(model, t, bytes, why, waiting_since.map(|s| s.elapsed())));
+            }
+            if t != MEMORY && !tried_memory {
+                tried_memory = true;
+                if st.tiers[MEMORY].budget > 0 {
+                    // The memory tier: a hit, a load in flight to join, or
+                    // (inclusive) a load of its own. Never waits for room.
+                    drop(st);
+                    let r = self.obtain(
+                        model,
+                        MEMORY,
+                        Want {
+                            hold: Hold::Pin,
+                            wait_for_space: false,
+                            may_load: self.inclusive,
+                        },
+                    );
+                    st = self.lock();
+                    match r {
+                        Ok(o) => source = Some(o),
+                        Err(e) if e.is_capacity() || matches!(e, TierError::NotResident { .. }) => {
+                            debug!(%model, %tier, reason = %e, "no memory copy: loading from disk");
+                        }
+                        Err(e) => break Err(e),
+                    }
+                    continue;
+                }
+            }
+            let victims = match plan {
+                Plan::Fits => Vec::new(),
+                Plan::Evict(v) => v,
+                Plan::Wait if want.wait_for_space => {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    let left = self.space_wait.saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        break Err(st.refusal(
+                            model,
+                            t,
+                            bytes,
+                            Refusal::Full,
+                            Some(since.elapsed()),
+                        ));
+                    }
+                    st.tiers[t].waiting += 1;
+                    st = self.wait_timeout(st, left);
+                    st.tiers[t].waiting -= 1;
+                    continue;
+                }
+                Plan::Wait => {
+                    break Err(st.refusal(model, t, bytes, Refusal::Full, None));
+                }
+                Plan::Refuse(_) => unreachable!("handled above"),
+            };
+            // Begin the load: reserve, evict, publish the flight.
+            let from = if source.is_some() {
+                Tier::Memory
+            } else {
+                Tier::Disk
+            };
+            let flight = Arc::new(Flight::default());
+            let (evicted, excess) =
+                st.tiers[t].begin_load(model, bytes, &victims, flight.clone(), from);
+            drop(st);
+            if !victims.is_empty() {
+                debug!(%model, %tier, ?victims, "evicted to make room");
+            }
+            drop(evicted); // before allocating: the memory must be back first
+            if excess > 0 {
+                self.lock().tiers[t].freed(excess);
+                self.changed.notify_all();
+            }
+            let started = Instant::now();
+            let r = self.run_load(
+                model,
+                t,
+                bytes,
+                source.as_ref().and_then(|s| s.image.as_ref()),
+            );
+            let seconds = started.elapsed().as_secs_f64();
+            st = self.lock();
+            match r {
+                Ok(image) => {
+                    st.tick += 1;
+                    let tick = st.tick;
+                    let ledger = &mut st.tiers[t];
+                    ledger.finish_ok(model, image, tick, Instant::now());
+                    ledger.load_times[usize::from(from == Tier::Memory)].observe(seconds);
+                    let _ = flight.outcome.set(Ok(()));
+                    let (image, lease, bytes) = st.hold(model, t, want.hold);
+                    self.changed.notify_all();
+                    info!(%model, %tier, %from, bytes = %fmt_bytes(bytes), seconds, "loaded");
+                    break Ok(Obtained {
+                        image,
+                        lease,
+                        bytes,
+                        served_from: from,
+                    });
+                }
+                Err(e) => {
+                    st.tiers[t].finish_err(model);
+                    let _ = flight.outcome.set(Err(e.clone()));
+                    self.changed.notify_all();
+                    warn!(%model, %tier, %from, error = %e, "load failed");
+                    break Err(e);
+                }
+            }
+        };
+        let c = &mut st.tiers[t].counters;
+        match count {
+            Count::Hit => c.hits += 1,
+            Count::Coalesced => c.coalesced += 1,
+            Count::Miss => c.misses += 1,
+        }
+        if let Some(src) = source {
+            st.unpin(model, MEMORY, src.image);
+            self.changed.notify_all();
+        }
+        drop(st);
+        result
+    }
+
+    /// Allocates and fills a copy of `model` in tier `t`. No lock held.
+    fn run_load(
+        &self,
+        model: &ModelId,
+        t: usize,
+        bytes: u64,
+        source: Option<&Image<X>>,
+    ) -> Result<Image<X>, TierError> {
+        let from = if source.is_some() {
+            Tier::Memory
+        } else {
+            Tier::Disk
+        };
+        let work = || -> Result<Image<X>, TierError> {
+            if t == MEMORY {
+                let mut buf = self.alloc_evicting(t, bytes, |b| self.memory.alloc(b))?;
+                self.transfers.disk_to_memory(model, &mut buf)?;
+                Ok(Image::Memory(Arc::new(buf)))
+            } else {
+                let g = (t - 1) as u16;
+                let mut buf = self.alloc_evicting(t, bytes, |b| self.gpus[t - 1].alloc(b))?;
+                match source {
+                    Some(Image::Memory(src)) => {
+                        self.transfers.memory_to_gpu(model, src, g, &mut buf)?
+                    }
+                    _ => self.transfers.disk_to_gpu(model, g, &mut buf)?,
+                }
+                Ok(Image::Gpu(Arc::new(buf)))
+            }
+        };
+        let cause = match panic::catch_unwind(AssertUnwindSafe(work)) {
+            Ok(Ok(image)) => return Ok(image),
+            Ok(Err(e)) => e,
+            Err(payload) => TierError::Backend(format!("panicked: {}", panic_message(&*payload))),
+        };
+        Err(TierError::Load {
+            model: model.clone(),
+            from,
+            to: tier_at(t),
+            cause: Box::new(cause),
+        })
+    }
+
+    /// `alloc`, evicting the least recently used evictable copy of the tier
+    /// and trying again each time the backend reports `OutOfMemory`.
+    fn alloc_evicting<B>(
+        &self,
+        t: usize,
+        bytes: u64,
+        alloc: impl Fn(u64) -> Result<B, TierError>,
+    ) -> Result<B, TierError> {
+        loop {
+            match alloc(bytes) {
+                Err(TierError::OutOfMemory(msg)) => {
+                    let mut st = self.lock();
+                    let Some(victim) = st.tiers[t].lru_victim() else {
+                        return Err(TierError::OutOfMemory(msg));
+                    };
+                    let (image, b) = st.tiers[t].remove(&victim);
+                    st.tiers[t].counters.evictions += 1;
+                    st.tiers[t].counters.evicted_bytes += b;
+                    drop(st);
+                    warn!(tier = %tier_at(t), %victim, reason = %msg, "allocation failed within the budget: evicted one more copy");
+                    self.free_outside_lock(vec![(t, image, b)]);
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// A client's hold on a model's copy in one tier: while it lives, the copy
+/// is not evicted nor unloaded. Dropping it releases it.
+///
+/// A lease is owned either by this value (attached) or, after
+/// [`Lease::detach`], by the manager's table, where
+/// [`TierManager::release`] (by id) or [`TierManager::client_gone`] end it.
+pub struct Lease<X: Transfers> {
+    shared: Arc<Shared<X>>,
+    id: LeaseId,
+    model: ModelId,
+    tier: Tier,
+    client: ClientId,
+    bytes: u64,
+    served_from: Tier,
+    /// `None` once detached.
+    image: Option<Image<X>>,
+}
+
+impl<X: Transfers> Lease<X> {
+    pub fn id(&self) -> LeaseId {
+        self.id
+    }
+    pub fn model(&self) -> &ModelId {
+        &self.model
+    }
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+    pub fn client(&self) -> ClientId {
+        self.client
+    }
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    /// Where the bytes came from for this request: the lease's own tier for
+    /// a hit, else the tier the load read (memory or disk).
+    pub fn served_from(&self) -> Tier {
+        self.served_from
+    }
+
+    /// The copy, when this is a memory-tier lease.
+    pub fn memory(&self) -> Option<&MemoryBuf<X>> {
+        match &self.image {
+            Some(Image::Memory(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The copy, when this is a GPU-tier lease.
+    pub fn gpu(&self) -> Option<&GpuBuf<X>> {
+        match &self.image {
+            Some(Image::Gpu(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Hands the lease to the manager's table: it lasts until
+    /// [`TierManager::release`] of the returned id or
+    /// [`TierManager::client_gone`] of its client. The buffer is no longer
+    /// reachable through this lease (take what the client needs, an IPC
+    /// handle, before).
+    pub fn detach(mut self) -> LeaseId {
+        drop(self.image.take());
+        let mut st = self.shared.lock();
+        st.leases
+            .get_mut(&self.id)
+            .expect("an attached lease is in the table")
+            .attached = false;
+        self.id
+    }
+}
+
+impl<X: Transfers> Drop for Lease<X> {
+    fn drop(&mut self) {
+        if let Some(image) = self.image.take() {
+            // Our reference goes before the count: once the copy is
+            // evictable, the table holds its only reference.
+            drop(image);
+            self.shared.lock().end_lease(self.id);
+            self.shared.changed.notify_all();
+        }
+    }
+}
+
+impl<X: Transfers> fmt::Debug for Lease<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("model", &self.model)
+            .field("tier", &self.tier)
+            .field("client", &self.client)
+            .field("bytes", &self.bytes)
+            .field("served_from", &self.served_from)
+            .finish()
+    }
+}

@@ -1,0 +1,665 @@
+//! The tier manager over fake backends: policy, concurrency, errors.
+
+mod fake;
+
+use fake::*;
+use flash_tier::{ClientId, ModelState, Tier, TierError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[test]
+fn lru_order_decides_evictions() {
+    let r = rig(300, &[])
+        .models(&[("a", 100), ("b", 100), ("c", 100), ("d", 100), ("e", 100)])
+        .build();
+    for n in ["a", "b", "c"] {
+        drop(r.mgr.acquire(&m(n), MEM, C1).unwrap());
+    }
+    drop(r.mgr.acquire(&m("a"), MEM, C1).unwrap()); // a is now the most recent
+    assert_eq!(r.models_in(MEM), ["a", "c", "b"]);
+    drop(r.mgr.acquire(&m("d"), MEM, C1).unwrap());
+    assert_eq!(
+        r.models_in(MEM),
+        ["d", "a", "c"],
+        "b was the least recently used"
+    );
+    drop(r.mgr.acquire(&m("e"), MEM, C1).unwrap());
+    assert_eq!(r.models_in(MEM), ["e", "d", "a"]);
+    let c = r.mgr.status().tier(MEM).unwrap().counters;
+    assert_eq!(
+        (c.hits, c.misses, c.loads, c.evictions, c.evicted_bytes),
+        (1, 5, 5, 2, 200)
+    );
+    r.assert_sound();
+}
+
+#[test]
+fn evicts_as_many_as_needed_in_lru_order_and_no_more() {
+    let r = rig(300, &[])
+        .models(&[("a", 50), ("b", 50), ("c", 100), ("d", 100), ("big", 180)])
+        .build();
+    for n in ["a", "b", "c", "d"] {
+        r.mgr.load(&m(n), MEM, false).unwrap();
+    }
+    // 0 free: a + b + c (200) make room for 180; d stays.
+    r.mgr.load(&m("big"), MEM, false).unwrap();
+    assert_eq!(r.models_in(MEM), ["big", "d"]);
+    assert_eq!(r.mgr.status().tier(MEM).unwrap().used, 280);
+    r.assert_sound();
+}
+
+#[test]
+fn eviction_skips_leased_and_kept_copies() {
+    let r = rig(300, &[])
+        .models(&[("a", 100), ("b", 100), ("c", 100), ("d", 100), ("e", 100)])
+        .build();
+    let lease_a = r.mgr.acquire(&m("a"), MEM, C1).unwrap();
+    r.mgr.load(&m("b"), MEM, true).unwrap(); // kept
+    r.mgr.load(&m("c"), MEM, false).unwrap();
+    // a and b are older than c, but held.
+    drop(r.mgr.acquire(&m("d"), MEM, C2).unwrap());
+    assert_eq!(r.mgr.locate(&m("c")), Vec::<Tier>::new());
+    assert_eq!(r.models_in(MEM), ["d", "b", "a"]);
+    drop(lease_a);
+    // Now a is evictable, b still kept.
+    drop(r.mgr.acquire(&m("e"), MEM, C2).unwrap());
+    assert_eq!(r.models_in(MEM), ["e", "d", "b"]);
+    r.mgr.set_keep(&m("b"), MEM, false).unwrap();
+    r.mgr.load(&m("a"), MEM, false).unwrap();
+    assert_eq!(r.models_in(MEM), ["a", "e", "d"], "b went once unkept");
+    r.assert_sound();
+}
+
+#[test]
+fn budget_full_of_held_copies_is_refused_at_once_with_the_details() {
+    let r = Arc::new(
+        rig(1000, &[250])
+            .models(&[("a", 100), ("b", 100), ("c", 100)])
+            .space_wait(Duration::from_secs(10))
+            .build(),
+    );
+    let r2 = r.clone();
+    let (la, err) = within(5, move || {
+        let la = r2.mgr.acquire(&m("a"), GPU, C1).unwrap();
+        r2.mgr.load(&m("b"), GPU, true).unwrap();
+        let started = Instant::now();
+        let err = r2.mgr.acquire(&m("c"), GPU, C2).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused without waiting"
+        );
+        (la, err)
+    });
+    let TierError::NoSpace(ns) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (ns.tier, ns.needed, ns.budget, ns.free, ns.evictable),
+        (GPU, 100, 250, 50, 0)
+    );
+    assert_eq!(ns.waited_ms, None);
+    assert_eq!(ns.held.len(), 2);
+    let msg = err.to_string();
+    for want in [
+        "c",
+        "gpu:0",
+        "100 B",
+        "250 B",
+        "a (100 B, leased by client 1)",
+        "b (100 B, kept)",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in {msg:?}");
+    }
+    // The memory tier was filled on the way (inclusive), and is fine.
+    assert_eq!(r.mgr.locate(&m("a")), [GPU, MEM]);
+    drop(la);
+    let lc = r.mgr.acquire(&m("c"), GPU, C2).unwrap();
+    assert_eq!(lc.served_from(), MEM);
+    assert_eq!(
+        r.mgr.locate(&m("a")),
+        [MEM],
+        "a was evicted from the GPU once released"
+    );
+    drop(lc);
+    r.assert_sound();
+}
+
+#[test]
+fn single_flight_eight_threads_one_load() {
+    let r = Arc::new(rig(1000, &[1000]).models(&[("m", 300)]).build());
+    let gate = r.fakes().gate("m");
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let r = r.clone();
+            thread::spawn(move || r.mgr.acquire(&m("m"), GPU, ClientId(i)).unwrap())
+        })
+        .collect();
+    gate.wait_entered(1);
+    r.wait_waiters("m", MEM, 7);
+    gate.open();
+    let leases: Vec<_> = within(5, move || {
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(
+        r.fakes().ops(),
+        [Op::DiskToMemory(m("m")), Op::MemoryToGpu(m("m"), 0)],
+        "one load"
+    );
+    for l in &leases {
+        let buf = l.gpu().unwrap();
+        assert_eq!(buf.model.as_ref(), Some(&m("m")));
+        assert_eq!(buf.tier, GPU);
+        assert_eq!(l.served_from(), MEM);
+    }
+    let st = r.mgr.status();
+    let gpu = st.tier(GPU).unwrap();
+    assert_eq!(
+        (
+            gpu.counters.misses,
+            gpu.counters.coalesced,
+            gpu.counters.loads
+        ),
+        (1, 7, 1)
+    );
+    let mem = st.tier(MEM).unwrap();
+    assert_eq!(
+        (
+            mem.counters.misses,
+            mem.counters.coalesced,
+            mem.counters.loads
+        ),
+        (1, 7, 1)
+    );
+    assert_eq!(gpu.model(&m("m")).unwrap().leases, 8);
+    assert_eq!(st.leases, 8);
+    assert_eq!(r.live[1].allocs.load(Ordering::SeqCst), 1);
+    drop(leases);
+    r.assert_sound();
+}
+
+#[test]
+fn failed_load_wakes_waiters_with_the_error_and_restores_the_budget() {
+    let r = Arc::new(rig(1000, &[]).models(&[("m", 300)]).build());
+    let gate = r.fakes().gate("m");
+    r.fakes().fail_next("m", 1);
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let r = r.clone();
+            thread::spawn(move || r.mgr.acquire(&m("m"), MEM, ClientId(i)).map(|_| ()))
+        })
+        .collect();
+    gate.wait_entered(1);
+    r.wait_waiters("m", MEM, 3);
+    let st = r.mgr.status();
+    assert_eq!(
+        (st.tier(MEM).unwrap().loading, st.tier(MEM).unwrap().used),
+        (300, 300)
+    );
+    assert_eq!(r.live(MEM), 300, "allocated before the transfer");
+    gate.open();
+    let results = within(5, move || {
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for res in results {
+        let e = res.unwrap_err();
+        let TierError::Load {
+            model,
+            from,
+            to,
+            cause,
+        } = &e
+        else {
+            panic!("{e}")
+        };
+        assert_eq!((model.as_str(), *from, *to), ("m", Tier::Disk, MEM));
+        assert!(cause.to_string().contains("injected failure for m"), "{e}");
+    }
+    let st = r.mgr.status();
+    let mem = st.tier(MEM).unwrap();
+    assert!(mem.models.is_empty(), "no partial entry");
+    assert_eq!((mem.used, mem.loading), (0, 0));
+    assert_eq!(
+        (
+            mem.counters.misses,
+            mem.counters.coalesced,
+            mem.counters.load_failures
+        ),
+        (1, 3, 1)
+    );
+    assert_eq!(r.live(MEM), 0);
+    // The next request loads afresh.
+    let l = r.mgr.acquire(&m("m"), MEM, C1).unwrap();
+    assert_eq!(l.memory().unwrap().model.as_ref(), Some(&m("m")));
+    drop(l);
+    r.assert_sound();
+}
+
+#[test]
+fn client_gone_releases_its_leases_so_eviction_proceeds() {
+    let r = rig(200, &[])
+        .models(&[("a", 100), ("b", 100), ("c", 100)])
+        .build();
+    let ia = r.mgr.acquire(&m("a"), MEM, C1).unwrap().detach();
+    let ib = r.mgr.acquire(&m("b"), MEM, C1).unwrap().detach();
+    let kept = r.mgr.acquire(&m("b"), MEM, C2).unwrap(); // another client's lease on b
+    assert!(matches!(
+        r.mgr.acquire(&m("c"), MEM, C2),
+        Err(TierError::NoSpace(_))
+    ));
+    assert_eq!(r.mgr.status().leases, 3);
+    assert_eq!(r.mgr.client_gone(C1), 2);
+    assert_eq!(r.mgr.client_gone(C1), 0);
+    let lc = r.mgr.acquire(&m("c"), MEM, C2).unwrap();
+    assert_eq!(
+        r.models_in(MEM),
+        ["c", "b"],
+        "a evicted, b still leased by client 2"
+    );
+    assert!(matches!(r.mgr.release(ia), Err(TierError::UnknownLease(_))));
+    assert!(matches!(r.mgr.release(ib), Err(TierError::UnknownLease(_))));
+    drop((kept, lc));
+    assert_eq!(r.mgr.status().leases, 0);
+    r.assert_sound();
+}
+
+#[test]
+fn leases_release_by_drop_or_by_id() {
+    let r = rig(200, &[]).models(&[("a", 100)]).build();
+    let l = r.mgr.acquire(&m("a"), MEM, C1).unwrap();
+    assert_eq!(
+        (
+            l.model().as_str(),
+            l.tier(),
+            l.client(),
+            l.bytes(),
+            l.served_from()
+        ),
+        ("a", MEM, C1, 100, Tier::Disk)
+    );
+    let id = l.id();
+    assert!(matches!(r.mgr.release(id), Err(TierError::LeaseAttached(x)) if x == id));
+    let busy = r.mgr.unload(&m("a"), Some(MEM)).unwrap_err();
+    assert!(busy.to_string().contains("leased by client 1"), "{busy}");
+    drop(l);
+    assert_eq!(r.mgr.status().leases, 0);
+    let l2 = r.mgr.acquire(&m("a"), MEM, C2).unwrap();
+    assert_eq!(l2.served_from(), MEM, "a hit");
+    let id2 = l2.detach();
+    assert_eq!(
+        r.mgr
+            .status()
+            .tier(MEM)
+            .unwrap()
+            .model(&m("a"))
+            .unwrap()
+            .clients,
+        [C2]
+    );
+    r.mgr.release(id2).unwrap();
+    assert!(matches!(
+        r.mgr.release(id2),
+        Err(TierError::UnknownLease(_))
+    ));
+    assert_eq!(r.mgr.unload(&m("a"), None).unwrap(), [(MEM, 100)]);
+    r.assert_sound();
+}
+
+#[test]
+fn promotion_from_memory_counts_a_memory_hit() {
+    let r = rig(1000, &[1000]).models(&[("m", 300)]).build();
+    assert_eq!(
+        r.mgr.load(&m("m"), MEM, false).unwrap().served_from,
+        Tier::Disk
+    );
+    let l = r.mgr.acquire(&m("m"), GPU, C1).unwrap();
+    assert_eq!(l.served_from(), MEM);
+    assert_eq!(l.gpu().unwrap().model.as_ref(), Some(&m("m")));
+    assert!(l.memory().is_none());
+    let st = r.mgr.status();
+    let (mem, gpu) = (
+        st.tier(MEM).unwrap().counters,
+        st.tier(GPU).unwrap().counters,
+    );
+    assert_eq!((mem.misses, mem.hits), (1, 1));
+    assert_eq!(
+        (gpu.misses, gpu.hits, gpu.loads, gpu.loaded_bytes),
+        (1, 0, 1, 300)
+    );
+    let hist = &st.tier(GPU).unwrap().load_seconds;
+    assert_eq!(
+        hist.iter().map(|h| (h.from, h.count)).collect::<Vec<_>>(),
+        [(Tier::Disk, 0), (MEM, 1)]
+    );
+    drop(l);
+    let l = r.mgr.acquire(&m("m"), GPU, C1).unwrap();
+    assert_eq!(l.served_from(), GPU);
+    assert_eq!(r.mgr.status().tier(GPU).unwrap().counters.hits, 1);
+    assert_eq!(
+        r.fakes().ops(),
+        [Op::DiskToMemory(m("m")), Op::MemoryToGpu(m("m"), 0)]
+    );
+    drop(l);
+    r.assert_sound();
+}
+
+#[test]
+fn gpu_loads_fill_memory_when_inclusive_and_go_direct_otherwise() {
+    let r = rig(1000, &[1000]).models(&[("m", 300)]).build();
+    drop(r.mgr.acquire(&m("m"), GPU, C1).unwrap());
+    assert_eq!(r.mgr.locate(&m("m")), [GPU, MEM]);
+    assert_eq!(
+        r.fakes().ops(),
+        [Op::DiskToMemory(m("m")), Op::MemoryToGpu(m("m"), 0)]
+    );
+    r.assert_sound();
+
+    let r = rig(1000, &[1000])
+        .models(&[("m", 300)])
+        .inclusive(false)
+        .build();
+    drop(r.mgr.acquire(&m("m"), GPU, C1).unwrap());
+    assert_eq!(r.mgr.locate(&m("m")), [GPU]);
+    assert_eq!(r.fakes().ops(), [Op::DiskToGpu(m("m"), 0)]);
+    assert_eq!(
+        r.mgr.status().tier(MEM).unwrap().counters.misses,
+        1,
+        "memory consulted"
+    );
+    r.assert_sound();
+
+    // Inclusive, but the memory tier cannot take it: straight to the GPU.
+    let r = rig(200, &[1000]).models(&[("m", 300)]).build();
+    let l = r.mgr.acquire(&m("m"), GPU, C1).unwrap();
+    assert_eq!(l.served_from(), Tier::Disk);
+    assert_eq!(r.fakes().ops(), [Op::DiskToGpu(m("m"), 0)]);
+    drop(l);
+    r.assert_sound();
+}
+
+#[test]
+fn gpu_eviction_keeps_the_memory_copy() {
+    let r = rig(1000, &[300]).models(&[("a", 200), ("b", 200)]).build();
+    drop(r.mgr.acquire(&m("a"), GPU, C1).unwrap());
+    drop(r.mgr.acquire(&m("b"), GPU, C1).unwrap());
+    assert_eq!(
+        r.mgr.locate(&m("a")),
+        [MEM],
+        "demoted: the memory copy stays"
+    );
+    assert_eq!(r.mgr.locate(&m("b")), [GPU, MEM]);
+    let l = r.mgr.acquire(&m("a"), GPU, C1).unwrap();
+    assert_eq!(l.served_from(), MEM, "back from memory, not disk");
+    drop(l);
+    assert_eq!(
+        r.fakes()
+            .ops()
+            .iter()
+            .filter(|o| matches!(o, Op::DiskToMemory(_)))
+            .count(),
+        2
+    );
+    r.assert_sound();
+}
+
+#[test]
+fn gpu_use_refreshes_the_memory_copy() {
+    // Memory holds two of three; a is used on the GPU only, yet its memory
+    // copy must not be the one evicted.
+    let r = rig(400, &[1000])
+        .models(&[("a", 200), ("b", 200), ("c", 200)])
+        .build();
+    drop(r.mgr.acquire(&m("a"), GPU, C1).unwrap());
+    r.mgr.load(&m("b"), MEM, false).unwrap();
+    drop(r.mgr.acquire(&m("a"), GPU, C1).unwrap()); // GPU hit
+    r.mgr.load(&m("c"), MEM, false).unwrap();
+    assert_eq!(r.models_in(MEM), ["c", "a"]);
+    r.assert_sound();
+}
+
+#[test]
+fn unload_is_all_or_nothing_clears_keep_and_reports_bytes() {
+    let r = rig(1000, &[1000]).models(&[("a", 100), ("b", 100)]).build();
+    r.mgr.load(&m("a"), GPU, true).unwrap();
+    let l = r.mgr.acquire(&m("a"), GPU, C2).unwrap();
+    let e = r.mgr.unload(&m("a"), None).unwrap_err();
+    assert!(
+        matches!(&e, TierError::Busy { tier, holders, .. } if *tier == GPU && holders == &[C2]),
+        "{e}"
+    );
+    assert_eq!(r.mgr.locate(&m("a")), [GPU, MEM], "nothing removed");
+    assert_eq!(r.mgr.unload(&m("a"), Some(MEM)).unwrap(), [(MEM, 100)]);
+    drop(l);
+    assert_eq!(r.mgr.unload(&m("a"), None).unwrap(), [(GPU, 100)]);
+    assert_eq!(r.mgr.unload(&m("a"), None).unwrap(), []);
+    assert_eq!(r.mgr.unload(&m("b"), Some(GPU)).unwrap(), []);
+    let st = r.mgr.status();
+    assert_eq!(
+        (
+            st.tier(GPU).unwrap().counters.unloads,
+            st.tier(MEM).unwrap().counters.unloads
+        ),
+        (1, 1)
+    );
+    assert!(matches!(
+        r.mgr.set_keep(&m("a"), GPU, true),
+        Err(TierError::NotResident { .. })
+    ));
+    r.assert_sound();
+}
+
+#[test]
+fn unload_waits_for_a_load_in_flight() {
+    let r = Arc::new(rig(1000, &[]).models(&[("a", 100)]).build());
+    let gate = r.fakes().gate("a");
+    let r2 = r.clone();
+    let loader = thread::spawn(move || r2.mgr.load(&m("a"), MEM, true).unwrap());
+    gate.wait_entered(1);
+    let r3 = r.clone();
+    let unloader = thread::spawn(move || r3.mgr.unload(&m("a"), None).unwrap());
+    thread::sleep(Duration::from_millis(20));
+    assert!(!unloader.is_finished());
+    gate.open();
+    let freed = within(5, move || {
+        loader.join().unwrap();
+        unloader.join().unwrap()
+    });
+    assert_eq!(freed, [(MEM, 100)]);
+    r.assert_sound();
+}
+
+#[test]
+fn allocation_failure_within_the_budget_evicts_more() {
+    let r = rig(300, &[])
+        .models(&[("a", 100), ("b", 100), ("c", 100)])
+        .build();
+    r.live[0].physical.store(200, Ordering::SeqCst); // a pool smaller than its budget
+    r.mgr.load(&m("a"), MEM, false).unwrap();
+    r.mgr.load(&m("b"), MEM, false).unwrap();
+    r.mgr.load(&m("c"), MEM, false).unwrap(); // the budget fits; the pool does not
+    assert_eq!(r.models_in(MEM), ["c", "b"]);
+    assert_eq!(r.mgr.status().tier(MEM).unwrap().counters.evictions, 1);
+    // Nothing left to evict: the error says so.
+    let l = (
+        r.mgr.acquire(&m("b"), MEM, C1).unwrap(),
+        r.mgr.acquire(&m("c"), MEM, C1).unwrap(),
+    );
+    r.live[0].physical.store(150, Ordering::SeqCst);
+    let e = r.mgr.acquire(&m("a"), MEM, C1).unwrap_err();
+    assert!(
+        e.is_capacity() && e.to_string().contains("out of memory"),
+        "{e}"
+    );
+    drop(l);
+    r.assert_sound();
+}
+
+#[test]
+fn a_panicking_transfer_is_an_error_not_a_hang() {
+    let r = Arc::new(
+        rig(1000, &[1000])
+            .models(&[("a", 100)])
+            .inclusive(false)
+            .build(),
+    );
+    r.fakes().panic_on.lock().unwrap().insert(m("a"));
+    let r2 = r.clone();
+    let e = within(5, move || r2.mgr.acquire(&m("a"), GPU, C1).unwrap_err());
+    assert!(
+        e.to_string().contains("panicked: injected panic for a"),
+        "{e}"
+    );
+    assert_eq!(r.live(GPU), 0);
+    r.fakes().panic_on.lock().unwrap().clear();
+    drop(r.mgr.acquire(&m("a"), GPU, C1).unwrap());
+    r.assert_sound();
+}
+
+#[test]
+fn waits_for_room_held_by_a_load_in_flight() {
+    let r = Arc::new(rig(100, &[]).models(&[("a", 100), ("b", 100)]).build());
+    let gate = r.fakes().gate("a");
+    let r2 = r.clone();
+    let prewarm = thread::spawn(move || r2.mgr.load(&m("a"), MEM, false).unwrap());
+    gate.wait_entered(1);
+    let r3 = r.clone();
+    let request = thread::spawn(move || r3.mgr.acquire(&m("b"), MEM, C1).map(|l| l.served_from()));
+    r.wait_room_waiters(MEM, 1);
+    gate.open();
+    let served = within(5, move || {
+        prewarm.join().unwrap();
+        request.join().unwrap()
+    });
+    assert_eq!(served.unwrap(), Tier::Disk);
+    assert_eq!(r.models_in(MEM), ["b"], "a evicted once loaded");
+    r.assert_sound();
+}
+
+#[test]
+fn waiting_for_room_gives_up_after_space_wait() {
+    let r = Arc::new(
+        rig(100, &[])
+            .models(&[("a", 100), ("b", 100)])
+            .space_wait(Duration::from_millis(100))
+            .build(),
+    );
+    let gate = r.fakes().gate("a");
+    let r2 = r.clone();
+    let prewarm = thread::spawn(move || r2.mgr.load(&m("a"), MEM, false).unwrap());
+    gate.wait_entered(1);
+    let r3 = r.clone();
+    let started = Instant::now();
+    let e = within(5, move || r3.mgr.acquire(&m("b"), MEM, C1).unwrap_err());
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let TierError::NoSpace(ns) = &e else {
+        panic!("{e}")
+    };
+    assert!(ns.waited_ms.unwrap() >= 100 && ns.in_flight == 100, "{e}");
+    assert!(e.to_string().contains("100 B in flight"), "{e}");
+    gate.open();
+    prewarm.join().unwrap();
+    r.assert_sound();
+}
+
+#[test]
+fn refusals_are_clear() {
+    let r = rig(1000, &[0, 500])
+        .models(&[("a", 100), ("huge", 800)])
+        .build();
+    assert_eq!(r.mgr.tiers(), [MEM, Tier::Gpu(0), Tier::Gpu(1)]);
+    let e = r.mgr.acquire(&m("a"), Tier::Disk, C1).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "disk is not a cache tier here (tiers: memory, gpu:0, gpu:1)"
+    );
+    assert!(matches!(
+        r.mgr.acquire(&m("a"), Tier::Gpu(2), C1),
+        Err(TierError::NoSuchTier { .. })
+    ));
+    let e = r.mgr.acquire(&m("a"), Tier::Gpu(0), C1).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "cannot place a in the gpu:0 tier: its budget is 0 bytes"
+    );
+    let e = r.mgr.acquire(&m("huge"), Tier::Gpu(1), C1).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "huge needs 800 B in the gpu:1 tier, more than its whole budget of 500 B"
+    );
+    assert!(
+        r.fakes().ops().is_empty(),
+        "refused before loading anything"
+    );
+    let e = r.mgr.acquire(&m("nope"), MEM, C1).unwrap_err();
+    assert_eq!(e.to_string(), "nope: not in the store");
+    r.assert_sound();
+}
+
+#[test]
+fn two_gpus_are_separate_tiers() {
+    let r = rig(1000, &[300, 300]).models(&[("a", 200)]).build();
+    let l0 = r.mgr.acquire(&m("a"), Tier::Gpu(0), C1).unwrap();
+    let l1 = r.mgr.acquire(&m("a"), Tier::Gpu(1), C1).unwrap();
+    assert_eq!((l0.served_from(), l1.served_from()), (MEM, MEM));
+    assert_eq!(l1.gpu().unwrap().tier, Tier::Gpu(1));
+    assert_eq!(r.mgr.locate(&m("a")), [Tier::Gpu(1), Tier::Gpu(0), MEM]);
+    drop((l0, l1));
+    r.assert_sound();
+}
+
+#[test]
+fn status_serializes() {
+    let r = rig(1000, &[1000]).models(&[("org/a@main", 100)]).build();
+    let l = r.mgr.acquire(&m("org/a@main"), GPU, C1).unwrap();
+    let st = r.mgr.status();
+    let gpu = st.tier(GPU).unwrap();
+    let a = gpu.model(&m("org/a@main")).unwrap();
+    assert_eq!(
+        (a.state, a.leases, a.kept, a.loaded_from),
+        (ModelState::Ready, 1, false, MEM)
+    );
+    let json = serde_json::to_value(&st).unwrap();
+    assert_eq!(json["leases"], 1);
+    assert_eq!(json["tiers"][0]["tier"], "memory");
+    assert_eq!(json["tiers"][1]["tier"], "gpu:0");
+    assert_eq!(json["tiers"][1]["budget"], 1000);
+    assert_eq!(json["tiers"][1]["used"], 100);
+    assert_eq!(json["tiers"][1]["models"][0]["model"], "org/a@main");
+    assert_eq!(json["tiers"][1]["models"][0]["state"], "ready");
+    assert_eq!(json["tiers"][1]["models"][0]["clients"][0], 1);
+    assert_eq!(json["tiers"][1]["counters"]["misses"], 1);
+    assert_eq!(json["tiers"][1]["load_seconds"][1]["from"], "memory");
+    assert_eq!(json["tiers"][1]["load_seconds"][1]["count"], 1);
+    assert_eq!(
+        json["tiers"][1]["load_seconds"][1]["buckets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        16
+    );
+    drop(l);
+    r.assert_sound();
+}
+
+#[test]
+fn leases_move_between_threads() {
+    let r = Arc::new(rig(1000, &[]).models(&[("a", 100)]).build());
+    let barrier = Arc::new(Barrier::new(2));
+    let l = r.mgr.acquire(&m("a"), MEM, C1).unwrap();
+    let b2 = barrier.clone();
+    let h = thread::spawn(move || {
+        b2.wait();
+        drop(l);
+    });
+    barrier.wait();
+    h.join().unwrap();
+    assert_eq!(r.mgr.status().leases, 0);
+    r.assert_sound();
+}

@@ -255,43 +255,48 @@ pub fn load_placed(
         threads: (opts.threads / devices.len().max(1)).max(4),
         ..opts.clone()
     };
-    let results: Vec<Result<(Device, Option<GpuModel>, Option<HostModel>, LoadStats), LoadError>> =
-        std::thread::scope(|s| {
-            let handles: Vec<_> = devices
-                .iter()
-                .map(|&d| {
-                    let placement = &placement;
-                    let per_device = &per_device;
-                    s.spawn(move || {
-                        let select = |n: &str| placement.get(n) == Some(&d);
-                        match d {
-                            Device::Cpu => load_to_host(source, Some(&select), per_device)
-                                .map(|(m, st)| (d, None, Some(m), st)),
-                            Device::Gpu(i) => {
-                                load_to_gpu(source, Some(&select), &gpus[i], per_device, None)
-                                    .map(|(m, st)| (d, Some(m), None, st))
-                            }
+    /// What one device's load gave.
+    enum Landed {
+        Gpu(usize, GpuModel),
+        Host(HostModel),
+    }
+    type DeviceLoad = Result<(Device, Landed, LoadStats), LoadError>;
+    let results: Vec<DeviceLoad> = std::thread::scope(|s| {
+        let handles: Vec<_> = devices
+            .iter()
+            .map(|&d| {
+                let placement = &placement;
+                let per_device = &per_device;
+                s.spawn(move || -> DeviceLoad {
+                    let select = |n: &str| placement.get(n) == Some(&d);
+                    Ok(match d {
+                        Device::Cpu => {
+                            let (m, st) = load_to_host(source, Some(&select), per_device)?;
+                            (d, Landed::Host(m), st)
+                        }
+                        Device::Gpu(i) => {
+                            let (m, st) =
+                                load_to_gpu(source, Some(&select), &gpus[i], per_device, None)?;
+                            (d, Landed::Gpu(i, m), st)
                         }
                     })
                 })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(LoadError::Device("a loader thread panicked".into()))
-                    })
-                })
-                .collect()
-        });
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(LoadError::Device("a loader thread panicked".into())))
+            })
+            .collect()
+    });
     let mut out = PlacedModel::default();
     for r in results {
-        let (d, gpu, host, stats) = r?;
-        if let (Device::Gpu(i), Some(m)) = (d, gpu) {
-            out.gpus.push((i, m));
-        }
-        if host.is_some() {
-            out.host = host;
+        let (d, landed, stats) = r?;
+        match landed {
+            Landed::Gpu(i, m) => out.gpus.push((i, m)),
+            Landed::Host(m) => out.host = Some(m),
         }
         out.stats.push((d, stats));
     }

@@ -519,6 +519,7 @@ impl Store {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+        remove_dead_exports(parent);
         let tmp = parent.join(format!(".flash-export-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
@@ -537,6 +538,21 @@ impl Store {
             let _ = fs::remove_dir_all(&tmp);
         }
         result
+    }
+}
+
+/// Removes `.flash-export-<pid>` folders of exports whose process died, so
+/// an export killed half-way leaves nothing behind after the next one.
+fn remove_dead_exports(parent: &Path) {
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(".flash-export-")
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !pid_alive(p)) {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

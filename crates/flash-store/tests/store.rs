@@ -157,6 +157,13 @@ fn import_load_export_round_trip() {
         );
     }
     assert!(out.join("config.json").is_file() && out.join("tokenizer.json").is_file());
+    // An export killed half-way (a dead pid's folder) is cleaned by the next one.
+    let stale = tmp.path().join(".flash-export-999999999");
+    std::fs::create_dir_all(&stale).unwrap();
+    store
+        .export(&n, &tmp.path().join("export2"), 4000, &opts())
+        .unwrap();
+    assert!(!stale.exists());
     assert!(
         store.export(&n, &out, 4000, &opts()).is_err(),
         "refuses a non-empty target"

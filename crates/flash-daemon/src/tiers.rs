@@ -1,0 +1,450 @@
+//! The daemon's tiers: memory for each tier and the byte movers between
+//! them, plugged into `flash-tier`'s [`TierManager`].
+//!
+//! - [`HostMemory`] allocates the memory tier's model images ([`HostImage`]):
+//!   pinned host memory on GPU machines (so that memory → GPU copies run at
+//!   PCIe speed), page-aligned anonymous memory elsewhere.
+//! - [`GpuMemory`] allocates one GPU's images with `cuMemAlloc` (shareable
+//!   with clients through CUDA IPC later).
+//! - [`StoreTransfers`] sizes and moves the models of a [`Store`]: disk →
+//!   memory and disk → GPU with the `flash-load` pipeline, memory → GPU with
+//!   one synchronous upload. A model's [`LoadPlan`] is made once and cached:
+//!   its image has the same layout in every tier, so the plan's tensor views
+//!   ([`StoreTransfers::tensors`]) locate the tensors in any copy.
+//! - [`build_tiers`] probes CUDA and builds the manager: the memory tier and
+//!   one GPU tier per device (budget = `gpu_mem_util` × its memory).
+//!
+//! Threads: the manager calls everything here on the requesting thread
+//! without its lock held; [`StoreTransfers`] has one lock of its own, for the
+//! plan cache, held only to look up or insert (planning reads the model's
+//! manifest outside it).
+
+use flash_load::{execute, CudaSink, HostSink, LoadOptions, LoadPlan, ModelSource, TensorView};
+use flash_store::{ModelName, Store, StoreError};
+use flash_sys::cuda::{self, Cuda, CudaError, DeviceMemory, Gpu, PinnedBuffer};
+use flash_sys::os::AlignedBuf;
+use flash_tier::{GpuBuf, MemoryBuf, ModelId, TierBackend, TierError, TierManager, Transfers};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+/// The tier manager of the daemon.
+pub type Tiers = TierManager<StoreTransfers>;
+
+// ---------------------------------------------------------------------------
+// Memory tier
+// ---------------------------------------------------------------------------
+
+/// A model image in the memory tier. Derefs to its bytes; tensors lie at the
+/// offsets of the model's plan ([`StoreTransfers::tensors`]).
+pub enum HostImage {
+    /// Page-aligned anonymous memory (machines without a GPU).
+    Aligned(AlignedBuf),
+    /// Page-locked memory from `cuMemHostAlloc` (GPU machines): the DMA
+    /// engine reads it directly, so an upload runs at PCIe speed.
+    Pinned(PinnedBuffer),
+}
+
+impl HostImage {
+    pub fn is_pinned(&self) -> bool {
+        matches!(self, HostImage::Pinned(_))
+    }
+}
+
+impl std::ops::Deref for HostImage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            HostImage::Aligned(b) => b,
+            HostImage::Pinned(b) => b,
+        }
+    }
+}
+
+impl std::ops::DerefMut for HostImage {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            HostImage::Aligned(b) => b,
+            HostImage::Pinned(b) => b,
+        }
+    }
+}
+
+impl fmt::Debug for HostImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.is_pinned() {
+            "pinned"
+        } else {
+            "aligned"
+        };
+        write!(f, "HostImage({kind}, {} bytes)", self.len())
+    }
+}
+
+/// The memory tier's [`TierBackend`].
+///
+/// With a GPU, each image is pinned when it is allocated. Pinning runs at
+/// about 2 GB/s, so this puts pinning on the disk → memory path; issue 4
+/// wants one pool pinned at daemon start with images carved from it (a
+/// fragmentation-aware allocator whose exhaustion returns
+/// [`TierError::OutOfMemory`]). Until then, per-image pinning keeps the
+/// semantics right and only costs load time.
+#[derive(Debug, Clone)]
+pub struct HostMemory {
+    pin_with: Option<Gpu>,
+}
+
+impl HostMemory {
+    /// Page-aligned, unpinned images (no GPU on this machine).
+    pub fn aligned() -> Self {
+        HostMemory { pin_with: None }
+    }
+
+    /// Images pinned through `gpu`'s context (portable: every GPU's context
+    /// can copy from them).
+    pub fn pinned(gpu: Gpu) -> Self {
+        HostMemory {
+            pin_with: Some(gpu),
+        }
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        self.pin_with.is_some()
+    }
+}
+
+fn host_len(bytes: u64) -> Result<usize, TierError> {
+    usize::try_from(bytes)
+        .map_err(|_| TierError::out_of_memory(format!("{bytes} bytes exceed the address space")))
+}
+
+impl TierBackend for HostMemory {
+    type Buf = HostImage;
+
+    fn alloc(&self, bytes: u64) -> Result<HostImage, TierError> {
+        let len = host_len(bytes)?;
+        match &self.pin_with {
+            Some(gpu) => gpu.pinned(len).map(HostImage::Pinned).map_err(|e| {
+                if e.is_out_of_memory() {
+                    TierError::out_of_memory(format!("pinning {bytes} bytes of host memory: {e}"))
+                } else {
+                    TierError::backend(format!("pinning {bytes} bytes of host memory: {e}"))
+                }
+            }),
+            None => AlignedBuf::new(len).map(HostImage::Aligned).map_err(|e| {
+                if e.kind() == io::ErrorKind::OutOfMemory {
+                    TierError::out_of_memory(e.to_string())
+                } else {
+                    TierError::backend(e.to_string())
+                }
+            }),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// GPU tiers
+// ---------------------------------------------------------------------------
+
+/// One GPU's [`TierBackend`]: each image is one `cuMemAlloc` allocation
+/// (never the stream-ordered pool, so that it can be shared through CUDA
+/// IPC). Dropping an image synchronises the GPU's context before freeing it.
+#[derive(Debug, Clone)]
+pub struct GpuMemory {
+    gpu: Gpu,
+}
+
+impl GpuMemory {
+    pub fn new(gpu: Gpu) -> Self {
+        GpuMemory { gpu }
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+}
+
+impl TierBackend for GpuMemory {
+    type Buf = DeviceMemory;
+
+    fn alloc(&self, bytes: u64) -> Result<DeviceMemory, TierError> {
+        let len = host_len(bytes)?;
+        self.gpu.alloc(len).map_err(|e| {
+            let msg = format!("GPU {}: {e}", self.gpu.ordinal());
+            if e.is_out_of_memory() {
+                TierError::out_of_memory(msg)
+            } else {
+                TierError::backend(msg)
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Transfers
+// ---------------------------------------------------------------------------
+
+/// Sizes and moves the models of a [`Store`]; a model's id is its store name
+/// (`org/name[:revision]`).
+///
+/// Plans are cached per model. A cached plan is checked against the sizes of
+/// its files before each use and made again when they changed; the daemon
+/// should still call [`StoreTransfers::forget`] after it removes or
+/// re-imports a model (and unload that model's copies, which hold the old
+/// bytes).
+pub struct StoreTransfers {
+    store: Store,
+    opts: LoadOptions,
+    plans: Mutex<HashMap<ModelId, Arc<LoadPlan>>>,
+}
+
+impl fmt::Debug for StoreTransfers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreTransfers")
+            .field("store", &self.store.root())
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreTransfers {
+    /// Loads use `opts` (reader threads, chunk size, I/O mode, staging size).
+    pub fn new(store: Store, opts: LoadOptions) -> Self {
+        StoreTransfers {
+            store,
+            opts,
+            plans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
+    }
+
+    /// The load plan of `model` (every tensor), made on first use and cached.
+    pub fn plan(&self, model: &ModelId) -> Result<Arc<LoadPlan>, TierError> {
+        if let Some(plan) = self.cached(model) {
+            if files_unchanged(&plan) {
+                return Ok(plan);
+            }
+            tracing::info!(%model, "the model's files changed in the store: planning again");
+        }
+        let plan = Arc::new(self.make_plan(model)?);
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        plans.insert(model.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    /// The tensors of `model` as they lie in its image, in every tier
+    /// (offsets from the start of the copy's buffer).
+    pub fn tensors(&self, model: &ModelId) -> Result<Vec<TensorView>, TierError> {
+        Ok(self.plan(model)?.tensors.clone())
+    }
+
+    /// Drops the cached plan of `model` (after `rm` or a forced re-import).
+    pub fn forget(&self, model: &ModelId) {
+        self.plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(model);
+    }
+
+    fn cached(&self, model: &ModelId) -> Option<Arc<LoadPlan>> {
+        self.plans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .cloned()
+    }
+
+    fn make_plan(&self, model: &ModelId) -> Result<LoadPlan, TierError> {
+        let name: ModelName =
+            model
+                .as_str()
+                .parse()
+                .map_err(|e: flash_store::name::NameError| {
+                    TierError::model(model, format!("not a model name: {}", e.why))
+                })?;
+        let dir = self.store.existing(&name).map_err(|e| match e {
+            StoreError::NotFound(_) => {
+                TierError::model(model, "not in the store (see `flash list`)")
+            }
+            e => TierError::model(model, e.to_string()),
+        })?;
+        let source = ModelSource::open(&dir)
+            .map_err(|e| TierError::model(model, format!("cannot open it: {e}")))?;
+        LoadPlan::new(&source, None)
+            .map_err(|e| TierError::model(model, format!("cannot plan its load: {e}")))
+    }
+}
+
+/// Whether every file of `plan` still has the size it was planned with.
+fn files_unchanged(plan: &LoadPlan) -> bool {
+    plan.files
+        .iter()
+        .all(|f| std::fs::metadata(&f.path).is_ok_and(|m| m.len() == f.len))
+}
+
+fn fits(what: &str, have: usize, need: u64) -> Result<(), TierError> {
+    if (have as u64) < need {
+        return Err(TierError::backend(format!(
+            "{what} of {have} bytes is smaller than the model's image of {need} bytes"
+        )));
+    }
+    Ok(())
+}
+
+impl Transfers for StoreTransfers {
+    type Memory = HostMemory;
+    type Gpu = GpuMemory;
+
+    fn image_bytes(&self, model: &ModelId) -> Result<u64, TierError> {
+        Ok(self.plan(model)?.dest_len)
+    }
+
+    fn disk_to_memory(&self, model: &ModelId, dst: &mut MemoryBuf<Self>) -> Result<(), TierError> {
+        let plan = self.plan(model)?;
+        fits("the host buffer", dst.len(), plan.dest_len)?;
+        let stats = execute(&plan, &HostSink::new(&mut dst[..]), &self.opts)
+            .map_err(|e| TierError::backend(e.to_string()))?;
+        tracing::debug!(
+            %model,
+            bytes = stats.bytes_read,
+            seconds = stats.seconds,
+            "disk -> memory"
+        );
+        Ok(())
+    }
+
+    fn memory_to_gpu(
+        &self,
+        model: &ModelId,
+        src: &MemoryBuf<Self>,
+        gpu: u16,
+        dst: &mut GpuBuf<Self>,
+    ) -> Result<(), TierError> {
+        fits("the device buffer", dst.len(), src.len() as u64)?;
+        // Synchronous: returns once the bytes are on the device, as the trait
+        // requires (`src` may be evicted right after). From pinned memory it
+        // runs at PCIe speed. It first waits for all work queued on the GPU
+        // (other loads' copies included).
+        dst.copy_from_host(0, &src[..])
+            .map_err(|e| TierError::backend(format!("upload to GPU {gpu}: {e}")))?;
+        tracing::debug!(%model, gpu, bytes = src.len(), "memory -> gpu");
+        Ok(())
+    }
+
+    fn disk_to_gpu(
+        &self,
+        model: &ModelId,
+        gpu: u16,
+        dst: &mut GpuBuf<Self>,
+    ) -> Result<(), TierError> {
+        let plan = self.plan(model)?;
+        fits("the device buffer", dst.len(), plan.dest_len)?;
+        // Staging buffers are pinned lazily by each reader (a few MiB each).
+        // A `StagingPool` pinned at start would keep pinning off this path,
+        // but a pool shared by concurrent loads must be sized so that every
+        // reader gets a buffer; left for the daemon's start-up code.
+        let sink = CudaSink::new(dst, self.opts.staging_bytes as usize);
+        let stats = execute(&plan, &sink, &self.opts)
+            .map_err(|e| TierError::backend(format!("GPU {gpu}: {e}")))?;
+        tracing::debug!(
+            %model,
+            gpu,
+            bytes = stats.bytes_read,
+            seconds = stats.seconds,
+            "disk -> gpu"
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Assembly
+// ---------------------------------------------------------------------------
+
+/// The tiers' configuration (`flash start --mem-pool --gpu-mem-util
+/// --threads --chunk-size`).
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    /// Budget of the memory tier in bytes (0: no memory tier).
+    pub memory_budget: u64,
+    /// Share of each GPU's total memory given to its tier, in (0, 1].
+    pub gpu_mem_util: f64,
+    /// How models are read from the store.
+    pub load: LoadOptions,
+}
+
+impl TierConfig {
+    /// A memory tier of `memory_budget` bytes, 90 % of each GPU, default
+    /// load options.
+    pub fn new(memory_budget: u64) -> Self {
+        TierConfig {
+            memory_budget,
+            gpu_mem_util: 0.9,
+            load: LoadOptions::default(),
+        }
+    }
+}
+
+/// Why the tiers could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    #[error("the GPU memory share must be a number in (0, 1], not {0}")]
+    GpuMemUtil(f64),
+    #[error("setting up the GPU tiers: {0}")]
+    Cuda(#[from] CudaError),
+}
+
+/// Probes CUDA and builds the tiers: the memory tier (pinned images when
+/// there is a GPU) and one GPU tier per device. Without a usable driver (or
+/// with `FLASH_NO_CUDA=1`) the memory tier alone, with the reason logged.
+pub fn build_tiers(store: Store, cfg: &TierConfig) -> Result<Tiers, SetupError> {
+    match cuda::probe() {
+        Ok(c) => build_tiers_on(store, cfg, Some(&c)),
+        Err(why) => {
+            tracing::info!("no GPU tier: {why}");
+            build_tiers_on(store, cfg, None)
+        }
+    }
+}
+
+/// [`build_tiers`] on a given driver (`None`: CPU only, whatever the machine
+/// has). GPU `i`'s tier is `Tier::Gpu(i)`, with a budget of `gpu_mem_util`
+/// × its total memory.
+pub fn build_tiers_on(
+    store: Store,
+    cfg: &TierConfig,
+    cuda: Option<&Cuda>,
+) -> Result<Tiers, SetupError> {
+    let util = cfg.gpu_mem_util;
+    if !(util > 0.0 && util <= 1.0) {
+        return Err(SetupError::GpuMemUtil(util));
+    }
+    let gpus = match cuda {
+        Some(c) => (0..c.device_count())
+            .map(|i| c.device(i))
+            .collect::<Result<Vec<Gpu>, CudaError>>()?,
+        None => Vec::new(),
+    };
+    let host = match gpus.first() {
+        Some(gpu) => HostMemory::pinned(gpu.clone()),
+        None => HostMemory::aligned(),
+    };
+    let transfers = StoreTransfers::new(store, cfg.load.clone());
+    let mut builder = TierManager::builder(transfers, host, cfg.memory_budget);
+    for gpu in gpus {
+        let (_, total) = gpu.mem_info()?;
+        let budget = (total as f64 * util) as u64;
+        tracing::info!(gpu = gpu.ordinal(), budget, total, "GPU tier");
+        builder = builder.gpu(GpuMemory::new(gpu), budget);
+    }
+    Ok(builder.build())
+}

@@ -220,7 +220,7 @@ pub fn verify(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
                 format!("tensor {}", b.tensors.join(", "))
             };
             eprintln!(
-                "{}: checksum mismatch in {} bytes [{}, +{}): {what}",
+                "error: {}: checksum mismatch in {} bytes [{}, +{}): {what}",
                 report.model_id, b.file, b.offset, b.len
             );
         }

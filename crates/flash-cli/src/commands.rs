@@ -118,9 +118,9 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
         print_json(&report)?;
     } else {
         println!(
-            "{}: {} tensors ({} tied), {} in {:.1}s -> {}",
+            "{}: {} tensors ({} identical to another, stored once), {} in {:.1}s -> {}",
             report.model_id,
-            report.tensors,
+            report.tensors + report.aliases,
             report.aliases,
             human_bytes(report.bytes),
             report.seconds,

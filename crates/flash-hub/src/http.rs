@@ -349,7 +349,12 @@ impl HubClient {
     }
 
     /// Downloads one blob to `blobs/<etag>.incomplete` (resuming it with `Range` when it
-    /// exists), checks its size, and renames it to `blobs/<etag>`. Returns the bytes received.
+    /// exists), checks its size, and renames it to `blobs/<etag>`. Returns the bytes received,
+    /// or `None` when another process finished the blob while this one waited for its lock.
+    ///
+    /// The whole download and the rename happen under an exclusive lock on
+    /// `<cache>/.locks/models--org--name/<etag>.lock`, the file huggingface_hub locks, so two
+    /// processes (Rust or Python) never write the same `.incomplete` file at once.
     pub(crate) fn fetch_blob(
         &self,
         ctx: &Ctx,
@@ -357,9 +362,15 @@ impl HubClient {
         blobs: &Path,
         bar: &ProgressBar,
         total: &ProgressBar,
-    ) -> Result<u64, HubError> {
+    ) -> Result<Option<u64>, HubError> {
         let blob = blobs.join(&meta.etag);
         let part = blobs.join(format!("{}.incomplete", meta.etag));
+        // Held (and released on drop) until the blob is in place or the download failed.
+        let _lock = self.lock_blob(ctx.repo, &meta.etag)?;
+        if fs::metadata(&blob).is_ok_and(|m| m.is_file() && m.len() == meta.size) {
+            debug!(etag = %meta.etag, "blob finished by another process meanwhile");
+            return Ok(None);
+        }
         let mut received = 0u64;
         let url = &meta.url;
         if meta.size == 0 {
@@ -381,7 +392,23 @@ impl HubClient {
             ));
         }
         fs::rename(&part, &blob).map_err(|e| HubError::io(&blob, e))?;
-        Ok(received)
+        Ok(Some(received))
+    }
+
+    /// Takes the exclusive lock of one blob, `<cache>/.locks/<repo folder>/<etag>.lock`
+    /// (creating the folders), waiting for whoever holds it. Dropping the file releases it.
+    fn lock_blob(&self, repo: &str, etag: &str) -> Result<File, HubError> {
+        let dir = self.cache_dir.join(".locks").join(names::repo_folder(repo));
+        fs::create_dir_all(&dir).map_err(|e| HubError::io(&dir, e))?;
+        let path = dir.join(format!("{etag}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| HubError::io(&path, e))?;
+        file.lock().map_err(|e| HubError::io(&path, e))?;
+        Ok(file)
     }
 
     fn fetch_try(

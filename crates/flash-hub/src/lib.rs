@@ -18,6 +18,11 @@
 //! A file whose `snapshots/<commit>/<path>` exists is not requested again; a file whose blob is
 //! already there (same content in another commit) is linked, not downloaded.
 //!
+//! Each blob is written under an exclusive lock on `<cache>/.locks/models--<org>--<name>/<etag>.lock`
+//! (std's `File::lock`, as huggingface_hub's `filelock`), held through the download and the
+//! rename: concurrent pulls of the same blob, from any process, take turns on its `.incomplete`
+//! file, and one that finds the blob finished once it holds the lock only links it.
+//!
 //! # Environment (read by [`HubClient::from_env`])
 //! - `HF_ENDPOINT`: the Hub's URL (default `https://huggingface.co`).
 //! - `HF_TOKEN` (or the older `HUGGING_FACE_HUB_TOKEN`), else the token file `HF_TOKEN_PATH`,
@@ -323,7 +328,11 @@ impl HubClient {
             .filter(|m| on_disk.contains(m.etag.as_str()))
             .count();
 
-        let downloaded_bytes = self.download_all(&ctx, &jobs, &blobs)?;
+        let (downloaded_bytes, finished_elsewhere) = self.download_all(&ctx, &jobs, &blobs)?;
+        cached_files += metas
+            .iter()
+            .filter(|m| finished_elsewhere.contains(m.etag.as_str()))
+            .count();
 
         for (path, meta) in missing.iter().zip(&metas) {
             link(&repo_dir, &dir, path, &meta.etag)?;
@@ -342,14 +351,16 @@ impl HubClient {
         })
     }
 
-    fn download_all(
+    /// Fetches the blobs of `jobs`. Returns the bytes received and the etags of the blobs that
+    /// another process finished while this one waited for their lock (none downloaded here).
+    fn download_all<'m>(
         &self,
         ctx: &Ctx,
-        jobs: &[&http::FileMeta],
+        jobs: &[&'m http::FileMeta],
         blobs: &Path,
-    ) -> Result<u64, HubError> {
+    ) -> Result<(u64, HashSet<&'m str>), HubError> {
         if jobs.is_empty() {
-            return Ok(0);
+            return Ok((0, HashSet::new()));
         }
         let multi = MultiProgress::with_draw_target(if self.progress {
             ProgressDrawTarget::stderr()
@@ -372,7 +383,14 @@ impl HubClient {
             r
         });
         total.finish_and_clear();
-        Ok(received?.iter().sum())
+        let received = received?;
+        let finished_elsewhere = jobs
+            .iter()
+            .zip(&received)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| m.etag.as_str())
+            .collect();
+        Ok((received.iter().flatten().sum(), finished_elsewhere))
     }
 }
 
@@ -438,8 +456,11 @@ fn place_link(blob: &Path, _target: &Path, dst: &Path) -> Result<(), HubError> {
 }
 
 /// `refs/<revision>` holds the commit (no newline, as huggingface_hub writes it), written
-/// through a temporary file and a rename.
+/// through a temporary file and a rename. The temporary name carries the process id and a
+/// per-process counter, so concurrent pulls (other processes, or other threads of this one)
+/// never share it.
 fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<(), HubError> {
+    static TMP_SEQ: AtomicUsize = AtomicUsize::new(0);
     let path = repo_dir.join("refs").join(revision);
     if fs::read_to_string(&path).is_ok_and(|c| c.trim() == commit) {
         return Ok(());
@@ -448,11 +469,12 @@ fn write_ref(repo_dir: &Path, revision: &str, commit: &str) -> Result<(), HubErr
         create_dir(parent)?;
     }
     let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         path.file_name()
             .map(|n| n.to_string_lossy())
             .unwrap_or_default(),
-        std::process::id()
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     fs::write(&tmp, commit).map_err(|e| HubError::io(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| {

@@ -580,3 +580,65 @@ fn an_empty_repo_selection_still_resolves() {
     assert!(snap.dir.is_dir());
     assert_eq!(s.count(is_resolve_or_cdn), 0);
 }
+
+#[test]
+fn concurrent_pulls_into_one_cache_download_each_blob_once() {
+    let s = server();
+    let e = env();
+    // The first GET of the weights holds its body until both clients asked for the file's
+    // metadata: the second then finds no blob and must wait on the first one's lock.
+    s.hold_body("model.safetensors", 2);
+    let pull = || {
+        client(&s, &e)
+            .snapshot(REPO, "main", &no_bin)
+            .expect("snapshot")
+    };
+    let (a, b) = std::thread::scope(|sc| {
+        let a = sc.spawn(pull);
+        let b = sc.spawn(pull);
+        (a.join().expect("thread a"), b.join().expect("thread b"))
+    });
+
+    let lfs = etag_for("model.safetensors", &weights());
+    let cdn_gets = s.count(|r| r.method == "GET" && r.path == format!("/cdn/{lfs}"));
+    assert_eq!(cdn_gets, 1, "the weights were fetched {cdn_gets} times");
+    // Every blob came over the wire once in all; the client that waited only linked it.
+    let all = (config().len() + weights().len() + vocab().len()) as u64;
+    assert_eq!(a.downloaded_bytes + b.downloaded_bytes, all);
+    assert_eq!(a.cached_files + b.cached_files, 3);
+    let waited = if a.downloaded_bytes < b.downloaded_bytes {
+        &a
+    } else {
+        &b
+    };
+    assert!(waited.downloaded_bytes <= all - weights().len() as u64);
+
+    let repo = repo_dir(&e);
+    assert_eq!(
+        fs::read(repo.join("blobs").join(&lfs)).expect("blob"),
+        weights()
+    );
+    for snap in [&a, &b] {
+        assert_eq!(snap.commit, C1);
+        assert_eq!(
+            fs::read(snap.dir.join("model.safetensors")).expect("read"),
+            weights()
+        );
+        assert_eq!(
+            fs::read(snap.dir.join("config.json")).expect("read"),
+            config()
+        );
+        assert_eq!(
+            fs::read(snap.dir.join("tokenizer/vocab.txt")).expect("read"),
+            vocab()
+        );
+    }
+    assert!(!blob_names(&repo.join("blobs"))
+        .iter()
+        .any(|n| n.ends_with(".incomplete")));
+    assert!(e
+        .cache
+        .join(".locks/models--acme--tiny")
+        .join(format!("{lfs}.lock"))
+        .is_file());
+}

@@ -63,6 +63,8 @@ struct State {
     gated: HashSet<String>,
     /// File name -> how to truncate it.
     truncate: HashMap<String, Truncate>,
+    /// File name -> HEAD requests for it to await before sending its body (see `hold_body`).
+    hold: HashMap<String, usize>,
     /// Base URL of the CDN route (this server, or the second listener of `start_cdn`).
     cdn_base: String,
 }
@@ -164,6 +166,13 @@ impl HubServer {
         };
     }
 
+    /// A GET of `file_name` sends its headers at once but its body only after `heads` HEAD
+    /// requests for that file were received (then 200 ms more), or after 10 s: lets a test
+    /// make a second client arrive while the first is mid-download.
+    pub fn hold_body(&self, file_name: &str, heads: usize) {
+        lock(&self.state).hold.insert(file_name.to_string(), heads);
+    }
+
     pub fn requests(&self) -> Vec<Request> {
         lock(&self.state).requests.clone()
     }
@@ -260,6 +269,8 @@ struct Reply {
     body: Vec<u8>,
     /// Content-Length to announce when it differs from the body (truncation).
     announce: Option<usize>,
+    /// Send the body only once this many HEAD requests for this file name arrived.
+    hold: Option<(String, usize)>,
 }
 
 impl Reply {
@@ -269,6 +280,7 @@ impl Reply {
             headers: Vec::new(),
             body: Vec::new(),
             announce: None,
+            hold: None,
         }
     }
     fn header(mut self, k: &str, v: impl Into<String>) -> Reply {
@@ -304,7 +316,7 @@ fn serve(conn: TcpStream, root: &Path, state: &Mutex<State>) -> std::io::Result<
         path,
         headers,
     };
-    let reply = route(&req, root, state);
+    let mut reply = route(&req, root, state);
     let mut conn = conn;
     let len = reply.announce.unwrap_or(reply.body.len());
     let mut head = format!(
@@ -316,6 +328,22 @@ fn serve(conn: TcpStream, root: &Path, state: &Mutex<State>) -> std::io::Result<
     }
     head.push_str("\r\n");
     conn.write_all(head.as_bytes())?;
+    if let Some((name, heads)) = reply.hold.take().filter(|_| method == "GET") {
+        conn.flush()?;
+        let suffix = format!("/{name}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && lock(state)
+                .requests
+                .iter()
+                .filter(|r| r.method == "HEAD" && r.path.ends_with(&suffix))
+                .count()
+                < heads
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
     if method != "HEAD" {
         conn.write_all(&reply.body)?;
     }
@@ -436,6 +464,7 @@ fn file_reply(req: &Request, s: &State, name: &str, bytes: Vec<u8>, commit: Opti
             r = r.header("Content-Range", format!("bytes {from}-{}/{full}", full - 1));
             body = body[from..].to_vec();
         }
+        r.hold = s.hold.get(name).map(|&n| (name.to_string(), n));
         match s.truncate.get(name) {
             Some(Truncate::ShortBody) => {
                 r.announce = Some(body.len());

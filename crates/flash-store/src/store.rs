@@ -303,31 +303,51 @@ impl Store {
         let mut seen: HashMap<(DType, Vec<u64>, u128), String> = HashMap::new();
         let mut aliases = BTreeMap::new();
         let mut dtype_bytes: BTreeMap<DType, u64> = BTreeMap::new();
-        for i in order {
-            let t = &src.tensors[i];
-            let path = &src.files[t.file].path;
-            let mut bytes = vec![0u8; t.length as usize];
-            files[t.file]
-                .read_exact_at(&mut bytes, t.offset)
-                .map_err(|e| StoreError::io(path, e))?;
-            let dtype = opts.dtype.target(t.dtype);
-            let bytes = convert(t.dtype, dtype, bytes);
-            done += t.length;
-            if let Some(p) = opts.progress {
-                p(done, total);
-            }
-            if !bytes.is_empty() {
-                let key = (dtype, t.shape.clone(), xxhash_rust::xxh3::xxh3_128(&bytes));
-                if let Some(first) = seen.get(&key) {
-                    aliases.insert(t.name.clone(), first.clone());
-                    continue;
+        // A reader thread reads tensors in file order while this thread
+        // converts, hashes and writes the previous ones, so the source disk
+        // and the store's disk work at the same time. At most two tensors
+        // wait in the channel (memory: three tensors, not the model).
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(1);
+            let (order, files) = (&order, &files);
+            scope.spawn(move || {
+                for &i in order {
+                    let t = &src.tensors[i];
+                    let mut bytes = vec![0u8; t.length as usize];
+                    let read = files[t.file]
+                        .read_exact_at(&mut bytes, t.offset)
+                        .map(|_| (i, bytes))
+                        .map_err(|e| StoreError::io(&src.files[t.file].path, e));
+                    let failed = read.is_err();
+                    // A send fails when the writer gave up: stop reading.
+                    if tx.send(read).is_err() || failed {
+                        return;
+                    }
                 }
-                seen.insert(key, t.name.clone());
+            });
+            for received in rx {
+                let (i, bytes) = received?;
+                let t = &src.tensors[i];
+                let dtype = opts.dtype.target(t.dtype);
+                let bytes = convert(t.dtype, dtype, bytes);
+                done += t.length;
+                if let Some(p) = opts.progress {
+                    p(done, total);
+                }
+                if !bytes.is_empty() {
+                    let key = (dtype, t.shape.clone(), xxhash_rust::xxh3::xxh3_128(&bytes));
+                    if let Some(first) = seen.get(&key) {
+                        aliases.insert(t.name.clone(), first.clone());
+                        continue;
+                    }
+                    seen.insert(key, t.name.clone());
+                }
+                *dtype_bytes.entry(dtype).or_default() += bytes.len() as u64;
+                writer.begin_tensor(&t.name, dtype, &t.shape)?;
+                writer.write(&bytes)?;
             }
-            *dtype_bytes.entry(dtype).or_default() += bytes.len() as u64;
-            writer.begin_tensor(&t.name, dtype, &t.shape)?;
-            writer.write(&bytes)?;
-        }
+            Ok(())
+        })?;
         let (data_files, tensors) = writer.finish()?;
         let extra_files = copy_extra_files(&src.dir, tmp, opts.dtype)?;
         let config = read_config(tmp);

@@ -1,10 +1,24 @@
 #!/usr/bin/env bash
 # The benchmark run on the GPU machine (no network, no Rust there):
 #
-#   bash bench/device.sh
+#   STAGES="check load daemon engine sdk" bash bench/device.sh
 #
-# with the release binary at .carry/flash and the peers' wheels at .whl/
-# (bench/fetch-wheels.sh). Steps:
+# with the release binary at .carry/flash, the SDK wheel at .carry/wheels/
+# (bench/build-carry.sh) and the peers' wheels at .whl/
+# (bench/fetch-wheels.sh). STAGES picks what runs (default: all, in this
+# order; one device call has 10 minutes, so big runs split the stages over
+# two calls on the same warm machine):
+#   check   doctor, selftest (loads, device_map, engine ops, daemon), the
+#           transformers compatibility of synthesized checkpoints;
+#   load    issue 3: the loaders side by side (steps 3-5 below); PEERS
+#           narrows the peers (default: all five);
+#   daemon  issue 4: memory tier -> GPU, share-mode attach, the swap workload
+#           (SWAP_SECONDS, default 300);
+#   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline,
+#           TTFT of `flash run` (memory tier, GPU-resident, cold) and of
+#           transformers;
+#   sdk     issue 5: the SDK's GPU tests and its timing targets.
+# Steps of the load stage:
 #   1. install the wheels into /tmp/site;
 #   2. flash doctor --json, flash selftest;
 #   3. flash synth qwen3 8b and 0.6b into a scratch folder on the local disk,
@@ -31,7 +45,9 @@ exec > >(tee -a "$OUT/device.log") 2>&1
 export PYTHONUNBUFFERED=1
 
 FLASH=${FLASH:-$ROOT/.carry/flash}
-PEERS=(st_load_file st_safe_open fastsafetensors runai instanttensor)
+read -r -a PEERS <<<"${PEERS:-st_load_file st_safe_open fastsafetensors runai instanttensor}"
+STAGES=${STAGES:-check load daemon engine sdk}
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 PEER_TIMEOUT=${PEER_TIMEOUT:-150}
 
 log() { printf '[%4ds] %s\n' "$((SECONDS - START))" "$*"; }
@@ -76,6 +92,7 @@ df -h "$SCRATCH" | tail -1
 log "scratch $SCRATCH ($(stat -f -c %T "$SCRATCH")), store $FLASH_HOME"
 
 # 2. Doctor and self-test.
+if stage check; then
 log "flash doctor --json"
 if "$FLASH" doctor --json >"$OUT/doctor.json"; then
     cat "$OUT/doctor.json"
@@ -83,16 +100,20 @@ if "$FLASH" doctor --json >"$OUT/doctor.json"; then
 else
     log "doctor failed (rc $?)"
 fi
-log "flash selftest"
+log "flash selftest (loads, device_map, engine ops and forward)"
 "$FLASH" selftest --require-gpu 2>&1 | tail -25
 log "selftest rc ${PIPESTATUS[0]}"
+log "flash selftest --daemon"
+"$FLASH" selftest --daemon --require-gpu 2>&1 | tail -12
+log "selftest --daemon rc ${PIPESTATUS[0]}"
 
-log "transformers loads what flash synth writes (tests/gpu)"
+log "transformers loads what flash synth writes (tests/gpu/test_synth_torch.py)"
 rm -rf "$SCRATCH/compat"
 "$FLASH" -q synth qwen3 tiny "$SCRATCH/compat/qwen3-tiny" --seed 1
 "$FLASH" -q synth llama tiny "$SCRATCH/compat/llama-tiny" --seed 1 --dtype fp32 --shard-size 60000
 FLASH_SYNTH_DIR="$SCRATCH/compat/qwen3-tiny:$SCRATCH/compat/llama-tiny" \
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_synth_torch.py 2>&1 | tail -3
+fi
 
 # flash bench --device exists only in some versions of the CLI.
 DEVICE_FLAG=()
@@ -155,9 +176,11 @@ run_flash() { # run_flash LABEL MODEL SCENARIO TARGET
     fi
 }
 
-# 3. Checkpoints: written once each.
+# 3. Checkpoints: written once each (the stages after check need them).
 declare -A DIRS STORE
-for size in 8b 0.6b; do
+SIZES="8b 0.6b"
+[ "$STAGES" = check ] && SIZES=""
+for size in $SIZES; do
     model=qwen3-$size
     dir=$SCRATCH/$model
     if ! in_budget; then skip "synth $model"; continue; fi
@@ -168,7 +191,8 @@ for size in 8b 0.6b; do
     fi
     DIRS[$model]=$dir
     log "flash pull --from $dir --name bench/$model"
-    if "$FLASH" -q pull --from "$dir" --name "bench/$model" --force; then
+    if "$FLASH" -q info "bench/$model" >/dev/null 2>&1 ||
+        "$FLASH" -q pull --from "$dir" --name "bench/$model" --force; then
         STORE[$model]=bench/$model
     else
         log "pull $model failed: the flash-format runs are skipped"
@@ -178,7 +202,9 @@ done
 df -h "$SCRATCH" | tail -1
 
 # 4. Loads.
-for model in qwen3-8b qwen3-0.6b; do
+LOAD_MODELS="qwen3-8b qwen3-0.6b"
+stage load || LOAD_MODELS=""
+for model in $LOAD_MODELS; do
     dir=${DIRS[$model]:-}
     [ -n "$dir" ] || continue
     for scenario in cold warm; do
@@ -202,6 +228,99 @@ for model in qwen3-8b qwen3-0.6b; do
         fi
     fi
 done
+
+# 6. The engine (issue 6): GPU forward vs transformers, speed vs roofline,
+#    time to first token of `flash run` and of transformers.
+json_lines() { # json_lines: keep stdout lines that are JSON objects, tag the card
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("{"):
+        if line: print(line, file=sys.stderr)
+        continue
+    try: d = json.loads(line)
+    except ValueError:
+        print(line, file=sys.stderr); continue
+    d.setdefault("card", sys.argv[1]); d.setdefault("stage", sys.argv[2])
+    print(json.dumps(d), flush=True)' "$CARD" "$1" | tee -a "$RESULTS"
+}
+M8=${STORE[qwen3-8b]:-}
+D8=${DIRS[qwen3-8b]:-}
+if stage engine; then
+    log "== engine: GPU engine vs transformers (Qwen3-0.6B, Llama-3-1B shapes, 64 positions)"
+    FLASH_BIN=$FLASH FLASH_ENGINE_DIR=$SCRATCH/engine timeout 300 \
+        python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_engine_vs_transformers.py 2>&1 | tail -15
+    if [ -n "$M8" ]; then
+        log "== engine: decode and prefill, $M8"
+        timeout 240 "$FLASH" -q bench-engine "$M8" --prompt-len 512 --decode 128 --repeat 3 --json | json_lines engine
+        log "== TTFT: transformers (python -c start, from_pretrained, generate)"
+        python3 bench/ttft.py transformers --model-dir "$D8" --label qwen3-8b --scenario warm --card "$CARD" | json_lines ttft
+        log "== TTFT: flash run through the daemon (GPU-resident, memory tier, cold from disk)"
+        "$FLASH" start --mem-pool 20G --http 127.0.0.1:7777 && {
+            # Warm-up: builds the GPU engine once (kernels from the on-disk cache);
+            # it stays, without a lease, between requests.
+            "$FLASH" run "$M8" "hi" --raw --max-tokens 1 --temperature 0 >/dev/null
+            "$FLASH" load "$M8" --gpu 0 2>&1 | tail -1
+            for i in 1 2; do
+                python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario gpu-resident --card "$CARD" | json_lines ttft
+            done
+            "$FLASH" load "$M8" --memory 2>&1 | tail -1
+            "$FLASH" unload "$M8" --tier gpu 2>&1 | tail -1
+            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario memory-tier --card "$CARD" | json_lines ttft
+            "$FLASH" unload "$M8" 2>&1 | tail -1
+            python3 bench/peers.py --evict-only --model-dir "$FLASH_HOME/models/bench/qwen3-8b" 2>/dev/null
+            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
+            "$FLASH" stop
+        }
+        log "== the cold load it compares with (flash bench, same files)"
+        timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
+    fi
+fi
+
+# 7. The Python SDK (issue 5): GPU tests, then the timing targets.
+if stage sdk; then
+    if ls .carry/wheels/flashtensors-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site-sdk .carry/wheels/flashtensors-*.whl &&
+            export PYTHONPATH=/tmp/site-sdk:${PYTHONPATH:-}
+        log "== sdk: GPU tests"
+        FLASH_BIN=$FLASH timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_sdk_gpu.py 2>&1 | tail -8
+        if [ -n "$D8" ]; then
+            log "== sdk: timing targets (Qwen3-8B-shaped)"
+            FLASH_SDK_BENCH=1 FLASH_SDK_BENCH_NO_ASSERT=1 FLASH_SDK_BENCH_MODEL=$D8 \
+                FLASH_SDK_BENCH_STORE=$SCRATCH/sdk-store FLASH_BIN=$FLASH timeout 300 \
+                python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_sdk_gpu.py -k bench 2>&1 |
+                json_lines sdk >/dev/null
+            grep '"stage": "sdk"' "$RESULTS" || true
+            rm -rf "$SCRATCH/sdk-store"
+        fi
+    else
+        log "no .carry/wheels/flashtensors-*.whl (bench/build-carry.sh): the sdk stage is skipped"
+    fi
+fi
+
+# 8. The daemon (issue 4): memory tier -> GPU, share-mode attach, swap workload.
+if stage daemon && [ -n "$M8" ]; then
+    log "== daemon: upload (memory tier -> GPU) and attach (share mode), $M8"
+    "$FLASH" start --mem-pool 20G --http off && {
+        timeout 240 "$FLASH" bench-daemon --scenario upload --model "$M8" --repeat 5 --json | json_lines daemon
+        timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json | json_lines daemon
+        "$FLASH" stop
+    }
+    # 100 models of ~0.34 GB: the 8B safetensors folder goes first (disk).
+    rm -rf "$SCRATCH/qwen3-8b"
+    SWAP_SECONDS=${SWAP_SECONDS:-300}
+    log "== daemon: swap workload, 100 models, 4 clients, Zipf 1.0, ${SWAP_SECONDS}s"
+    "$FLASH" start --mem-pool 14G --gpu-budget 3.5G --http 127.0.0.1:7777 && {
+        timeout 300 "$FLASH" -q bench-daemon --scenario swap --synth qwen3:0.6b --layers 1 --models 100 --duration 0 >/dev/null
+        timeout $((SWAP_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap --synth qwen3:0.6b --layers 1 \
+            --models 100 --clients 4 --zipf 1.0 --duration "$SWAP_SECONDS" --json | json_lines daemon
+        curl -s 127.0.0.1:7777/metrics >"$OUT/daemon-metrics.txt" || true
+        "$FLASH" status --json >"$OUT/daemon-status.json" || true
+        "$FLASH" stop
+    }
+fi
 
 # 5. The table.
 log "done; results in $RESULTS"
@@ -242,5 +361,23 @@ for name, model, scen, secs, gbps, err, is_peer in rows:
     ratio = f"{secs / b:.2f}x" if b else "-"
     print(f'{name:<32} {model:<11} {scen:<8} {secs:>8.2f} {gbps or 0:>7.2f} {ratio:>12}')
 print("vs best peer = seconds / the fastest peer's seconds for that model and scenario; < 1 is faster.")
+
+# The other stages: one line each, the measured fields only.
+SKIP = {"card", "stage", "stderr_tail"}
+for line in open(sys.argv[1]):
+    try:
+        d = json.loads(line)
+    except ValueError:
+        continue
+    if not isinstance(d, dict) or "stage" not in d:
+        continue
+    fields = []
+    for k, v in d.items():
+        if k in SKIP or isinstance(v, (dict, list)):
+            continue
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        fields.append(f"{k}={v}")
+    print(f'[{d["stage"]}] ' + " ".join(fields)[:220])
 EOF
 log "total ${SECONDS}s"

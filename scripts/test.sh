@@ -23,3 +23,5 @@ target/debug/flash -q synth qwen3 tiny "$synth/qwen3-tiny" --seed 1
 target/debug/flash -q synth llama tiny "$synth/llama-tiny-f32" --seed 1 --dtype fp32 --shard-size 60000
 export FLASH_SYNTH_DIR="$synth/qwen3-tiny:$synth/llama-tiny-f32"
 FLASH_BIN="$PWD/target/debug/flash" target/pyenv/bin/python -m pytest -q tests/python
+echo "== python sdk"
+bash scripts/test-python-sdk.sh

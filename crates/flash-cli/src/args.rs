@@ -78,9 +78,171 @@ pub enum Command {
         require_gpu: bool,
         #[arg(long)]
         json: bool,
+        /// Only the inference engine's checks (ops, kernel cache, GPU vs. CPU forward)
+        #[arg(long)]
+        engine_only: bool,
+        /// Only the daemon's check: start a daemon on a scratch store, load a tiny
+        /// model to the GPU (or memory), attach from this and a second process in
+        /// share mode, fill a buffer of this process in copy mode, compare every byte, stop
+        #[arg(long, conflicts_with = "engine_only")]
+        daemon: bool,
     },
+    /// Prefill and decode speed of the GPU engine with the model resident, against the roofline
+    BenchEngine(crate::engine_cli::BenchEngineArgs),
+    /// Teacher-forced logits of every position, written as f32 (checks against a reference)
+    #[command(hide = true)]
+    EngineLogits(crate::engine_cli::EngineLogitsArgs),
+    /// Generate text with a model: streams to stdout, timings on stderr
+    Run(crate::run::RunArgs),
+    /// Start the daemon (in the background, unless --foreground)
+    Start(StartArgs),
+    /// Stop the daemon gracefully (loads in flight finish, memory is returned)
+    Stop {
+        /// Seconds to wait for the daemon to exit
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// The daemon's version, uptime, tiers (budgets, use, hits, misses) and models
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Models resident in the daemon's tiers
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load a model into a tier of the daemon ahead of use (prewarm)
+    Load {
+        model: String,
+        /// GPU ordinal [default: GPU 0 when the daemon has one, else memory]
+        #[arg(long, value_name = "N")]
+        gpu: Option<u32>,
+        /// Load into the memory tier
+        #[arg(long, conflicts_with = "gpu")]
+        memory: bool,
+        /// Never evict it (until `flash unload`)
+        #[arg(long)]
+        keep: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a model from the daemon's tiers
+    Unload {
+        model: String,
+        /// gpu, gpu:N or memory [default: every tier]
+        #[arg(long)]
+        tier: Option<String>,
+    },
+    /// Lease a model from the daemon like a client would: map it (share mode)
+    /// or have it copied into a buffer of this process (copy mode), check the
+    /// bytes against the store, optionally hold the lease
+    Attach(AttachArgs),
+    /// Daemon benchmarks: memory tier -> GPU, attaching in share mode, and a
+    /// swap workload (many models, concurrent clients, Zipf requests)
+    BenchDaemon(BenchDaemonArgs),
     /// Print shell completions
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StartArgs {
+    /// Bytes of the memory tier, one pool made (and pinned, with a GPU) at start
+    /// [default: a quarter of the machine's memory, at most 32G]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub mem_pool: Option<u64>,
+    /// Share of each GPU's memory for its tier
+    #[arg(long, default_value_t = 0.8, value_name = "F")]
+    pub gpu_mem_util: f64,
+    /// Bytes of each GPU's tier (instead of --gpu-mem-util)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub gpu_budget: Option<u64>,
+    /// Bytes per read (suffixes K, M, G)
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Reader threads per load [default: two per core, 4 to 32]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Also serve gRPC on TCP at this host (requires --port; clients need $FLASH_HOME/daemon.token)
+    #[arg(long, requires = "port")]
+    pub host: Option<String>,
+    #[arg(long, requires = "host")]
+    pub port: Option<u16>,
+    /// HTTP listener for /metrics and /health, or "off"
+    #[arg(long, default_value = "127.0.0.1:7777", value_name = "ADDR")]
+    pub http: String,
+    /// Ignore GPUs (memory tier only)
+    #[arg(long)]
+    pub no_gpu: bool,
+    /// Run in this process instead of in the background
+    #[arg(long)]
+    pub foreground: bool,
+    /// Seconds to wait for a background daemon to answer
+    #[arg(long, default_value_t = 180)]
+    pub wait: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    pub model: String,
+    /// memory, gpu, gpu:N [default: GPU 0 when the daemon has one, else memory]
+    #[arg(long, default_value = "auto")]
+    pub tier: String,
+    /// Copy mode: have the daemon fill a buffer of this process instead of mapping its copy
+    #[arg(long)]
+    pub copy: bool,
+    /// Compare every tensor with the store's bytes
+    #[arg(long)]
+    pub verify: bool,
+    /// Hold the lease this many seconds before releasing it (0: until killed)
+    #[arg(long, value_name = "SECONDS")]
+    pub hold: Option<f64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDaemonArgs {
+    /// upload (memory tier -> GPU), attach (a second process to usable
+    /// pointers, share mode), swap (the workload below), or all
+    #[arg(long, default_value = "all")]
+    pub scenario: String,
+    /// The model of upload and attach [default: the first swap model]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Swap models: synthesize ARCH:SIZE models named bench/<arch>-<size>-<i>
+    /// into the store when missing
+    #[arg(long, default_value = "qwen3:tiny", value_name = "ARCH:SIZE")]
+    pub synth: String,
+    /// Keep only this many decoder layers of the synthesized models (smaller
+    /// models of real width, e.g. 0.6b with 2 layers is ~0.37 GB)
+    #[arg(long)]
+    pub layers: Option<u64>,
+    /// Number of swap models
+    #[arg(long, default_value_t = 100)]
+    pub models: usize,
+    /// Concurrent clients (each its own connection and session)
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Zipf exponent of model popularity
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Seconds of swap workload
+    #[arg(long, default_value_t = 300.0)]
+    pub duration: f64,
+    /// Tier each request asks for [default: GPU 0 when the daemon has one, else memory]
+    #[arg(long, default_value = "auto")]
+    pub tier: String,
+    /// Open each GPU lease's IPC handle (pointers usable), as a real client would
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub map: bool,
+    /// Runs of upload and attach (the best and the median are reported)
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -149,9 +311,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "auto")]
     pub io: String,
     /// Bytes of one pinned staging buffer on the way to a GPU (suffixes K, M, G)
-    #[arg(long, default_value = "2M", value_parser = parse_size)]
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub staging_size: u64,
-    /// Reader threads [default: two per core, 4 to 32]
+    /// Pinned staging buffers per reader (all readers together pin at most 1 GiB)
+    #[arg(long, default_value_t = 2)]
+    pub staging_buffers: usize,
+    /// Reader threads [default: one per core, 4 to 16]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Bytes per read (suffixes K, M, G)

@@ -319,6 +319,7 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
         chunk_bytes: a.chunk_size,
         io: a.io.parse().map_err(anyhow::Error::msg)?,
         staging_bytes: a.staging_size,
+        staging_buffers: a.staging_buffers,
     };
     for l in &a.loader {
         if !["disk", "flash", "mmap"].contains(&l.as_str()) {

@@ -20,6 +20,11 @@ impl Ctx {
         Ctx { storage, quiet }
     }
 
+    /// The store's folder (`$FLASH_HOME` of the daemon), without opening it.
+    pub fn home(&self) -> PathBuf {
+        self.storage.clone().unwrap_or_else(Store::default_root)
+    }
+
     pub fn store(&self) -> Result<Store> {
         let root = self.storage.clone().unwrap_or_else(Store::default_root);
         Store::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))

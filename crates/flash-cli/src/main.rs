@@ -5,9 +5,15 @@
 mod args;
 mod bench;
 mod commands;
+mod daemon;
+mod daemon_bench;
 mod doctor;
+mod engine_cli;
 mod progress;
+mod run;
+mod run_remote;
 mod selftest;
+mod selftest_daemon;
 
 use args::{Cli, Command};
 use clap::{CommandFactory, Parser};
@@ -76,7 +82,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let store = ctx.store()?;
             doctor::run(store.root(), json).map(|_| ExitCode::SUCCESS)
         }
-        Command::Selftest { require_gpu, json } => selftest::run(&ctx, require_gpu, json),
+        Command::Selftest {
+            require_gpu,
+            json,
+            daemon: true,
+            ..
+        } => selftest_daemon::run(require_gpu, json),
+        Command::Selftest {
+            require_gpu,
+            json,
+            engine_only,
+            ..
+        } => selftest::run(&ctx, require_gpu, json, engine_only),
+        Command::BenchEngine(a) => engine_cli::bench(&ctx, a),
+        Command::EngineLogits(a) => engine_cli::logits(&ctx, a),
+        Command::Run(a) => run::run(&ctx, a),
+        Command::Start(a) => daemon::start(&cli.storage, cli.verbose, a),
+        Command::Stop { timeout } => daemon::stop(&cli.storage, timeout),
+        Command::Status { json } => daemon::status(&cli.storage, json),
+        Command::Ps { json } => daemon::ps(&cli.storage, json),
+        Command::Load {
+            model,
+            gpu,
+            memory,
+            keep,
+            json,
+        } => daemon::load(&cli.storage, &model, gpu, memory, keep, json),
+        Command::Unload { model, tier } => daemon::unload(&cli.storage, &model, tier.as_deref()),
+        Command::Attach(a) => daemon::attach(&cli.storage, a),
+        Command::BenchDaemon(a) => daemon_bench::run(&cli.storage, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "flash", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

@@ -117,19 +117,19 @@ fn check_placed(
     Ok((tensors, read, wrong))
 }
 
-pub fn run(ctx: &Ctx, require_gpu: bool, json: bool) -> Result<ExitCode> {
+pub fn run(ctx: &Ctx, require_gpu: bool, json: bool, engine_only: bool) -> Result<ExitCode> {
     let store_root = ctx.store()?.root().to_path_buf();
     let scratch = store_root
         .join("tmp")
         .join(format!("selftest-{}-0", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch)?;
-    let result = run_in(&scratch, require_gpu, json);
+    let result = run_in(&scratch, require_gpu, json, engine_only);
     let _ = std::fs::remove_dir_all(&scratch);
     result
 }
 
-fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
+fn run_in(scratch: &Path, require_gpu: bool, json: bool, engine_only: bool) -> Result<ExitCode> {
     let gpus: Vec<Gpu> = match cuda::probe() {
         Ok(c) => (0..c.device_count())
             .map(|i| c.device(i))
@@ -142,7 +142,9 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
     // Small models in many small shards exercise the planner's edges; a
     // real-sized one (GPU machines only) exercises long pipelines.
     let mut models = vec![("qwen3", "tiny", 64 << 10), ("llama", "tiny", 48 << 10)];
-    if !gpus.is_empty() {
+    if engine_only {
+        models.clear();
+    } else if !gpus.is_empty() {
         models.push(("qwen3", "0.6b", 5_000_000_000));
     }
     let store = Store::open(&scratch.join("store"))?;
@@ -174,6 +176,7 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
                             io,
                             // Tiny models: several staging pieces per read.
                             staging_bytes: if size == "tiny" { 4096 } else { 2 << 20 },
+                            staging_buffers: 3,
                         };
                         let t = Instant::now();
                         let (tensors, bytes, wrong) = check_one(dir, &want, gpu, &lopts, subset)?;
@@ -220,7 +223,9 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
         store.remove(&name)?;
         std::fs::remove_dir_all(&src).ok();
     }
-    let failed = checks.iter().filter(|c| !c.ok).count();
+    // The inference engine: ops vs. CPU, kernel cache, GPU vs. CPU forward.
+    let engine = crate::engine_cli::selftest(scratch, gpus.first(), true);
+    let failed = checks.iter().filter(|c| !c.ok).count() + usize::from(!engine.ok);
     let gpu_missing = require_gpu && gpus.is_empty();
     if json {
         println!(
@@ -229,6 +234,7 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
                 "ok": failed == 0 && !gpu_missing,
                 "gpus": gpus.len(),
                 "checks": checks,
+                "engine": engine,
             }))?
         );
     } else {
@@ -251,6 +257,7 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool) -> Result<ExitCode> {
                 }
             );
         }
+        crate::engine_cli::print(&engine);
         println!(
             "selftest: {} checks, {failed} failed, {} GPU(s)",
             checks.len(),

@@ -3,16 +3,25 @@
 //! GPU — moves models between those tiers under byte budgets, and lends
 //! their memory to clients.
 //!
-//! This crate will become the daemon: the gRPC server over a Unix socket
-//! (load in share and copy modes, release, unload, status, shutdown), leases
-//! tied to connections, the `/metrics` listener, the pid file and restart
-//! recovery. Today it holds the tier plumbing only:
-//!
+//! - [`server`]: the daemon process — lock, pid, socket and token files in
+//!   `$FLASH_HOME`, the gRPC service `flash.v1.Flash` (generated in
+//!   `flash-client`) over the Unix socket and optionally TCP with a token,
+//!   sessions that own leases (released when a client's connection closes),
+//!   share mode (CUDA IPC handles, shared-memory ranges) and copy mode (fills
+//!   of the client's buffers), a graceful stop; [`run`] is the entry point.
+//! - [`metrics`]: the HTTP listener's `/metrics` (Prometheus text) and
+//!   `/health`, an `axum::Router` that [`run`] extends with other routes.
+//! - [`serve`] and [`openai`]: the inference engines hosted by the daemon
+//!   ([`serve::EngineHost`]: one engine per model, on its copy in a tier,
+//!   one request at a time each) and the OpenAI-compatible HTTP API on them
+//!   (`/v1/models`, `/v1/completions`, `/v1/chat/completions`), added to the
+//!   HTTP listener by passing [`openai::routes`] to [`run`].
 //! - [`tiers`]: the [`TierBackend`](flash_tier::TierBackend)s of the memory
-//!   tier ([`HostMemory`]) and of each GPU ([`GpuMemory`]), the byte movers of
-//!   the store's models ([`StoreTransfers`], built on `flash-load`), and
-//!   [`build_tiers`], which probes CUDA and assembles a
-//!   [`TierManager`](flash_tier::TierManager) with one tier per device.
+//!   tier ([`HostMemory`], images carved from one shared, pinned-once host
+//!   pool) and of each GPU ([`GpuMemory`]), the byte movers of the store's
+//!   models ([`StoreTransfers`], built on `flash-load`), and [`build_tiers`],
+//!   which probes CUDA and assembles a [`TierManager`](flash_tier::TierManager)
+//!   with one tier per device.
 //!
 //! The policy (LRU eviction, leases, single-flight loads, refusals) is
 //! `flash-tier`'s; this crate supplies memory and moves bytes. Like every
@@ -20,9 +29,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod metrics;
+pub mod openai;
+pub mod serve;
+pub mod server;
 pub mod tiers;
 
+/// The HTTP router type that [`run`] takes extra routes as.
+pub use axum::Router;
+pub use server::{run, DaemonConfig, DaemonError, DaemonHandle, LOCK_FILE, LOG_FILE, PID_FILE};
 pub use tiers::{
-    build_tiers, build_tiers_on, GpuMemory, HostImage, HostMemory, SetupError, StoreTransfers,
-    TierConfig, Tiers,
+    build_tiers, build_tiers_on, build_tiers_with, GpuMemory, HostImage, HostMemory, SetupError,
+    StoreTransfers, TierConfig, Tiers,
 };

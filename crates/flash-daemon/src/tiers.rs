@@ -2,8 +2,10 @@
 //! them, plugged into `flash-tier`'s [`TierManager`].
 //!
 //! - [`HostMemory`] allocates the memory tier's model images ([`HostImage`]):
-//!   pinned host memory on GPU machines (so that memory → GPU copies run at
-//!   PCIe speed), page-aligned anonymous memory elsewhere.
+//!   ranges of one host pool made at start (shared memory that clients can
+//!   map; pinned once on GPU machines, so that memory → GPU copies run at
+//!   PCIe speed and no load pins), or page-aligned anonymous maps without a
+//!   pool.
 //! - [`GpuMemory`] allocates one GPU's images with `cuMemAlloc` (shareable
 //!   with clients through CUDA IPC later).
 //! - [`StoreTransfers`] sizes and moves the models of a [`Store`]: disk →
@@ -21,12 +23,14 @@
 
 use flash_load::{execute, CudaSink, HostSink, LoadOptions, LoadPlan, ModelSource, TensorView};
 use flash_store::{ModelName, Store, StoreError};
-use flash_sys::cuda::{self, Cuda, CudaError, DeviceMemory, Gpu, PinnedBuffer};
+use flash_sys::cuda::{self, Cuda, CudaError, DeviceMemory, Gpu};
 use flash_sys::os::AlignedBuf;
+use flash_sys::shm::{HostPool, PoolSlice};
 use flash_tier::{GpuBuf, MemoryBuf, ModelId, TierBackend, TierError, TierManager, Transfers};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The tier manager of the daemon.
@@ -39,16 +43,29 @@ pub type Tiers = TierManager<StoreTransfers>;
 /// A model image in the memory tier. Derefs to its bytes; tensors lie at the
 /// offsets of the model's plan ([`StoreTransfers::tensors`]).
 pub enum HostImage {
-    /// Page-aligned anonymous memory (machines without a GPU).
+    /// Page-aligned anonymous memory of its own (no pool: tests, tools).
     Aligned(AlignedBuf),
-    /// Page-locked memory from `cuMemHostAlloc` (GPU machines): the DMA
-    /// engine reads it directly, so an upload runs at PCIe speed.
-    Pinned(PinnedBuffer),
+    /// A range of the daemon's host pool: shared memory that clients can map
+    /// (share mode), pinned once at start on GPU machines.
+    Pooled(PoolSlice),
 }
 
 impl HostImage {
+    /// Whether the DMA engine can read it directly (uploads at PCIe speed).
     pub fn is_pinned(&self) -> bool {
-        matches!(self, HostImage::Pinned(_))
+        match self {
+            HostImage::Aligned(_) => false,
+            HostImage::Pooled(s) => s.is_pinned(),
+        }
+    }
+
+    /// The shared-memory file holding the image and its offset there, when
+    /// clients can map it.
+    pub fn shared_location(&self) -> Option<(&Path, u64)> {
+        match self {
+            HostImage::Aligned(_) => None,
+            HostImage::Pooled(s) => s.path().map(|p| (p, s.offset() as u64)),
+        }
     }
 }
 
@@ -57,7 +74,7 @@ impl std::ops::Deref for HostImage {
     fn deref(&self) -> &[u8] {
         match self {
             HostImage::Aligned(b) => b,
-            HostImage::Pinned(b) => b,
+            HostImage::Pooled(b) => b,
         }
     }
 }
@@ -66,17 +83,17 @@ impl std::ops::DerefMut for HostImage {
     fn deref_mut(&mut self) -> &mut [u8] {
         match self {
             HostImage::Aligned(b) => b,
-            HostImage::Pinned(b) => b,
+            HostImage::Pooled(b) => b,
         }
     }
 }
 
 impl fmt::Debug for HostImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.is_pinned() {
-            "pinned"
-        } else {
-            "aligned"
+        let kind = match self {
+            HostImage::Aligned(_) => "aligned",
+            HostImage::Pooled(s) if s.is_pinned() => "pooled, pinned",
+            HostImage::Pooled(_) => "pooled",
         };
         write!(f, "HostImage({kind}, {} bytes)", self.len())
     }
@@ -84,33 +101,39 @@ impl fmt::Debug for HostImage {
 
 /// The memory tier's [`TierBackend`].
 ///
-/// With a GPU, each image is pinned when it is allocated. Pinning runs at
-/// about 2 GB/s, so this puts pinning on the disk → memory path; issue 4
-/// wants one pool pinned at daemon start with images carved from it (a
-/// fragmentation-aware allocator whose exhaustion returns
-/// [`TierError::OutOfMemory`]). Until then, per-image pinning keeps the
-/// semantics right and only costs load time.
+/// The daemon gives it a [`HostPool`] made at start: one region of shared
+/// memory the size of the tier's budget, pinned once when there is a GPU
+/// (pinning runs at about 2 GB/s, so it never happens on a load path).
+/// Images are ranges of the pool; a pool too fragmented for an image returns
+/// [`TierError::OutOfMemory`], and the manager evicts and tries again.
+/// Without a pool (tests, tools), each image is its own aligned map.
 #[derive(Debug, Clone)]
 pub struct HostMemory {
-    pin_with: Option<Gpu>,
+    pool: Option<HostPool>,
 }
 
 impl HostMemory {
-    /// Page-aligned, unpinned images (no GPU on this machine).
+    /// Page-aligned, unpinned images, each its own map.
     pub fn aligned() -> Self {
-        HostMemory { pin_with: None }
+        HostMemory { pool: None }
     }
 
-    /// Images pinned through `gpu`'s context (portable: every GPU's context
-    /// can copy from them).
-    pub fn pinned(gpu: Gpu) -> Self {
-        HostMemory {
-            pin_with: Some(gpu),
-        }
+    /// Images carved from `pool`.
+    pub fn pooled(pool: HostPool) -> Self {
+        HostMemory { pool: Some(pool) }
+    }
+
+    pub fn pool(&self) -> Option<&HostPool> {
+        self.pool.as_ref()
     }
 
     pub fn is_pinned(&self) -> bool {
-        self.pin_with.is_some()
+        self.pool.as_ref().is_some_and(|p| p.is_pinned())
+    }
+
+    /// Whether clients can map the images (a pool in a shared file).
+    pub fn is_shareable(&self) -> bool {
+        self.pool.as_ref().is_some_and(|p| p.path().is_some())
     }
 }
 
@@ -124,14 +147,17 @@ impl TierBackend for HostMemory {
 
     fn alloc(&self, bytes: u64) -> Result<HostImage, TierError> {
         let len = host_len(bytes)?;
-        match &self.pin_with {
-            Some(gpu) => gpu.pinned(len).map(HostImage::Pinned).map_err(|e| {
-                if e.is_out_of_memory() {
-                    TierError::out_of_memory(format!("pinning {bytes} bytes of host memory: {e}"))
-                } else {
-                    TierError::backend(format!("pinning {bytes} bytes of host memory: {e}"))
-                }
-            }),
+        match &self.pool {
+            Some(pool) => match pool.alloc(len) {
+                Ok(Some(s)) => Ok(HostImage::Pooled(s)),
+                Ok(None) => Err(TierError::out_of_memory(format!(
+                    "no free range of {bytes} bytes in the host pool (largest free: {} bytes)",
+                    pool.largest_free()
+                ))),
+                Err(e) => Err(TierError::out_of_memory(format!(
+                    "shared memory for {bytes} bytes: {e}"
+                ))),
+            },
             None => AlignedBuf::new(len).map(HostImage::Aligned).map_err(|e| {
                 if e.kind() == io::ErrorKind::OutOfMemory {
                     TierError::out_of_memory(e.to_string())
@@ -283,6 +309,17 @@ impl StoreTransfers {
     }
 }
 
+/// A test hook: `FLASH_TEST_LOAD_DELAY_MS` makes every disk → memory load
+/// wait that long first, so that tests can kill the daemon mid-load.
+fn test_delay() {
+    if let Some(ms) = std::env::var("FLASH_TEST_LOAD_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// Whether every file of `plan` still has the size it was planned with.
 fn files_unchanged(plan: &LoadPlan) -> bool {
     plan.files
@@ -309,6 +346,7 @@ impl Transfers for StoreTransfers {
 
     fn disk_to_memory(&self, model: &ModelId, dst: &mut MemoryBuf<Self>) -> Result<(), TierError> {
         let plan = self.plan(model)?;
+        test_delay();
         fits("the host buffer", dst.len(), plan.dest_len)?;
         let stats = execute(&plan, &HostSink::new(&mut dst[..]), &self.opts)
             .map_err(|e| TierError::backend(e.to_string()))?;
@@ -377,8 +415,17 @@ pub struct TierConfig {
     pub memory_budget: u64,
     /// Share of each GPU's total memory given to its tier, in (0, 1].
     pub gpu_mem_util: f64,
+    /// Bytes of each GPU's tier, instead of `gpu_mem_util` (`flash start
+    /// --gpu-budget`; benchmarks use it to hold a given number of models).
+    pub gpu_budget: Option<u64>,
     /// How models are read from the store.
     pub load: LoadOptions,
+    /// The host pool: `Some(file)` makes the memory tier one region of
+    /// `memory_budget` bytes in this new shared-memory file (the daemon:
+    /// clients map images from it), pinned at once when there is a GPU.
+    /// `None`: an anonymous pool pinned at once with a GPU, else one aligned
+    /// map per image.
+    pub pool_file: Option<PathBuf>,
 }
 
 impl TierConfig {
@@ -388,7 +435,9 @@ impl TierConfig {
         TierConfig {
             memory_budget,
             gpu_mem_util: 0.9,
+            gpu_budget: None,
             load: LoadOptions::default(),
+            pool_file: None,
         }
     }
 }
@@ -401,9 +450,46 @@ pub enum SetupError {
     GpuMemUtil(f64),
     #[error("setting up the GPU tiers: {0}")]
     Cuda(#[from] CudaError),
+    #[error("making the host memory pool of {bytes} bytes: {why}")]
+    Pool { bytes: u64, why: String },
+    #[error("pinning the host memory pool of {bytes} bytes (lower --mem-pool): {cause}")]
+    Pin { bytes: u64, cause: CudaError },
 }
 
-/// Probes CUDA and builds the tiers: the memory tier (pinned images when
+/// The memory tier's backend for `cfg`, pinned through `gpu` if any.
+fn host_memory(cfg: &TierConfig, gpu: Option<&Gpu>) -> Result<HostMemory, SetupError> {
+    let bytes = cfg.memory_budget;
+    if bytes == 0 || (cfg.pool_file.is_none() && gpu.is_none()) {
+        return Ok(HostMemory::aligned());
+    }
+    let len = usize::try_from(bytes).map_err(|_| SetupError::Pool {
+        bytes,
+        why: "larger than the address space".into(),
+    })?;
+    let pool = match &cfg.pool_file {
+        Some(path) => HostPool::create_shared(path, len).map_err(|e| SetupError::Pool {
+            bytes,
+            why: format!("{}: {e}", path.display()),
+        })?,
+        None => HostPool::anonymous(len).map_err(|e| SetupError::Pool {
+            bytes,
+            why: e.to_string(),
+        })?,
+    };
+    if let Some(gpu) = gpu {
+        let t = std::time::Instant::now();
+        pool.pin(gpu)
+            .map_err(|cause| SetupError::Pin { bytes, cause })?;
+        tracing::info!(
+            bytes,
+            seconds = t.elapsed().as_secs_f64(),
+            "host pool pinned"
+        );
+    }
+    Ok(HostMemory::pooled(pool))
+}
+
+/// Probes CUDA and builds the tiers: the memory tier (pinned pool when
 /// there is a GPU) and one GPU tier per device. Without a usable driver (or
 /// with `FLASH_NO_CUDA=1`) the memory tier alone, with the reason logged.
 pub fn build_tiers(store: Store, cfg: &TierConfig) -> Result<Tiers, SetupError> {
@@ -424,6 +510,16 @@ pub fn build_tiers_on(
     cfg: &TierConfig,
     cuda: Option<&Cuda>,
 ) -> Result<Tiers, SetupError> {
+    build_tiers_with(store, cfg, cuda).map(|(t, _)| t)
+}
+
+/// [`build_tiers_on`], also returning the memory tier's backend (to ask
+/// whether its images are shareable and pinned).
+pub fn build_tiers_with(
+    store: Store,
+    cfg: &TierConfig,
+    cuda: Option<&Cuda>,
+) -> Result<(Tiers, HostMemory), SetupError> {
     let util = cfg.gpu_mem_util;
     if !(util > 0.0 && util <= 1.0) {
         return Err(SetupError::GpuMemUtil(util));
@@ -434,17 +530,14 @@ pub fn build_tiers_on(
             .collect::<Result<Vec<Gpu>, CudaError>>()?,
         None => Vec::new(),
     };
-    let host = match gpus.first() {
-        Some(gpu) => HostMemory::pinned(gpu.clone()),
-        None => HostMemory::aligned(),
-    };
+    let host = host_memory(cfg, gpus.first())?;
     let transfers = StoreTransfers::new(store, cfg.load.clone());
-    let mut builder = TierManager::builder(transfers, host, cfg.memory_budget);
+    let mut builder = TierManager::builder(transfers, host.clone(), cfg.memory_budget);
     for gpu in gpus {
         let (_, total) = gpu.mem_info()?;
-        let budget = (total as f64 * util) as u64;
+        let budget = cfg.gpu_budget.unwrap_or((total as f64 * util) as u64);
         tracing::info!(gpu = gpu.ordinal(), budget, total, "GPU tier");
         builder = builder.gpu(GpuMemory::new(gpu), budget);
     }
-    Ok(builder.build())
+    Ok((builder.build(), host))
 }

@@ -29,9 +29,8 @@ fn load_opts() -> LoadOptions {
 
 fn config(memory_budget: u64) -> TierConfig {
     TierConfig {
-        memory_budget,
-        gpu_mem_util: 0.9,
         load: load_opts(),
+        ..TierConfig::new(memory_budget)
     }
 }
 
@@ -350,7 +349,11 @@ fn gpu_copies_hold_the_same_bytes_where_there_is_a_gpu() {
     let gpu = cuda.device(0).unwrap();
     let tiers = TierManager::builder(
         StoreTransfers::new(Store::open(&f.root).unwrap(), load_opts()),
-        HostMemory::pinned(gpu.clone()),
+        {
+            let pool = flash_sys::shm::HostPool::anonymous(2 * f.image as usize).unwrap();
+            pool.pin(&gpu).unwrap();
+            HostMemory::pooled(pool)
+        },
         2 * f.image,
     )
     .gpu(GpuMemory::new(gpu), 4 * f.image)

@@ -2,29 +2,28 @@
 //! copied to the device asynchronously on the worker's own stream, and a
 //! buffer is reused once the event after its copy has completed.
 //!
-//! Per reader thread: one CUDA stream and up to [`PINNED_PER_WORKER`] pinned
-//! buffers of `LoadOptions::staging_bytes`, pinned lazily (a new one only while the
+//! Per reader thread: one CUDA stream and up to `LoadOptions::staging_buffers`
+//! pinned buffers of `LoadOptions::staging_bytes`, pinned lazily (a new one only while the
 //! previous copy has not ended) or taken from a [`StagingPool`] pinned once
 //! (the daemon's path: never pin on the load path). A job (a read window of
 //! `LoadOptions::chunk_bytes`) is read and copied piece by piece. Ownership
 //! of a buffer moves worker (CPU writes) → `InFlight` (DMA reads) → worker,
 //! enforced by `flash_sys::cuda`.
 //!
-//! Measured on the GPU machine (bench/results): pinning runs at 1.4-2.3 GB/s,
-//! so the staging stays small (at most 6 MiB a reader); a pageable staging
-//! path with synchronous copies was tried and was no faster cold and slower
-//! for small models (first-touch faults of fresh buffers), so it is gone.
+//! Measured on the GPU machine (bench/results, `bench/tune.sh`): the disk
+//! wants about 1 GiB of reads in flight, so a reader's buffer holds a whole
+//! read (32 MiB, two a reader, 16 readers: at most [`STAGING_LIMIT`]); with
+//! 2 MiB pieces the cold load ran 10-15 % below the raw disk. A pageable
+//! staging path with synchronous copies was tried and was no faster cold
+//! and slower for small models (first-touch faults of fresh buffers).
 
 use crate::error::LoadError;
-use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
+use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker, STAGING_LIMIT};
 use crate::plan::{Job, LoadPlan, TensorTable, TensorView};
 use crate::source::ModelSource;
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stream};
 use std::collections::VecDeque;
 use std::sync::Mutex;
-
-/// Pinned buffers a reader may hold.
-pub const PINNED_PER_WORKER: usize = 3;
 
 fn dev(e: CudaError) -> LoadError {
     LoadError::Device(e.to_string())
@@ -65,6 +64,8 @@ pub struct CudaSink<'d> {
     dest: &'d DeviceMemory,
     pool: Option<&'d StagingPool>,
     piece: usize,
+    /// Pinned buffers a reader may hold.
+    per_worker: usize,
 }
 
 impl<'d> CudaSink<'d> {
@@ -74,7 +75,16 @@ impl<'d> CudaSink<'d> {
             dest,
             pool: None,
             piece: piece.max(4096),
+            per_worker: 2,
         }
+    }
+
+    /// At most `buffers` pinned buffers a reader (at least one), and at most
+    /// [`STAGING_LIMIT`] bytes for `threads` readers together.
+    pub fn buffers(mut self, buffers: usize, threads: usize) -> Self {
+        let fit = STAGING_LIMIT / (self.piece as u64 * threads.max(1) as u64);
+        self.per_worker = buffers.min(fit as usize).max(1);
+        self
     }
 
     /// Pinned buffers come from `pool`.
@@ -83,6 +93,7 @@ impl<'d> CudaSink<'d> {
             dest,
             pool: Some(pool),
             piece: pool.buf_bytes,
+            per_worker: 2,
         }
     }
 }
@@ -126,7 +137,7 @@ impl CudaWorker<'_, '_> {
                 Err(t) => self.in_flight.push_front(t),
             }
         }
-        if self.pinned < PINNED_PER_WORKER {
+        if self.pinned < self.sink.per_worker {
             let b = match self.sink.pool {
                 Some(pool) => pool.take(),
                 None => Some(self.sink.dest.gpu().pinned(self.sink.piece).map_err(dev)?),
@@ -242,7 +253,8 @@ pub fn load_to_gpu(
         Some(pool) => execute(&plan, &CudaSink::with_pool(&mem, pool), opts)?,
         None => execute(
             &plan,
-            &CudaSink::new(&mem, opts.staging_bytes as usize),
+            &CudaSink::new(&mem, opts.staging_bytes as usize)
+                .buffers(opts.staging_buffers, opts.threads),
             opts,
         )?,
     };

@@ -91,6 +91,11 @@ where
             .map_err(|e| LoadError::Device(format!("staging buffer: {e}")))?;
         Ok(ScanWorker { sink: self, buf })
     }
+
+    /// Scans see whole chunks (checksums are per chunk).
+    fn fixed_windows(&self) -> bool {
+        true
+    }
 }
 
 impl<F> SinkWorker for ScanWorker<'_, F>

@@ -22,6 +22,7 @@ pub use gpu::{load_to_gpu, CudaSink, GpuModel, StagingPool};
 pub use host::{load_to_host, HostModel, HostSink, ScanSink};
 pub use pipeline::{
     default_threads, execute, IoMode, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker,
+    STAGING_LIMIT,
 };
 pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
 pub use plan::{Job, LoadPlan, Segment, TensorTable, TensorView};

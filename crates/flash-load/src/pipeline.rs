@@ -50,20 +50,33 @@ pub struct LoadOptions {
     pub chunk_bytes: u64,
     pub io: IoMode,
     /// Bytes of one pinned staging buffer of the GPU sink (ignored by host
-    /// sinks). Small by default: pinning runs at ~2 GB/s, so the staging
-    /// that a one-shot load pins is paid for in its time.
+    /// sinks): as large as a read, so that each read lands in pinned memory
+    /// whole. Buffers are pinned lazily (pinning runs at ~2 GB/s) and never
+    /// more than [`STAGING_LIMIT`] for a load.
     pub staging_bytes: u64,
+    /// Pinned staging buffers one reader may hold (at least 1). With one,
+    /// a reader's next read waits for its last copy; with more, reads and
+    /// copies overlap within a reader. [`CudaSink`](crate::CudaSink) lowers
+    /// it so that all readers together pin at most [`STAGING_LIMIT`].
+    pub staging_buffers: usize,
 }
 
-/// Default reader threads: two per core, at least 4 and at most 32. Reader
+/// The most pinned staging memory a load holds at once (all readers): the
+/// issue's ring "of at most 1 GiB". Pinning costs ~0.5 s a GiB on the GPU
+/// machine, so a load that pins this much must be a long one.
+pub const STAGING_LIMIT: u64 = 1 << 30;
+
+/// Default reader threads: one per core, at least 4 and at most 16. Reader
 /// threads mostly wait on the disk, and a virtualised or NVMe disk gives its
-/// best with a queue of many large reads (measured on the GPU machine:
-/// 32 readers of 32 MiB beat 16 of 8 MiB by 15-25 %, see bench/results).
+/// best with a queue of many large reads: about 1 GiB in flight. Measured on
+/// the GPU machine (bench/results): 16 readers with two 32 MiB pinned buffers
+/// each read at the raw disk's rate, 32 readers with 2 MiB buffers 10-15 %
+/// below it.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
-        .map(|n| 2 * n.get())
+        .map(|n| n.get())
         .unwrap_or(4)
-        .clamp(4, 32)
+        .clamp(4, 16)
 }
 
 impl Default for LoadOptions {
@@ -72,7 +85,8 @@ impl Default for LoadOptions {
             threads: default_threads(),
             chunk_bytes: 32 << 20,
             io: IoMode::Auto,
-            staging_bytes: 2 << 20,
+            staging_bytes: 32 << 20,
+            staging_buffers: 2,
         }
     }
 }
@@ -84,6 +98,13 @@ pub trait Sink: Sync {
         Self: 's;
     /// Called once on each reader thread, on that thread.
     fn worker(&self) -> Result<Self::Worker<'_>, LoadError>;
+
+    /// Whether every job must be a whole window of `chunk_bytes` from a
+    /// multiple of it (a scan that checks per-chunk checksums), rather than
+    /// the guided sizes of [`LoadPlan::jobs`].
+    fn fixed_windows(&self) -> bool {
+        false
+    }
 }
 
 /// Reads bytes of the current job: `read(buf, at)` fills `buf` from byte
@@ -177,7 +198,8 @@ pub fn execute<S: Sink>(
 ) -> Result<LoadStats, LoadError> {
     let start = Instant::now();
     let files = open_files(plan, opts.io)?;
-    let jobs = plan.jobs(opts.chunk_bytes);
+    let readers = (!sink.fixed_windows()).then_some(opts.threads);
+    let jobs = plan.jobs(opts.chunk_bytes, readers);
     let threads = opts.threads.clamp(1, jobs.len().max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);

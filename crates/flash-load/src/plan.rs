@@ -16,6 +16,9 @@ use flash_format::DType;
 use std::collections::HashMap;
 
 /// Alignment of windows in files and destination.
+/// The smallest read [`LoadPlan::jobs`] makes while a chunk is larger.
+pub const MIN_JOB: u64 = 4 << 20;
+
 pub const ALIGN: u64 = 4096;
 
 /// Gaps between selected tensors up to this size are read through rather than
@@ -240,9 +243,30 @@ impl LoadPlan {
     }
 
     /// Splits the segments into aligned reads of at most `chunk` bytes
-    /// (`chunk` is rounded up to [`ALIGN`]).
-    pub fn jobs(&self, chunk: u64) -> Vec<Job> {
+    /// (`chunk` is rounded up to [`ALIGN`]) for `readers` threads; with
+    /// `None`, every read is a whole window of `chunk` bytes from a multiple
+    /// of `chunk` (the last one of a segment may be shorter).
+    ///
+    /// Guided sizes: each read is about the bytes still to be read divided
+    /// by `2 × readers`, at most `chunk` and at least [`MIN_JOB`] (or
+    /// `chunk` if smaller). Readers take jobs in order, so reads are large
+    /// while there is much left and shrink near the end; the last round
+    /// of reads then ends at about the same time for every reader instead
+    /// of a few large reads finishing alone at a shallow queue (measured on
+    /// the GPU machine: 36 reads of 32 MiB on 32 readers left the disk
+    /// 10-20 % below its rate for a 1.2 GB model).
+    pub fn jobs(&self, chunk: u64, readers: Option<usize>) -> Vec<Job> {
         let chunk = align_up(chunk.max(ALIGN), ALIGN);
+        let floor = match readers {
+            Some(_) => MIN_JOB.min(chunk),
+            None => chunk,
+        };
+        let divisor = 2 * readers.unwrap_or(1).max(1) as u64;
+        let mut remaining: u64 = self
+            .segments
+            .iter()
+            .map(|s| align_up(s.file_offset + s.len, ALIGN) - align_down(s.file_offset))
+            .sum();
         let mut jobs = Vec::new();
         for s in &self.segments {
             let start = align_down(s.file_offset);
@@ -250,7 +274,8 @@ impl LoadPlan {
             let dest_start = s.dest_offset - (s.file_offset - start);
             let mut off = start;
             while off < end {
-                let len = chunk.min(end - off);
+                let guided = align_up(remaining / divisor, ALIGN).clamp(floor, chunk);
+                let len = guided.min(end - off);
                 jobs.push(Job {
                     file: s.file,
                     file_offset: off,
@@ -259,8 +284,83 @@ impl LoadPlan {
                     buffered: false,
                 });
                 off += len;
+                remaining -= len;
             }
         }
         jobs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::SourceFile;
+
+    fn plan(sizes: &[u64]) -> LoadPlan {
+        let files: Vec<SourceFile> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| SourceFile {
+                path: format!("f{i}").into(),
+                len,
+            })
+            .collect();
+        LoadPlan::whole_files(&files)
+    }
+
+    /// Jobs cover every aligned byte once, in order, aligned, within `chunk`.
+    fn check_cover(p: &LoadPlan, jobs: &[Job], chunk: u64) {
+        let mut at = std::collections::HashMap::<usize, u64>::new();
+        for j in jobs {
+            assert_eq!(j.file_offset % ALIGN, 0);
+            assert_eq!(j.dest_offset % ALIGN, j.file_offset % ALIGN);
+            assert!(j.len > 0 && j.len <= chunk, "{j:?}");
+            let next = at.entry(j.file).or_insert(0);
+            assert_eq!(*next, j.file_offset, "gap or overlap at {j:?}");
+            *next += j.len;
+        }
+        for s in &p.segments {
+            assert_eq!(at[&s.file], align_up(s.len, ALIGN));
+        }
+    }
+
+    #[test]
+    fn guided_jobs_cover_and_shrink_near_the_end() {
+        let mib = 1u64 << 20;
+        let p = plan(&[1200 * mib + 123, 5 * mib]);
+        let jobs = p.jobs(32 * mib, Some(32));
+        check_cover(&p, &jobs, 32 * mib);
+        // Large while much is left: the first read is the largest...
+        assert!(jobs.iter().all(|j| j.len <= jobs[0].len));
+        assert!(jobs[0].len >= 16 * mib);
+        assert_eq!(p.jobs(32 * mib, Some(4))[0].len, 32 * mib);
+        // Fixed windows: whole chunks from multiples of the chunk.
+        let fixed = p.jobs(32 * mib, None);
+        check_cover(&p, &fixed, 32 * mib);
+        assert!(fixed.iter().all(|j| j.file_offset % (32 * mib) == 0));
+        assert_eq!(fixed.len(), 38 + 1);
+        // ...and the last round (one job per reader) is small.
+        let tail: u64 = jobs.iter().rev().take(32).map(|j| j.len).sum();
+        assert!(tail <= 32 * 4 * mib + 5 * mib, "tail of {tail} bytes");
+        // Sizes never grow within a file (readers take jobs in order).
+        for w in jobs.windows(2) {
+            if w[0].file == w[1].file && w[1].file_offset + w[1].len < p.files[w[1].file].len {
+                assert!(w[1].len <= w[0].len, "{:?} then {:?}", w[0], w[1]);
+            }
+        }
+    }
+
+    #[test]
+    fn small_chunks_and_one_reader_stay_exact() {
+        let p = plan(&[10_000, 0, 3 * 4096]);
+        for (chunk, readers) in [
+            (4096, Some(1)),
+            (8192, Some(3)),
+            (1 << 30, Some(64)),
+            (8192, None),
+        ] {
+            let jobs = p.jobs(chunk, readers);
+            check_cover(&p, &jobs, align_up(chunk, ALIGN));
+        }
     }
 }

@@ -279,7 +279,10 @@ pub fn synth(spec: &ModelSpec, out: &Path, opts: &SynthOptions) -> Result<SynthR
     let jsons = [
         ("config.json", spec.config_json(opts.dtype)),
         ("generation_config.json", spec.generation_config_json()),
-        ("tokenizer.json", tokenizer::tokenizer_json(spec.arch)),
+        (
+            "tokenizer.json",
+            tokenizer::tokenizer_json(spec.arch, spec.vocab_size),
+        ),
         (
             "tokenizer_config.json",
             tokenizer::tokenizer_config_json(spec.arch, spec.max_position_embeddings),

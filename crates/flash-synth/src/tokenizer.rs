@@ -152,14 +152,47 @@ fn byte_chars() -> Vec<(u8, char)> {
     out
 }
 
-/// The BPE vocabulary (without added tokens): token -> id.
-fn bpe_vocab() -> Map<String, Value> {
+/// Syllables of the filler words (64, so three of them name 262,144 words).
+const SYLLABLES: [&str; 64] = [
+    "ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "va", "de", "zo", "fi", "gu", "be", "ra",
+    "no", "sa", "ti", "mo", "le", "ki", "du", "pe", "ha", "ju", "wo", "xe", "yi", "ba", "co", "di",
+    "fe", "ga", "hi", "jo", "ku", "la", "me", "nu", "pi", "qua", "ro", "se", "tu", "vi", "we",
+    "ya", "zu", "an", "el", "in", "or", "um", "ar", "es", "is", "on", "ur", "al", "en", "it", "ol",
+    "us", "ay",
+];
+
+/// A word for filler id `id`: a space and two or three syllables, unique per
+/// id, never one of the byte or merge tokens (those are at most two
+/// characters and have no syllable pairs after a space marker).
+fn filler_word(id: u64) -> String {
+    let n = SYLLABLES.len() as u64;
+    let mut w = String::from("\u{120}"); // 'Ġ': a leading space, byte-level
+    w.push_str(SYLLABLES[(id % n) as usize]);
+    w.push_str(SYLLABLES[(id / n % n) as usize]);
+    if id >= n * n {
+        w.push_str(SYLLABLES[(id / (n * n) % n) as usize]);
+    }
+    w
+}
+
+/// The BPE vocabulary (without added tokens): token -> id. Ids from
+/// [`vocab_size`] up to `model_vocab` (the model's embedding rows) are
+/// filler words, so that text decoded from any id a random model picks is
+/// readable (nonsense) words rather than nothing. No merge produces them, so
+/// encoding is unchanged... except with `ignore_merges` (Llama), where a
+/// pre-tokenized word equal to a filler word maps to it, as it would with a
+/// real vocabulary.
+fn bpe_vocab(arch: Arch, model_vocab: u64) -> Map<String, Value> {
     let mut vocab = Map::new();
     for (id, (_, c)) in byte_chars().into_iter().enumerate() {
         vocab.insert(c.to_string(), json!(id));
     }
     for (rank, (a, b)) in MERGES.iter().enumerate() {
         vocab.insert(format!("{a}{b}"), json!(256 + rank));
+    }
+    let start = vocab_size(arch);
+    for id in start..model_vocab {
+        vocab.insert(filler_word(id - start), json!(id));
     }
     vocab
 }
@@ -186,7 +219,9 @@ pub const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?
 /// split, then byte-level), post-processor and decoder around the small BPE.
 /// The split regex has a look-ahead, as the real files do: the Rust
 /// `tokenizers` crate needs its `onig` (default) or `fancy-regex` feature.
-pub fn tokenizer_json(arch: Arch) -> Value {
+/// `model_vocab`: the model's vocabulary size (embedding rows); ids past
+/// the tokenizer's own tokens get filler words.
+pub fn tokenizer_json(arch: Arch, model_vocab: u64) -> Value {
     let added_tokens: Vec<Value> = added(arch)
         .iter()
         .enumerate()
@@ -276,7 +311,7 @@ pub fn tokenizer_json(arch: Arch) -> Value {
             "fuse_unk": false,
             "byte_fallback": false,
             "ignore_merges": arch == Arch::Llama,
-            "vocab": bpe_vocab(),
+            "vocab": bpe_vocab(arch, model_vocab),
             "merges": merges,
         },
     })
@@ -358,8 +393,21 @@ mod tests {
     use std::collections::HashSet;
 
     #[test]
+    fn filler_words_fill_the_model_vocabulary_once_each() {
+        for (arch, n) in [(Arch::Qwen3, 151_936u64), (Arch::Llama, 128_256)] {
+            let vocab = bpe_vocab(arch, n);
+            let start = vocab_size(arch);
+            // Every id past the tokenizer's own appears exactly once.
+            let ids: HashSet<u64> = vocab.values().map(|v| v.as_u64().unwrap()).collect();
+            assert_eq!(vocab.len() as u64, u64::from(BASE) + (n - start));
+            assert!((start..n).all(|i| ids.contains(&i)));
+            assert!(vocab.keys().filter(|k| k.starts_with('\u{120}')).count() as u64 >= n - start);
+        }
+    }
+
+    #[test]
     fn vocab_is_dense_and_merges_are_valid() {
-        let vocab = bpe_vocab();
+        let vocab = bpe_vocab(Arch::Qwen3, 0);
         assert_eq!(vocab.len() as u32, BASE);
         let ids: HashSet<u64> = vocab.values().map(|v| v.as_u64().unwrap()).collect();
         assert_eq!(ids.len() as u32, BASE, "ids are unique");

@@ -43,6 +43,9 @@
 //! [`DeviceMemory::fill`]) first wait for all work queued on the GPU, so they
 //! see the results of earlier asynchronous copies on any stream.
 
+/// The inference engine's GPU operations (NVRTC kernels, cuBLAS).
+pub mod ops;
+
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::MaybeUninit;
 use std::ops::Range;

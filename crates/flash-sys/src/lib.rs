@@ -5,8 +5,11 @@
 //!   (`mincore`) and eviction (`posix_fadvise`), io_uring availability.
 //! - [`cuda`]: the CUDA driver, loaded at run time through cudarc. A machine
 //!   without a driver gets [`cuda::probe`] returning why, never a panic.
+//! - [`shm`]: the daemon's host pool (shared memory, pinned once), clients'
+//!   maps of it, the daemon's lock file and signals.
 //!
 //! Every `unsafe` block carries a `SAFETY:` comment.
 
 pub mod cuda;
 pub mod os;
+pub mod shm;

@@ -1,0 +1,233 @@
+//! `flash run` through the daemon on the CPU: the real binary, a store of
+//! tiny synthesized models, the daemon started by the test (or by `flash
+//! run` itself). Greedy generation through the daemon must give exactly the
+//! token ids of `flash run --no-daemon`; a request for a model that is not
+//! resident swaps it in through the tiers, and an idle engine never keeps a
+//! copy from being evicted.
+
+use flash_client::{Client, Place};
+use flash_store::{ImportOptions, Store};
+use flash_synth::{spec, synth, Arch, SynthOptions};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flash");
+/// The image of a tiny Qwen3 checkpoint in a tier.
+const TINY_IMAGE: u64 = 196_608;
+
+fn flash(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--storage")
+        .arg(home)
+        .arg("-q")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("FLASH_HOME")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flash")
+}
+
+fn ok(what: &str, out: Output) -> String {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn json(what: &str, out: Output) -> Value {
+    let s = ok(what, out);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {s}"))
+}
+
+/// A store with `n` tiny models `test/m<i>`; the daemon is stopped on drop.
+struct Home {
+    _tmp: tempfile::TempDir,
+    path: PathBuf,
+    models: Vec<String>,
+}
+
+impl Home {
+    fn new(n: usize) -> Home {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("home");
+        let store = Store::open(&path).unwrap();
+        let mut models = Vec::new();
+        for i in 0..n {
+            let src = tmp.path().join(format!("src{i}"));
+            let opts = SynthOptions {
+                seed: 7 + i as u64,
+                ..Default::default()
+            };
+            synth(&spec(Arch::Qwen3, "tiny").unwrap(), &src, &opts).unwrap();
+            let name = format!("test/m{i}");
+            store
+                .import(&src, &name.parse().unwrap(), &ImportOptions::default())
+                .unwrap();
+            models.push(name);
+        }
+        Home {
+            _tmp: tmp,
+            path,
+            models,
+        }
+    }
+
+    fn start(&self, extra: &[&str]) {
+        let mut args = vec!["start", "--http", "127.0.0.1:0", "--threads", "2"];
+        args.extend_from_slice(extra);
+        ok("flash start", flash(&self.path, &args));
+    }
+
+    fn status(&self) -> Value {
+        json("status", flash(&self.path, &["status", "--json"]))
+    }
+
+    fn run(&self, model: &str, prompt: &str, extra: &[&str]) -> Value {
+        let mut args = vec!["run", model, prompt, "--max-tokens", "12", "--json"];
+        if !extra.contains(&"--temperature") {
+            args.extend(["--temperature", "0"]);
+        }
+        args.extend_from_slice(extra);
+        json("flash run", flash(&self.path, &args))
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if Client::connect(&self.path).is_ok() {
+            let _ = flash(&self.path, &["stop", "--timeout", "20"]);
+        }
+    }
+}
+
+fn resident(status: &Value, tier: &str) -> Vec<String> {
+    status["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tier"] == tier)
+        .unwrap_or_else(|| panic!("no tier {tier} in {status}"))["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn run_through_the_daemon_matches_in_process() {
+    let h = Home::new(1);
+    h.start(&[]);
+    let m = &h.models[0];
+    for (prompt, raw) in [("Hello there", false), ("Once upon a time", true)] {
+        let extra: &[&str] = if raw { &["--raw"] } else { &[] };
+        let via = h.run(m, prompt, extra);
+        let local = h.run(m, prompt, &[extra, &["--no-daemon"]].concat());
+        assert_eq!(via["via"], "daemon", "{via}");
+        assert!(local.get("via").is_none(), "{local}");
+        for k in ["prompt_token_ids", "token_ids", "text", "finish_reason"] {
+            assert_eq!(via[k], local[k], "{k} differs for {prompt:?}");
+        }
+        assert!(!via["token_ids"].as_array().unwrap().is_empty());
+        for k in ["load_s", "ttft_s", "tokens_per_s"] {
+            assert!(via[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {via}");
+        }
+        assert_eq!(via["device"], "cpu");
+    }
+    // The engine stays: the second request finds it (no load).
+    let again = h.run(m, "Hello there", &[]);
+    assert_eq!(again["served_from"], "engine", "{again}");
+    assert_eq!(again["load_s"].as_f64(), Some(0.0));
+
+    // Text streamed to stdout is the JSON's text; the timings go to stderr.
+    let out = Command::new(BIN)
+        .arg("--storage")
+        .arg(&h.path)
+        .args([
+            "run",
+            m,
+            "Hello there",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stdout.strip_suffix('\n').unwrap(),
+        again["text"].as_str().unwrap()
+    );
+    assert!(
+        stderr.contains("TTFT") && stderr.contains("tokens/s"),
+        "{stderr}"
+    );
+
+    // Unknown models are refused with the daemon's reason.
+    let out = flash(&h.path, &["run", "nobody/none", "hi"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("HTTP 404") && e.contains("nobody/none"), "{e}");
+}
+
+#[test]
+fn run_starts_a_daemon_when_none_runs() {
+    let h = Home::new(1);
+    assert!(Client::connect(&h.path).is_err());
+    let via = h.run(&h.models[0], "Hi", &[]);
+    assert_eq!(via["via"], "daemon");
+    // It was loaded from disk for this request, and it is still up.
+    assert_eq!(via["served_from"], "disk", "{via}");
+    let s = h.status();
+    assert_eq!(resident(&s, "memory"), vec![h.models[0].clone()]);
+}
+
+#[test]
+fn requests_swap_models_through_the_tiers() {
+    // Room for one model in memory: each request for the other model swaps.
+    let h = Home::new(3);
+    h.start(&["--mem-pool", &TINY_IMAGE.to_string()]);
+    let (a, b) = (&h.models[0], &h.models[1]);
+    // Sampled with a seed: the weights show in the tokens (greedy
+    // text of random tiny models repeats the prompt's last token).
+    let sampled = ["--raw", "--temperature", "1", "--seed", "3"];
+    let ra = h.run(a, "Hello", &sampled);
+    assert_eq!(resident(&h.status(), "memory"), vec![a.clone()]);
+    // The engine of `a` is idle: it holds no lease, so `b` can evict `a`.
+    let rb = h.run(b, "Hello", &sampled);
+    assert_eq!(rb["served_from"], "disk");
+    assert_eq!(resident(&h.status(), "memory"), vec![b.clone()]);
+    assert_ne!(ra["token_ids"], rb["token_ids"], "different weights");
+    for (m, r) in [(a, &ra), (b, &rb)] {
+        let local = h.run(m, "Hello", &[&sampled[..], &["--no-daemon"]].concat());
+        assert_eq!(r["token_ids"], local["token_ids"], "{m}");
+    }
+
+    // A third model needs the room that a client's lease holds: 503, and
+    // the message says what holds it. Once released, it is served.
+    let c = &h.models[2];
+    let mut client = Client::connect(&h.path).unwrap();
+    let lease = client.acquire(b, Place::Memory).unwrap();
+    let out = flash(&h.path, &["run", c, "Hello", "--max-tokens", "4"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("HTTP 503") && e.contains(b.as_str()), "{e}");
+    // `a` still has its CPU engine (f32 weights of its own): no copy needed.
+    let again = h.run(a, "Hello", &sampled);
+    assert_eq!(again["token_ids"], ra["token_ids"]);
+    client.release(lease).unwrap();
+    let rc = h.run(c, "Hello", &[]);
+    assert_eq!(rc["served_from"], "disk");
+    assert_eq!(resident(&h.status(), "memory"), vec![c.clone()]);
+}

@@ -1,0 +1,710 @@
+//! The daemon's inference engines ([`EngineHost`]): one engine per model
+//! named in requests, built on the model's copy in a tier and kept between
+//! requests.
+//!
+//! - **Where the weights are.** With a GPU tier, a request leases the
+//!   model's copy on a GPU (a hit costs one lock; a miss swaps it in through
+//!   the tiers: memory → GPU, or disk → memory → GPU) and the GPU engine
+//!   reads the weights **in place** in that `cuMemAlloc` allocation: the
+//!   engine is *bound* to the lease for the request and *unbound* after, so
+//!   an idle engine holds no lease and the tier may evict its copy under
+//!   budget pressure; the next request leases it again (and the engine
+//!   rebinds to wherever the copy now lies). The engine itself (kernels,
+//!   cuBLAS, activations, KV cache) stays. Without a GPU, the CPU engine is
+//!   built once from the memory tier's copy (leased while its weights are
+//!   converted to f32, then released: the CPU engine owns its f32 weights).
+//! - **One request at a time per engine.** Each model has a slot with a
+//!   fair (FIFO) async mutex; a request waits for it, then runs on a
+//!   blocking thread, and streams [`GenEvent`]s back through a channel.
+//!   Requests for different models run side by side.
+//! - **Engines are an LRU.** At most `max_engines` engines live (default 2,
+//!   `FLASH_MAX_ENGINES`); building one more drops the least recently used
+//!   idle engine (a busy one is never dropped).
+//! - **Cancellation.** When the receiver is dropped (the HTTP client went
+//!   away), generation stops at the next token.
+
+use crate::server::DaemonHandle;
+use flash_engine::gpu::GpuWeights;
+use flash_engine::{
+    generate, Backend, CpuModel, CpuOptions, EngineError, FinishReason, GenerateOptions, GpuEngine,
+    GpuOptions, Message, ModelConfig, ModelTensors, SamplingParams, TextTokenizer,
+};
+use flash_format::DType;
+use flash_load::TensorView;
+use flash_store::ModelName;
+use flash_sys::cuda::DeviceMemory;
+use flash_tier::{ClientId, Lease, ModelId, Tier, TierError};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+use crate::tiers::StoreTransfers;
+
+/// The client id of the engines' own leases (shown in refusals as who holds
+/// a copy). gRPC sessions count up from 1, so they never meet it.
+pub const ENGINE_CLIENT: ClientId = ClientId(u64::MAX);
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Text tokenized as is (with the tokenizer's special tokens, e.g. BOS).
+    Text(String),
+    /// Token ids, as is.
+    Tokens(Vec<u32>),
+    /// Messages through the model's chat template (with the generation
+    /// prompt); a model without a template gets the contents joined by
+    /// newlines, raw.
+    Chat(Vec<Message>),
+}
+
+/// Sampling fields of a request; `None` falls back on the model's
+/// `generation_config.json` exactly as `flash run` does.
+#[derive(Clone, Debug, Default)]
+pub struct SamplingRequest {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingRequest {
+    /// The parameters for `cfg`: Hugging Face's `generate` samples only when
+    /// `do_sample` is true, with its temperature, top-k and top-p; otherwise
+    /// greedy unless the request says otherwise.
+    pub fn resolve(&self, cfg: &ModelConfig) -> SamplingParams {
+        let g = &cfg.generation;
+        let samples = g.do_sample == Some(true);
+        let from_config = |x: Option<f32>, off: f32| if samples { x.unwrap_or(off) } else { off };
+        SamplingParams {
+            temperature: self
+                .temperature
+                .unwrap_or_else(|| from_config(g.temperature.or(Some(1.0)), 0.0)),
+            top_k: self
+                .top_k
+                .unwrap_or(if samples { g.top_k.unwrap_or(0) } else { 0 }),
+            top_p: self.top_p.unwrap_or_else(|| from_config(g.top_p, 1.0)),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
+            seed: self.seed,
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    /// A store name (`ORG/NAME[@REV]`).
+    pub model: String,
+    pub prompt: Prompt,
+    pub max_tokens: usize,
+    pub sampling: SamplingRequest,
+    pub stop: Vec<String>,
+}
+
+/// What the engine reports once the prompt is known (before the first token).
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// The store name of the model.
+    pub model: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// Where it runs: `"cpu"`, `"cuda:0 (NVIDIA H100 ...)"`.
+    pub device: String,
+}
+
+/// The end of a generation, with its timings.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// Seconds the daemon spent making the model ready for this request:
+    /// `resident_s` + `engine_s`.
+    pub load_s: f64,
+    /// Seconds to lease the model's copy (0 when the CPU engine already
+    /// existed; near 0 on a hit; a swap through the tiers on a miss).
+    pub resident_s: f64,
+    /// Seconds to build the engine (kernels, buffers, f32 conversion on
+    /// the CPU) or bind it to the copy's memory.
+    pub engine_s: f64,
+    /// Where the copy's bytes came from: the tier itself on a hit, else
+    /// `memory` or `disk`; `engine` when a CPU engine was reused.
+    pub served_from: String,
+    /// Seconds from the request's arrival to the first token (queueing,
+    /// load and prefill included).
+    pub ttft_s: f64,
+    /// Seconds spent waiting for the engine (another request ran).
+    pub queue_s: f64,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    pub tokens_per_s: f64,
+    pub seed: u64,
+}
+
+/// What a request streams back: `Started`, then `Text` pieces, then `Done`;
+/// or `Error` (at any point; nothing follows it).
+#[derive(Debug)]
+pub enum GenEvent {
+    Started(Started),
+    Text(String),
+    Done(Box<Report>),
+    Error(ServeError),
+}
+
+/// Why a request failed, with the HTTP status it maps to.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ServeError {
+    /// 400: a malformed request (the message says which field).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: the model is not in the store.
+    #[error("{0}")]
+    NotFound(String),
+    /// 503: the tiers have no room for it now (leased or kept copies).
+    #[error("{0}")]
+    NoRoom(String),
+    /// 500: anything else (a damaged model, a device error).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServeError {
+    pub fn status(&self) -> u16 {
+        match self {
+            ServeError::BadRequest(_) => 400,
+            ServeError::NotFound(_) => 404,
+            ServeError::NoRoom(_) => 503,
+            ServeError::Internal(_) => 500,
+        }
+    }
+
+    fn from_tier(e: TierError) -> Self {
+        match &e {
+            TierError::Model { message, .. } if message.contains("not in the store") => {
+                ServeError::NotFound(e.to_string())
+            }
+            _ if e.is_capacity() => ServeError::NoRoom(e.to_string()),
+            _ => ServeError::Internal(e.to_string()),
+        }
+    }
+
+    fn from_engine(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(_) | EngineError::ContextFull { .. } => {
+                ServeError::BadRequest(e.to_string())
+            }
+            e => ServeError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// A model's copy on a GPU, leased for one request: the GPU engine reads
+/// its weights in place while it is bound to it.
+struct LeasedWeights {
+    lease: Lease<StoreTransfers>,
+    tensors: HashMap<String, TensorView>,
+}
+
+impl GpuWeights for LeasedWeights {
+    fn memory(&self) -> &DeviceMemory {
+        match self.lease.gpu() {
+            Some(m) => m,
+            // Built only from GPU leases (checked in `LeasedWeights::new`).
+            None => unreachable!("a GPU lease without its device memory"),
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Option<&TensorView> {
+        self.tensors.get(name)
+    }
+}
+
+impl LeasedWeights {
+    fn new(lease: Lease<StoreTransfers>, tensors: Vec<TensorView>) -> Result<Self, ServeError> {
+        if lease.gpu().is_none() {
+            return Err(ServeError::Internal(format!(
+                "the lease of {} in {} has no device memory",
+                lease.model(),
+                lease.tier()
+            )));
+        }
+        Ok(LeasedWeights {
+            lease,
+            tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        })
+    }
+}
+
+enum EngineKind {
+    Cpu(Box<CpuModel>),
+    Gpu { engine: Box<GpuEngine>, gpu: u16 },
+}
+
+/// A model's engine: tokenizer, template and backend with its KV cache.
+struct Engine {
+    cfg: ModelConfig,
+    tok: TextTokenizer,
+    kind: EngineKind,
+}
+
+/// A model's place in the host: its engine (when built) behind a FIFO lock.
+struct Slot {
+    engine: Arc<tokio::sync::Mutex<Option<Engine>>>,
+    last_used: AtomicU64,
+}
+
+/// Builds, keeps and runs the engines of the daemon. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHost {
+    inner: Arc<HostInner>,
+}
+
+struct HostInner {
+    daemon: DaemonHandle,
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    clock: AtomicU64,
+    max_engines: usize,
+    /// GPU engines' options (KV cache size).
+    gpu_opts: GpuOptions,
+}
+
+/// Most engines alive at once: `FLASH_MAX_ENGINES`, else 2.
+fn max_engines_from_env() -> usize {
+    std::env::var("FLASH_MAX_ENGINES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
+impl EngineHost {
+    pub fn new(daemon: DaemonHandle) -> Self {
+        EngineHost {
+            inner: Arc::new(HostInner {
+                daemon,
+                slots: Mutex::new(HashMap::new()),
+                clock: AtomicU64::new(0),
+                max_engines: max_engines_from_env(),
+                gpu_opts: GpuOptions::default(),
+            }),
+        }
+    }
+
+    pub fn daemon(&self) -> &DaemonHandle {
+        &self.inner.daemon
+    }
+
+    /// The store's models, by name (for `/v1/models`), with their import
+    /// times (seconds since the epoch, 0 when unknown).
+    pub fn models(&self) -> Result<Vec<(String, u64)>, ServeError> {
+        let store = self.inner.daemon.tiers().transfers().store();
+        let list = store
+            .list()
+            .map_err(|e| ServeError::Internal(e.to_string()))?;
+        Ok(list
+            .into_iter()
+            .map(|m| {
+                let created = std::fs::metadata(&m.path)
+                    .and_then(|md| md.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                (m.model_id, created)
+            })
+            .collect())
+    }
+
+    /// The canonical store name of `model`, or why it cannot be served.
+    pub fn check_model(&self, model: &str) -> Result<String, ServeError> {
+        let name: ModelName = model.parse().map_err(|e: flash_store::name::NameError| {
+            ServeError::NotFound(format!(
+                "the model {model:?} does not exist: not a store name ({})",
+                e.why
+            ))
+        })?;
+        let store = self.inner.daemon.tiers().transfers().store();
+        if !store.contains(&name) {
+            return Err(ServeError::NotFound(format!(
+                "the model {name} does not exist in the daemon's store (see `flash list`; `flash pull {name}`)"
+            )));
+        }
+        Ok(name.to_string())
+    }
+
+    /// Starts `req`: returns the stream of its events. The request waits for
+    /// its model's engine (one request at a time per engine), then runs on
+    /// a blocking thread. Dropping the receiver cancels it.
+    pub fn submit(&self, req: GenRequest) -> mpsc::UnboundedReceiver<GenEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let host = self.clone();
+        let arrived = Instant::now();
+        tokio::spawn(async move {
+            let name = match host.check_model(&req.model) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(GenEvent::Error(e));
+                    return;
+                }
+            };
+            let slot = host.slot(&name);
+            let guard = slot.engine.clone().lock_owned().await;
+            let queue_s = arrived.elapsed().as_secs_f64();
+            let h = host.clone();
+            let tx2 = tx.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let mut guard = guard;
+                h.run(&name, &mut guard, &slot, req, arrived, queue_s, &tx2)
+            })
+            .await;
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let _ = tx.send(GenEvent::Error(e));
+                }
+                Err(e) => {
+                    let _ = tx.send(GenEvent::Error(ServeError::Internal(format!(
+                        "the engine's thread failed: {e}"
+                    ))));
+                }
+            }
+        });
+        rx
+    }
+
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        let mut slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    engine: Arc::new(tokio::sync::Mutex::new(None)),
+                    last_used: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Drops least recently used idle engines until fewer than
+    /// `max_engines` remain besides `keep`'s.
+    fn make_room(&self, keep: &str) {
+        let slots: Vec<(String, Arc<Slot>)> = {
+            let s = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+            s.iter()
+                .filter(|(k, _)| k.as_str() != keep)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let mut built: Vec<(u64, String, Arc<Slot>)> = Vec::new();
+        let mut busy = 0;
+        for (name, slot) in slots {
+            match slot.engine.try_lock() {
+                Ok(g) if g.is_some() => {
+                    built.push((slot.last_used.load(Ordering::Relaxed), name, slot.clone()))
+                }
+                Ok(_) => {}
+                Err(_) => busy += 1,
+            }
+        }
+        built.sort_by_key(|(t, _, _)| *t);
+        let mut alive = built.len() + busy;
+        for (_, name, slot) in built {
+            if alive < self.inner.max_engines {
+                break;
+            }
+            if let Ok(mut g) = slot.engine.try_lock() {
+                if g.take().is_some() {
+                    tracing::info!(model = %name, "engine dropped (least recently used)");
+                    alive -= 1;
+                }
+            }
+        }
+    }
+
+    /// The GPU a model's engine runs on: one that holds the model, else 0;
+    /// `None` without a GPU tier, or for a model that is not all bf16 (the
+    /// GPU engine reads bf16 weights; others run on the CPU engine).
+    fn gpu_for(&self, id: &ModelId) -> Option<u16> {
+        let tiers = self.inner.daemon.tiers();
+        if !tiers.tiers().iter().any(|t| matches!(t, Tier::Gpu(_))) {
+            return None;
+        }
+        let bf16 = tiers
+            .transfers()
+            .tensors(id)
+            .map(|ts| ts.iter().all(|t| t.dtype == DType::BF16))
+            .unwrap_or(true);
+        if !bf16 {
+            tracing::info!(model = %id, "not bf16: served by the CPU engine");
+            return None;
+        }
+        let here = tiers.locate(id).into_iter().find_map(|t| match t {
+            Tier::Gpu(g) => Some(g),
+            _ => None,
+        });
+        Some(here.unwrap_or(0))
+    }
+
+    fn acquire(&self, id: &ModelId, tier: Tier) -> Result<Lease<StoreTransfers>, ServeError> {
+        self.inner
+            .daemon
+            .tiers()
+            .acquire(id, tier, ENGINE_CLIENT)
+            .map_err(ServeError::from_tier)
+    }
+
+    /// Runs one request on its model's engine (blocking thread).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        name: &str,
+        slot_engine: &mut Option<Engine>,
+        slot: &Slot,
+        req: GenRequest,
+        arrived: Instant,
+        queue_s: f64,
+        tx: &mpsc::UnboundedSender<GenEvent>,
+    ) -> Result<(), ServeError> {
+        slot.last_used.store(
+            self.inner.clock.fetch_add(1, Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        let id = ModelId::new(name);
+        let t0 = Instant::now();
+        let mut resident_s = 0.0;
+        let mut engine_s = 0.0;
+        let mut served_from = String::from("engine");
+        let mut weights: Option<Arc<LeasedWeights>> = None;
+
+        match self.gpu_for(&id) {
+            Some(gpu) => {
+                let lease = self.acquire(&id, Tier::Gpu(gpu))?;
+                resident_s = t0.elapsed().as_secs_f64();
+                served_from = lease.served_from().to_string();
+                let tensors = self
+                    .inner
+                    .daemon
+                    .tiers()
+                    .transfers()
+                    .tensors(&id)
+                    .map_err(ServeError::from_tier)?;
+                weights = Some(Arc::new(LeasedWeights::new(lease, tensors)?));
+            }
+            None => {
+                if slot_engine.is_none() {
+                    let lease = self.acquire(&id, Tier::Memory)?;
+                    resident_s = t0.elapsed().as_secs_f64();
+                    served_from = lease.served_from().to_string();
+                    let t1 = Instant::now();
+                    self.make_room(name);
+                    *slot_engine = Some(self.build_cpu(&id, &lease)?);
+                    drop(lease);
+                    engine_s = t1.elapsed().as_secs_f64();
+                }
+            }
+        }
+
+        if let Some(w) = &weights {
+            let t1 = Instant::now();
+            let gpu = match w.lease.tier() {
+                Tier::Gpu(g) => g,
+                _ => 0,
+            };
+            let rebuild = !matches!(slot_engine, Some(Engine { kind: EngineKind::Gpu { gpu: g, .. }, .. }) if *g == gpu);
+            if rebuild {
+                *slot_engine = None;
+                self.make_room(name);
+                *slot_engine = Some(self.build_gpu(&id, w.clone(), gpu)?);
+            } else if let Some(Engine {
+                kind: EngineKind::Gpu { engine, .. },
+                ..
+            }) = slot_engine
+            {
+                engine.bind(w.clone()).map_err(ServeError::from_engine)?;
+            }
+            engine_s = t1.elapsed().as_secs_f64();
+        }
+        drop(weights);
+
+        let Some(engine) = slot_engine.as_mut() else {
+            return Err(ServeError::Internal(format!("no engine for {name}")));
+        };
+        let result = generate_on(engine, name, req, tx, |g| Report {
+            token_ids: g.token_ids.clone(),
+            text: g.text.clone(),
+            finish_reason: g.finish_reason,
+            load_s: resident_s + engine_s,
+            resident_s,
+            engine_s,
+            served_from: served_from.clone(),
+            ttft_s: 0.0,
+            queue_s,
+            prefill_s: g.prefill_s,
+            decode_s: g.decode_s,
+            tokens_per_s: g.tokens_per_s(),
+            seed: g.seed,
+        });
+        // The lease goes back as soon as the request ends: an idle engine
+        // never keeps its copy from being evicted.
+        if let EngineKind::Gpu { engine, .. } = &mut engine.kind {
+            engine.unbind();
+        }
+        let mut report = result?;
+        // ttft: from arrival; the engine measured from its own start.
+        report.ttft_s += (t0 - arrived).as_secs_f64() + report.load_s;
+        let _ = tx.send(GenEvent::Done(Box::new(report)));
+        Ok(())
+    }
+
+    fn model_dir(&self, id: &ModelId) -> Result<std::path::PathBuf, ServeError> {
+        let name: ModelName = id
+            .as_str()
+            .parse()
+            .map_err(|e: flash_store::name::NameError| ServeError::NotFound(e.to_string()))?;
+        self.inner
+            .daemon
+            .tiers()
+            .transfers()
+            .store()
+            .existing(&name)
+            .map_err(|e| ServeError::NotFound(e.to_string()))
+    }
+
+    fn text_parts(&self, id: &ModelId) -> Result<(ModelConfig, TextTokenizer), ServeError> {
+        let dir = self.model_dir(id)?;
+        let cfg = ModelConfig::from_dir(&dir).map_err(|e| ServeError::Internal(e.to_string()))?;
+        let tok = TextTokenizer::from_dir(&dir).map_err(|e| ServeError::Internal(e.to_string()))?;
+        Ok((cfg, tok))
+    }
+
+    /// The CPU engine of `id` from its memory-tier copy (converted to f32).
+    fn build_cpu(&self, id: &ModelId, lease: &Lease<StoreTransfers>) -> Result<Engine, ServeError> {
+        let (cfg, tok) = self.text_parts(id)?;
+        let Some(image) = lease.memory() else {
+            return Err(ServeError::Internal(format!(
+                "the memory lease of {id} has no buffer"
+            )));
+        };
+        let tensors = self
+            .inner
+            .daemon
+            .tiers()
+            .transfers()
+            .tensors(id)
+            .map_err(ServeError::from_tier)?;
+        let by_name: HashMap<&str, &TensorView> =
+            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+        let views = ModelTensors::resolve(&cfg, |n| by_name.get(n).copied())
+            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+        let bytes: &[u8] = image;
+        let w = views
+            .try_map(|n, t| {
+                let range = t.offset as usize..(t.offset + t.length) as usize;
+                let b = bytes.get(range).ok_or_else(|| {
+                    EngineError::Invalid(format!("tensor {n} lies outside the model's image"))
+                })?;
+                flash_engine::weights::to_f32(n, t.dtype, b)
+            })
+            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+        let model = CpuModel::new(cfg.clone(), w, &CpuOptions::default())
+            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+        tracing::info!(model = %id, "CPU engine built");
+        Ok(Engine {
+            cfg,
+            tok,
+            kind: EngineKind::Cpu(Box::new(model)),
+        })
+    }
+
+    /// The GPU engine of `id` on its copy in GPU `gpu`'s tier (in place).
+    fn build_gpu(
+        &self,
+        id: &ModelId,
+        weights: Arc<LeasedWeights>,
+        gpu: u16,
+    ) -> Result<Engine, ServeError> {
+        let (cfg, tok) = self.text_parts(id)?;
+        let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
+            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+        tracing::info!(model = %id, gpu, "GPU engine built");
+        Ok(Engine {
+            cfg,
+            tok,
+            kind: EngineKind::Gpu {
+                engine: Box::new(engine),
+                gpu,
+            },
+        })
+    }
+}
+
+/// The prompt's token ids for `engine`.
+fn prompt_ids(engine: &Engine, prompt: &Prompt) -> Result<Vec<u32>, ServeError> {
+    let tok = &engine.tok;
+    let ids = match prompt {
+        Prompt::Tokens(ids) => {
+            let vocab = engine.cfg.vocab_size;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ServeError::BadRequest(format!(
+                    "prompt token id {bad} is outside the vocabulary of {vocab}"
+                )));
+            }
+            ids.clone()
+        }
+        Prompt::Text(t) => tok.encode(t, true).map_err(ServeError::from_engine)?,
+        Prompt::Chat(messages) => {
+            if tok.has_chat_template() {
+                let text = tok
+                    .apply_chat_template(messages, true)
+                    .map_err(|e| ServeError::BadRequest(e.to_string()))?;
+                tok.encode(&text, false).map_err(ServeError::from_engine)?
+            } else {
+                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+                tok.encode(&text.join("\n"), true)
+                    .map_err(ServeError::from_engine)?
+            }
+        }
+    };
+    if ids.is_empty() {
+        return Err(ServeError::BadRequest(
+            "the prompt is empty (no tokens to start from)".into(),
+        ));
+    }
+    Ok(ids)
+}
+
+fn generate_on(
+    engine: &mut Engine,
+    name: &str,
+    req: GenRequest,
+    tx: &mpsc::UnboundedSender<GenEvent>,
+    report: impl FnOnce(&flash_engine::Generation) -> Report,
+) -> Result<Report, ServeError> {
+    let ids = prompt_ids(engine, &req.prompt)?;
+    let sampling = req.sampling.resolve(&engine.cfg);
+    sampling.validate().map_err(ServeError::BadRequest)?;
+    let opts = GenerateOptions {
+        max_tokens: req.max_tokens,
+        sampling,
+        stop_strings: req.stop.clone(),
+        eos_token_ids: engine.cfg.eos_token_ids.clone(),
+        keep_prompt_logits: false,
+    };
+    let Engine { tok, kind, .. } = engine;
+    let backend: &mut dyn Backend = match kind {
+        EngineKind::Cpu(m) => m.as_mut(),
+        EngineKind::Gpu { engine, .. } => engine.as_mut(),
+    };
+    let _ = tx.send(GenEvent::Started(Started {
+        model: name.to_string(),
+        prompt_token_ids: ids.clone(),
+        device: backend.device(),
+    }));
+    let mut on_text = |piece: &str| tx.send(GenEvent::Text(piece.to_string())).is_ok();
+    let g = generate(backend, tok, &ids, &opts, &mut on_text).map_err(ServeError::from_engine)?;
+    let mut r = report(&g);
+    r.ttft_s = g.ttft_s;
+    Ok(r)
+}

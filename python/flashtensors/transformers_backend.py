@@ -1,0 +1,165 @@
+"""load_model(backend="transformers"): a transformers model whose weights
+are the tensors flashtensors loaded, with no second copy and no random init.
+
+The model is built with its parameters on the meta device (the way
+`accelerate.init_empty_weights(include_buffers=False)` does: each parameter
+is moved to "meta" as it is registered, so initialisers run on meta tensors
+and cost nothing; small buffers such as rotary frequencies are computed
+normally). Then `load_state_dict(..., assign=True)` makes the loaded tensors
+the parameters, tied weights are tied, and buffers move to the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from .errors import FlashError, InvalidRequestError
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    import torch
+    from torch import nn
+
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            kwargs = {"requires_grad": param.requires_grad}
+            cls = type(module._parameters[name])
+            module._parameters[name] = cls(module._parameters[name].to("meta"), **kwargs)
+
+    nn.Module.register_parameter = register
+    try:
+        with torch.device("cpu"):
+            yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _torch_dtype(torch, value):
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    s = str(value).removeprefix("torch.").lower()
+    alias = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+             "float": "float32", "f32": "float32", "f16": "float16"}
+    dt = getattr(torch, alias.get(s, s), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise InvalidRequestError(f"unknown dtype {value!r} (bfloat16, float16, float32)")
+    return dt
+
+
+def _single_device(torch, device_map):
+    if device_map is None or device_map == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise InvalidRequestError(
+                "the transformers backend places the whole model on one device: "
+                "device_map must be {'': N}, {'': 'cpu'} or 'auto'"
+            )
+        device_map = device_map[""]
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def _from_config(transformers, config, dtype, trust_remote_code):
+    from transformers import AutoModelForCausalLM
+
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    return AutoModelForCausalLM.from_config(config, **kw)
+
+
+def build(folder, state: dict, dtype=None, device=None, trust_remote_code: bool = False):
+    """A causal LM of the config in `folder` whose parameters are the tensors
+    of `state` (assigned, not copied; converted only where `dtype` differs).
+    Returns the model in eval mode."""
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    target = _torch_dtype(torch, dtype)
+    if target is None:
+        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        target = _torch_dtype(torch, cfg_dtype) if cfg_dtype is not None else None
+    if target is None:
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        target = max(set(floats), key=floats.count) if floats else torch.float32
+    if device is None:
+        device = next(iter(state.values())).device if state else torch.device("cpu")
+    with _params_on_meta():
+        model = _from_config(transformers, config, target, trust_remote_code)
+    cache, out = {}, {}
+    for name, t in state.items():
+        if t.is_floating_point() and t.dtype != target:
+            if id(t) not in cache:
+                cache[id(t)] = t.to(target)
+            t = cache[id(t)]
+        out[name] = t
+    state = out
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise FlashError(
+            f"{folder}: the checkpoint lacks {len(missing)} parameter(s) of "
+            f"{type(model).__name__}: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        import warnings
+
+        warnings.warn(
+            f"{folder}: {len(unexpected)} tensor(s) of the checkpoint are not parameters of "
+            f"{type(model).__name__} and were ignored: {', '.join(unexpected[:8])}",
+            stacklevel=3,
+        )
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+    gen = Path(folder) / "generation_config.json"
+    if gen.is_file():
+        try:
+            model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+        except Exception:  # a malformed generation config is not worth failing the load
+            pass
+    model.eval()
+    return model
+
+
+def load(model_id: str, info: dict, dtype=None, device_map=None, copy: bool = False,
+         trust_remote_code: bool = False, **_ignored):
+    """`(model, tokenizer)` of a stored model (see the module doc)."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise FlashError(
+            f"the transformers backend needs torch and transformers ({e}): "
+            "pip install 'flashtensors[transformers]'"
+        ) from None
+    from .flash import load_dict
+
+    device = _single_device(torch, device_map)
+    dm = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
+    state = load_dict(model_id, dm, copy=copy, framework="torch")
+    folder = info["path"]
+    model = build(folder, state, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    tokenizer = None
+    if any((Path(folder) / f).exists() for f in
+           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model, tokenizer

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark run on the GPU machine (no network, no Rust there):
 #
-#   STAGES="check load daemon engine sdk" bash bench/device.sh
+#   STAGES="check load engine ttft sdk daemon" bash bench/device.sh
 #
 # with the release binary at .carry/flash, the SDK wheel at .carry/wheels/
 # (bench/build-carry.sh) and the peers' wheels at .whl/
@@ -12,11 +12,12 @@
 #           transformers compatibility of synthesized checkpoints;
 #   load    issue 3: the loaders side by side (steps 3-5 below); PEERS
 #           narrows the peers (default: all five);
-#   daemon  issue 4: memory tier -> GPU, share-mode attach, the swap workload
-#           (SWAP_SECONDS, default 300);
-#   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline,
-#           TTFT of `flash run` (memory tier, GPU-resident, cold) and of
-#           transformers;
+#   daemon  issue 4: memory tier -> GPU and share-mode attach (DAEMON_SCENARIOS
+#           "upload"), the swap workload ("swap"; SWAP_SECONDS, default 300);
+# SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
+#   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline;
+#   ttft    issue 6: time to first token of `flash run` through the daemon
+#           (GPU-resident, memory tier, cold from disk) and of transformers;
 #   sdk     issue 5: the SDK's GPU tests and its timing targets.
 # Steps of the load stage:
 #   1. install the wheels into /tmp/site;
@@ -46,7 +47,7 @@ export PYTHONUNBUFFERED=1
 
 FLASH=${FLASH:-$ROOT/.carry/flash}
 read -r -a PEERS <<<"${PEERS:-st_load_file st_safe_open fastsafetensors runai instanttensor}"
-STAGES=${STAGES:-check load daemon engine sdk}
+STAGES=${STAGES:-check load engine ttft sdk daemon}
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 PEER_TIMEOUT=${PEER_TIMEOUT:-150}
 
@@ -178,7 +179,7 @@ run_flash() { # run_flash LABEL MODEL SCENARIO TARGET
 
 # 3. Checkpoints: written once each (the stages after check need them).
 declare -A DIRS STORE
-SIZES="8b 0.6b"
+SIZES=${SIZES-8b 0.6b}
 [ "$STAGES" = check ] && SIZES=""
 for size in $SIZES; do
     model=qwen3-$size
@@ -245,6 +246,19 @@ for line in sys.stdin:
     d.setdefault("card", sys.argv[1]); d.setdefault("stage", sys.argv[2])
     print(json.dumps(d), flush=True)' "$CARD" "$1" | tee -a "$RESULTS"
 }
+evict_all() { # evict_all DIR: every file of DIR out of the page cache (and drop_caches as root)
+    python3 - "$1" <<'PY'
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        fd = os.open(os.path.join(root, f), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+    sync
+    [ -w /proc/sys/vm/drop_caches ] && echo 3 >/proc/sys/vm/drop_caches
+    log "evicted $1 from the page cache"
+}
 M8=${STORE[qwen3-8b]:-}
 D8=${DIRS[qwen3-8b]:-}
 if stage engine; then
@@ -254,6 +268,10 @@ if stage engine; then
     if [ -n "$M8" ]; then
         log "== engine: decode and prefill, $M8"
         timeout 240 "$FLASH" -q bench-engine "$M8" --prompt-len 512 --decode 128 --repeat 3 --json | json_lines engine
+    fi
+fi
+if stage ttft && [ -n "$M8" ]; then
+    if true; then
         log "== TTFT: transformers (python -c start, from_pretrained, generate)"
         python3 bench/ttft.py transformers --model-dir "$D8" --label qwen3-8b --scenario warm --card "$CARD" | json_lines ttft
         log "== TTFT: flash run through the daemon (GPU-resident, memory tier, cold from disk)"
@@ -269,7 +287,7 @@ if stage engine; then
             "$FLASH" unload "$M8" --tier gpu 2>&1 | tail -1
             python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario memory-tier --card "$CARD" | json_lines ttft
             "$FLASH" unload "$M8" 2>&1 | tail -1
-            python3 bench/peers.py --evict-only --model-dir "$FLASH_HOME/models/bench/qwen3-8b" 2>/dev/null
+            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
             python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
             "$FLASH" stop
         }
@@ -301,13 +319,16 @@ if stage sdk; then
 fi
 
 # 8. The daemon (issue 4): memory tier -> GPU, share-mode attach, swap workload.
-if stage daemon && [ -n "$M8" ]; then
+DAEMON_SCENARIOS=${DAEMON_SCENARIOS:-upload swap}
+if stage daemon && [ -n "$M8" ] && [[ $DAEMON_SCENARIOS == *upload* ]]; then
     log "== daemon: upload (memory tier -> GPU) and attach (share mode), $M8"
     "$FLASH" start --mem-pool 20G --http off && {
         timeout 240 "$FLASH" bench-daemon --scenario upload --model "$M8" --repeat 5 --json | json_lines daemon
         timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json | json_lines daemon
         "$FLASH" stop
     }
+fi
+if stage daemon && [[ $DAEMON_SCENARIOS == *swap* ]]; then
     # 100 models of ~0.34 GB: the 8B safetensors folder goes first (disk).
     rm -rf "$SCRATCH/qwen3-8b"
     SWAP_SECONDS=${SWAP_SECONDS:-300}
@@ -334,7 +355,7 @@ for line in open(sys.argv[1]):
         d = json.loads(line)
     except ValueError:
         continue
-    if not isinstance(d, dict) or "loader" not in d and "target" not in d:
+    if not isinstance(d, dict) or "loader" not in d and "target" not in d or "stage" in d:
         continue
     name = d.get("loader") or "flash"
     if "target" in d:

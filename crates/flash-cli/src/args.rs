@@ -160,7 +160,7 @@ pub struct StartArgs {
     /// Bytes per read (suffixes K, M, G)
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub chunk_size: u64,
-    /// Reader threads per load [default: two per core, 4 to 32]
+    /// Reader threads per load [default: one per core, 4 to 16]
     #[arg(long)]
     pub threads: Option<usize>,
     /// Also serve gRPC on TCP at this host (requires --port; clients need $FLASH_HOME/daemon.token)
@@ -168,7 +168,7 @@ pub struct StartArgs {
     pub host: Option<String>,
     #[arg(long, requires = "host")]
     pub port: Option<u16>,
-    /// HTTP listener for /metrics and /health, or "off"
+    /// HTTP listener for the OpenAI API (/v1), /metrics and /health, or "off"
     #[arg(long, default_value = "127.0.0.1:7777", value_name = "ADDR")]
     pub http: String,
     /// Ignore GPUs (memory tier only)

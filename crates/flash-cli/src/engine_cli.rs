@@ -59,12 +59,12 @@ pub struct EngineLogitsArgs {
     /// batched pass over all tokens)
     #[arg(long, default_value_t = 0)]
     pub prefill: usize,
-    /// GPU: f32 logits instead of bf16-rounded ones
+    /// GPU: logits rounded to bf16, as transformers' bf16 lm_head gives them
     #[arg(long)]
-    pub f32_logits: bool,
-    /// GPU: an f32 residual stream and f32 RoPE instead of transformers' bf16 rounding
+    pub bf16_logits: bool,
+    /// GPU: round like transformers' bf16 forward (bf16 residual stream, bf16 RoPE)
     #[arg(long)]
-    pub f32_residual: bool,
+    pub hf_rounding: bool,
 }
 
 fn model_dir(ctx: &Ctx, model: &str) -> Result<PathBuf> {
@@ -276,8 +276,8 @@ pub fn logits(ctx: &Ctx, a: EngineLogitsArgs) -> Result<ExitCode> {
             let opts = GpuOptions {
                 max_seq_len: Some(a.tokens.len().max(1)),
                 kernel_cache: kernel_cache(ctx),
-                bf16_logits: !a.f32_logits,
-                hf_rounding: !a.f32_residual,
+                bf16_logits: a.bf16_logits,
+                hf_rounding: a.hf_rounding,
                 ..Default::default()
             };
             let (m, _) = GpuEngine::load(&dir, &gpu(0)?, &lo, &opts)?;

@@ -52,10 +52,12 @@ use flash_sys::cuda::{DeviceMemory, Gpu, IpcHandle};
 use flash_sys::shm::{ShmFile, ShmView};
 use hyper_util::rt::TokioIo;
 use proto::flash_client::FlashClient;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -233,6 +235,10 @@ pub struct Lease {
     pub location: Location,
 }
 
+/// The GPU copies this process has mapped, by (GPU ordinal, IPC handle).
+type IpcMappings = Mutex<HashMap<(usize, IpcHandle), Weak<DeviceMemory>>>;
+static IPC_MAPPINGS: OnceLock<IpcMappings> = OnceLock::new();
+
 impl Lease {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
@@ -257,14 +263,34 @@ impl Lease {
     /// Maps a GPU copy into this process (`cuIpcOpenMemHandle`): the tensors
     /// lie at their offsets from the returned memory's `device_ptr()`. Must be
     /// another process than the daemon (CUDA refuses its own handles).
-    pub fn map_gpu(&self, gpu: &Gpu) -> Result<DeviceMemory> {
+    ///
+    /// CUDA maps one allocation at most once per context (a second
+    /// `cuIpcOpenMemHandle` of it fails with `CUDA_ERROR_ALREADY_MAPPED`), so
+    /// the leases of this process that name the same allocation share one
+    /// mapping, closed when the last of them drops it.
+    pub fn map_gpu(&self, gpu: &Gpu) -> Result<Arc<DeviceMemory>> {
         match &self.location {
             Location::Cuda {
                 ipc_handle, size, ..
             } => {
                 let len = usize::try_from(*size).map_err(|_| local("size exceeds memory"))?;
-                gpu.open_ipc(ipc_handle, len)
-                    .map_err(|e| local(format!("opening the IPC handle of {}: {e}", self.model)))
+                let key = (gpu.ordinal(), *ipc_handle);
+                let mut open = IPC_MAPPINGS
+                    .get_or_init(Default::default)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                open.retain(|_, m| m.strong_count() > 0);
+                if let Some(mem) = open.get(&key).and_then(Weak::upgrade) {
+                    if mem.len() >= len {
+                        return Ok(mem);
+                    }
+                }
+                let mem = gpu
+                    .open_ipc(ipc_handle, len)
+                    .map(Arc::new)
+                    .map_err(|e| local(format!("opening the IPC handle of {}: {e}", self.model)))?;
+                open.insert(key, Arc::downgrade(&mem));
+                Ok(mem)
             }
             Location::Shm { .. } => Err(ClientError::BadRequest(format!(
                 "{} is leased in host memory: map it with map_host",

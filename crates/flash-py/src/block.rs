@@ -27,7 +27,7 @@ pub enum Memory {
     /// The daemon's GPU copy, mapped through CUDA IPC (share mode). Field
     /// order matters: the mapping closes before the lease ends.
     GpuLease {
-        mem: DeviceMemory,
+        mem: std::sync::Arc<DeviceMemory>,
         _lease: LeaseGuard,
     },
     /// The daemon's memory-tier copy (share mode): Python maps the file
@@ -93,7 +93,13 @@ impl Block {
                 m.mem.len() as u64,
                 false,
             ),
-            Memory::GpuOwned(m) | Memory::GpuLease { mem: m, .. } => (
+            Memory::GpuOwned(m) => (
+                Dev::Cuda(m.gpu().ordinal() as u32),
+                m.device_ptr(),
+                m.len() as u64,
+                false,
+            ),
+            Memory::GpuLease { mem: m, .. } => (
                 Dev::Cuda(m.gpu().ordinal() as u32),
                 m.device_ptr(),
                 m.len() as u64,

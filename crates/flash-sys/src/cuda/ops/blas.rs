@@ -58,13 +58,6 @@ fn status(s: sys::cublasStatus_t, what: &str) -> Result<(), CudaError> {
     Err(CudaError::Usage(format!("{what}: {text} ({s:?})")))
 }
 
-/// Whether one-row products use the untransposed formulation
-/// (`FLASH_GEMV=nn`) instead of the transposed one (`tn`, the default).
-fn gemv_nn() -> bool {
-    static NN: OnceLock<bool> = OnceLock::new();
-    *NN.get_or_init(|| std::env::var("FLASH_GEMV").is_ok_and(|v| v == "nn"))
-}
-
 /// The output type of a GEMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutType {
@@ -180,36 +173,6 @@ impl Blas {
         };
         gpu.bind_to_thread()?;
         let h = self.handle.lock().unwrap_or_else(|p| p.into_inner());
-        if m == 1 && gemv_nn() {
-            // One row: y (1×n) = x (1×k) · W (k×n column-major, which is
-            // W [n, k] row-major as stored), both operands untransposed.
-            // SAFETY: as below; the shapes read the same bytes (x: k
-            // values, w: n·k, y: n).
-            let s = unsafe {
-                sys::cublasGemmEx(
-                    *h as sys::cublasHandle_t,
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    sys::cublasOperation_t::CUBLAS_OP_N,
-                    1,
-                    n as i32,
-                    k as i32,
-                    &alpha as *const f32 as *const c_void,
-                    x.ptr() as *const c_void,
-                    sys::cudaDataType::CUDA_R_16BF,
-                    1,
-                    w.ptr() as *const c_void,
-                    sys::cudaDataType::CUDA_R_16BF,
-                    k as i32,
-                    &beta as *const f32 as *const c_void,
-                    y.ptr() as *mut c_void,
-                    ctype,
-                    1,
-                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            };
-            return status(s, &format!("cublasGemmEx (row) 1x{n}x{k}"));
-        }
         // Column-major view: yᵀ[n, m] = (wᵀ)ᵀ… i.e. C = op(A)·B with
         // A = w as a k×n column-major matrix (lda k) transposed, B = x as a
         // k×m column-major matrix (ldb k), C = y as n×m (ldc n).

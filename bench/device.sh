@@ -17,8 +17,13 @@
 # SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
 #   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline;
 #   ttft    issue 6: time to first token of `flash run` through the daemon
-#           (GPU-resident, memory tier, cold from disk) and of transformers;
-#   sdk     issue 5: the SDK's GPU tests and its timing targets.
+#           (GPU-resident, memory tier, cold from disk), in-process cold from
+#           disk (--no-daemon) and of transformers;
+#   sdk     issue 5: the SDK's GPU tests and its timing targets;
+#   probe   measurements behind design choices (PROBES, default "ipc cold
+#           pin"): IPC vs VMM attach by size and what changes its cost, cold
+#           8B reads (direct, buffered, the best peer), the pinning method
+#           (FLASH_PINNED) on a small cold load.
 # Steps of the load stage:
 #   1. install the wheels into /tmp/site;
 #   2. flash doctor --json, flash selftest;
@@ -270,6 +275,56 @@ if stage engine; then
         timeout 240 "$FLASH" -q bench-engine "$M8" --prompt-len 512 --decode 128 --repeat 3 --json | json_lines engine
     fi
 fi
+# Probes behind design choices (not targets): CUDA IPC vs VMM import time by
+# size (the share-mode attach), and the pinning method's effect on a small
+# cold load (FLASH_PINNED, alternating).
+PROBES=${PROBES:-ipc cold pin}
+probe() { [[ " $PROBES " == *" $1 "* ]]; }
+if stage probe; then
+    if probe ipc; then
+        log "== probe: attach by IPC handle vs VMM file descriptor (flash bench-ipc)"
+        timeout 180 "$FLASH" bench-ipc --sizes 1,4,16 --repeat 3 --json | json_lines probe
+        log "== probe: 16 GiB legacy IPC, child without warm-up; exporter with 20 GiB pinned host memory"
+        timeout 60 "$FLASH" bench-ipc --sizes 16 --methods legacy --repeat 3 --no-warmup --json |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"): d=json.loads(l); d["variant"]="no-warmup"; print(json.dumps(d))' | json_lines probe
+        timeout 90 "$FLASH" bench-ipc --sizes 16 --methods legacy --repeat 3 --pin-host 20 --json |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"): d=json.loads(l); d["variant"]="pin-host-20"; print(json.dumps(d))' | json_lines probe
+    fi
+    # Cold reads of the 8B, alternating: the best peer, flash O_DIRECT,
+    # flash buffered (kernel readahead), the raw disk loader.
+    if probe cold && [ -n "$D8" ]; then
+        for i in 1 2; do
+            log "== probe: qwen3-8b cold, round $i"
+            run_peer fastsafetensors "$D8" qwen3-8b cold
+            for io in direct buffered; do
+                evict_all "$D8"
+                timeout 120 "$FLASH" -q bench "$D8" "${DEVICE_FLAG[@]}" --scenario cold --io "$io" --json |
+                    tag "flash-$io" qwen3-8b cold | json_lines probe
+            done
+            evict_all "$D8"
+            timeout 120 "$FLASH" -q bench "$D8" "${DEVICE_FLAG[@]}" --scenario cold --loader disk --json |
+                tag disk qwen3-8b cold | json_lines probe
+        done
+    fi
+    D06=${DIRS[qwen3-0.6b]:-}
+    if probe pin && [ -n "$D06" ]; then
+        for i in 1 2 3; do
+            for pin in alloc huge; do
+                log "== probe: qwen3-0.6b cold, FLASH_PINNED=$pin ($i)"
+                evict_all "$D06"
+                FLASH_PINNED=$pin timeout 120 "$FLASH" -q bench "$D06" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json |
+                    python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d=json.loads(l); d["pinned"]=sys.argv[1]; d["target"]="flash-safetensors"; d["model"]="qwen3-0.6b"; print(json.dumps(d))' "$pin" | json_lines probe
+            done
+        done
+    fi
+fi
 if stage ttft && [ -n "$M8" ]; then
     if true; then
         log "== TTFT: transformers (python -c start, from_pretrained, generate)"
@@ -291,6 +346,9 @@ if stage ttft && [ -n "$M8" ]; then
             python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
             "$FLASH" stop
         }
+        log "== TTFT: flash run --no-daemon, cold from disk (this process streams the model to the GPU)"
+        evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+        python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --card "$CARD" | json_lines ttft
         log "== the cold load it compares with (flash bench, same files)"
         timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
     fi
@@ -322,9 +380,18 @@ fi
 DAEMON_SCENARIOS=${DAEMON_SCENARIOS:-upload swap}
 if stage daemon && [ -n "$M8" ] && [[ $DAEMON_SCENARIOS == *upload* ]]; then
     log "== daemon: upload (memory tier -> GPU) and attach (share mode), $M8"
-    "$FLASH" start --mem-pool 20G --http off && {
-        timeout 240 "$FLASH" bench-daemon --scenario upload --model "$M8" --repeat 5 --json | json_lines daemon
+    # -vv: the daemon logs each acquire's phases (daemon.log).
+    "$FLASH" -vv start --mem-pool 20G --http off && {
+        # Attach on a fresh GPU tier, then after five unload/upload cycles
+        # of the same 16 GB image (the driver's allocations churned).
         timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json | json_lines daemon
+        timeout 240 "$FLASH" bench-daemon --scenario upload --model "$M8" --repeat 5 --json | json_lines daemon
+        # The same attach without the client's anchor allocation (A/B).
+        FLASH_IPC_ANCHOR=0 timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json |
+            python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"): d=json.loads(l); d["anchor"]=False; print(json.dumps(d))' | json_lines daemon
+        grep -a "acquire" "$FLASH_HOME/daemon.log" | grep -a "tensors_ms" | tail -4
         "$FLASH" stop
     }
 fi

@@ -2,12 +2,14 @@
 contender: the harness starts the process and stops the clock when the first
 byte of generated text reaches the pipe.
 
-    python3 bench/ttft.py flash   --flash BIN --model NAME_OR_DIR [--scenario S] [--card C]
+    python3 bench/ttft.py flash   --flash BIN --model NAME_OR_DIR [--scenario S] [--card C] [--no-daemon]
     python3 bench/ttft.py transformers --model-dir DIR [--card C]
 
 `flash` runs `flash run MODEL PROMPT --raw --max-tokens 8 --temperature 0`
 (the scenario — memory, gpu, cold — is prepared by the caller: bench/device.sh
-loads the model into the daemon's tier or evicts the page cache first).
+loads the model into the daemon's tier or evicts the page cache first);
+`--no-daemon` runs it in the measured process instead (the model streamed
+from disk to the GPU by that process: flash's cold start without a daemon).
 `transformers` runs `python3 -c` that imports torch and transformers, calls
 `from_pretrained(dir, dtype=bfloat16, device_map="cuda:0")` and generates
 with a streamer that prints each piece of text as it comes.
@@ -62,10 +64,13 @@ def main():
     ap.add_argument("--label", default=None, help="model name in the output")
     ap.add_argument("--scenario", default="cold")
     ap.add_argument("--card", default="unknown")
+    ap.add_argument("--no-daemon", action="store_true", help="flash run --no-daemon (in-process)")
     ap.add_argument("--extra", default="", help="extra flash run arguments")
     a = ap.parse_args()
     if a.who == "flash":
         cmd = [a.flash, "run", a.model, PROMPT, "--raw", "--max-tokens", "8", "--temperature", "0"]
+        if a.no_daemon:
+            cmd.append("--no-daemon")
         cmd += a.extra.split()
         first, total, rc, err = first_byte(cmd)
         loader = "flash-run"

@@ -11,6 +11,7 @@ the parameters, tied weights are tied, and buffers move to the device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from pathlib import Path
 
@@ -78,26 +79,45 @@ def _from_config(transformers, config, dtype, trust_remote_code):
     return AutoModelForCausalLM.from_config(config, **kw)
 
 
-def build(folder, state: dict, dtype=None, device=None, trust_remote_code: bool = False):
-    """A causal LM of the config in `folder` whose parameters are the tensors
-    of `state` (assigned, not copied; converted only where `dtype` differs).
-    Returns the model in eval mode."""
+def _target_dtype(torch, config, dtype, state=None):
+    """The parameters' dtype: `dtype`, else the config's, else the most
+    common floating dtype of `state` (None when that is needed but absent)."""
+    target = _torch_dtype(torch, dtype)
+    if target is None:
+        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        target = _torch_dtype(torch, cfg_dtype) if cfg_dtype is not None else None
+    if target is None and state is not None:
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        target = max(set(floats), key=floats.count) if floats else torch.float32
+    return target
+
+
+def skeleton(folder, dtype=None, trust_remote_code: bool = False, state=None):
+    """The model of the config in `folder` with its parameters on the meta
+    device, and their dtype. Needs `state` only when neither `dtype` nor the
+    config names one."""
     import torch
     import transformers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    target = _torch_dtype(torch, dtype)
+    target = _target_dtype(torch, config, dtype, state)
     if target is None:
-        cfg_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        target = _torch_dtype(torch, cfg_dtype) if cfg_dtype is not None else None
-    if target is None:
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        target = max(set(floats), key=floats.count) if floats else torch.float32
-    if device is None:
-        device = next(iter(state.values())).device if state else torch.device("cpu")
+        return None, None
     with _params_on_meta():
         model = _from_config(transformers, config, target, trust_remote_code)
+    return model, target
+
+
+def assign(folder, model, target, state: dict, device=None):
+    """Makes the tensors of `state` the parameters of `model` (a
+    [`skeleton`]; assigned, not copied; converted only where `target`
+    differs). Returns the model in eval mode."""
+    import torch
+    import transformers
+
+    if device is None:
+        device = next(iter(state.values())).device if state else torch.device("cpu")
     cache, out = {}, {}
     for name, t in state.items():
         if t.is_floating_point() and t.dtype != target:
@@ -139,13 +159,22 @@ def build(folder, state: dict, dtype=None, device=None, trust_remote_code: bool 
     return model
 
 
+def _tokenizer(folder, trust_remote_code):
+    from transformers import AutoTokenizer
+
+    if any((Path(folder) / f).exists() for f in
+           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return None
+
+
 def load(model_id: str, info: dict, dtype=None, device_map=None, copy: bool = False,
          trust_remote_code: bool = False, **_ignored):
     """`(model, tokenizer)` of a stored model (see the module doc)."""
     try:
         import torch
         import transformers  # noqa: F401
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # noqa: F401
     except ImportError as e:
         raise FlashError(
             f"the transformers backend needs torch and transformers ({e}): "
@@ -155,11 +184,18 @@ def load(model_id: str, info: dict, dtype=None, device_map=None, copy: bool = Fa
 
     device = _single_device(torch, device_map)
     dm = {"": "cpu"} if device.type == "cpu" else {"": device.index or 0}
-    state = load_dict(model_id, dm, copy=copy, framework="torch")
     folder = info["path"]
-    model = build(folder, state, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    tokenizer = None
-    if any((Path(folder) / f).exists() for f in
-           ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # The weights come from the daemon (upload to the GPU, IPC mapping) on a
+    # thread with the GIL released, while this one builds the model on the
+    # meta device and reads the tokenizer: the three overlap.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flash-load") as pool:
+        weights = pool.submit(load_dict, model_id, dm, copy=copy, framework="torch")
+        try:
+            model, target = skeleton(folder, dtype, trust_remote_code)
+            tokenizer = _tokenizer(folder, trust_remote_code)
+        finally:
+            state = weights.result()
+    if model is None:  # no dtype named anywhere: the checkpoint's decides
+        model, target = skeleton(folder, dtype, trust_remote_code, state)
+    model = assign(folder, model, target, state, device)
     return model, tokenizer

@@ -183,7 +183,7 @@ def run_json(flash_bin, model, *args, storage=None):
     cmd = [flash_bin, "-q"]
     if storage:
         cmd += ["--storage", str(storage)]
-    cmd += ["run", str(model), *map(str, args), "--json", "--no-daemon"]
+    cmd += ["run", str(model), *map(str, args), "--json", "--no-daemon", "--device", "cpu"]  # the f32 reference
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr}"
     assert "panicked" not in r.stderr, r.stderr

@@ -92,6 +92,9 @@ pub enum Command {
     /// Teacher-forced logits of every position, written as f32 (checks against a reference)
     #[command(hide = true)]
     EngineLogits(crate::engine_cli::EngineLogitsArgs),
+    /// Time for a second process to map a large GPU allocation: CUDA IPC vs. VMM handles
+    #[command(hide = true)]
+    BenchIpc(crate::bench_ipc::BenchIpcArgs),
     /// Generate text with a model: streams to stdout, timings on stderr
     Run(crate::run::RunArgs),
     /// Start the daemon (in the background, unless --foreground)

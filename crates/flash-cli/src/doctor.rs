@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use flash_sys::cuda::{self, Direction, Gpu, GpuInfo};
+use flash_sys::cuda::{self, Direction, Gpu, GpuInfo, PinMethod};
 use flash_sys::os;
 
 const GIB: usize = 1 << 30;
@@ -63,6 +63,11 @@ pub struct DoctorReport {
     pub gpus: Vec<GpuReport>,
     /// Pinning fresh host memory (`cuMemHostAlloc` of 2 × 512 MiB, zeroed).
     pub pin_gbps: Option<f64>,
+    /// Pinning the same with `FLASH_PINNED=huge` (an anonymous mapping on
+    /// transparent huge pages, `cuMemHostRegister`).
+    pub pin_huge_gbps: Option<f64>,
+    /// `/sys/kernel/mm/transparent_hugepage/enabled` (e.g. "always [madvise] never").
+    pub transparent_hugepages: Option<String>,
     /// Pinned host → GPU 0, 1 GiB in 64 MiB pieces over 2 streams, best of 3.
     pub h2d_pinned_gbps: Option<f64>,
     /// GPU 0 → pinned host, likewise.
@@ -161,6 +166,12 @@ fn collect_sized(store_dir: &Path, disk_bytes: u64) -> DoctorReport {
         cuda_version: None,
         gpus: Vec::new(),
         pin_gbps: None,
+        pin_huge_gbps: None,
+        transparent_hugepages: std::fs::read_to_string(
+            "/sys/kernel/mm/transparent_hugepage/enabled",
+        )
+        .ok()
+        .map(|v| v.trim().to_string()),
         h2d_pinned_gbps: None,
         d2h_pinned_gbps: None,
         d2d_gbps: None,
@@ -227,9 +238,21 @@ fn copy_checks(r: &mut DoctorReport, gpu: &Gpu) -> Result<()> {
     let t = Instant::now();
     let mut bufs = Vec::with_capacity(COPY_STREAMS);
     for _ in 0..COPY_STREAMS {
-        bufs.push(gpu.pinned(per_buf)?);
+        bufs.push(gpu.pinned_with(per_buf, PinMethod::HostAlloc)?);
     }
     r.pin_gbps = Some(gbps(per_buf * COPY_STREAMS, t.elapsed().as_secs_f64()));
+    {
+        let t = Instant::now();
+        let huge = (0..COPY_STREAMS)
+            .map(|_| gpu.pinned_with(per_buf, PinMethod::HugePages))
+            .collect::<Result<Vec<_>, _>>();
+        match huge {
+            Ok(_) => {
+                r.pin_huge_gbps = Some(gbps(per_buf * COPY_STREAMS, t.elapsed().as_secs_f64()))
+            }
+            Err(e) => tracing::warn!("pinning on huge pages: {e}"),
+        }
+    }
     for (i, b) in bufs.iter_mut().enumerate() {
         fill_noise(b, i as u64 + 1);
     }
@@ -519,6 +542,14 @@ pub fn render(r: &DoctorReport) -> String {
             _ => opt_gbps(v),
         };
         row("pin host memory", opt_gbps(r.pin_gbps));
+        row(
+            "pin on huge pages",
+            format!(
+                "{}  (THP: {})",
+                opt_gbps(r.pin_huge_gbps),
+                r.transparent_hugepages.as_deref().unwrap_or("unknown")
+            ),
+        );
         row("H2D pinned", of_link(r.h2d_pinned_gbps));
         row("D2H pinned", of_link(r.d2h_pinned_gbps));
         row("H2D pageable", of_link(r.h2d_pageable_gbps));

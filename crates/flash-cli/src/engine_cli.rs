@@ -10,7 +10,7 @@
 //!   reference forward on synthesized Qwen3 and Llama models.
 
 use crate::commands::{model_name, Ctx};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use flash_engine::gpu::{compare_logits, GpuEngine, GpuOptions, LogitsAgreement};
 use flash_engine::{Backend, CpuModel, CpuOptions, ModelConfig};
@@ -38,6 +38,9 @@ pub struct BenchEngineArgs {
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Decode with cuBLAS products only (not the fused decode kernels)
+    #[arg(long)]
+    pub no_fused_decode: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -67,7 +70,11 @@ pub struct EngineLogitsArgs {
     pub hf_rounding: bool,
 }
 
-fn model_dir(ctx: &Ctx, model: &str) -> Result<PathBuf> {
+// Shared with `flash run` (in-process): one resolution of a model, a GPU
+// and the kernel cache for every command that builds an engine.
+
+/// The model folder of `model`: a folder path, else a store name (ORG/NAME).
+pub(crate) fn model_dir(ctx: &Ctx, model: &str) -> Result<PathBuf> {
     let p = Path::new(model);
     if p.is_dir() {
         return Ok(p.to_path_buf());
@@ -78,14 +85,18 @@ fn model_dir(ctx: &Ctx, model: &str) -> Result<PathBuf> {
     Ok(ctx.store()?.existing(&name)?)
 }
 
-fn gpu(ordinal: usize) -> Result<Gpu> {
-    let c = cuda::probe().map_err(|why| anyhow::anyhow!("the GPU engine needs a GPU: {why}"))?;
-    Ok(c.device(ordinal)?)
+/// GPU `ordinal`, or an error that names it (`cuda:N`) and says why it is
+/// not usable (no driver, no such GPU). Never panics without a driver.
+pub(crate) fn gpu(ordinal: usize) -> Result<Gpu> {
+    let c = cuda::probe().map_err(|why| anyhow!("cuda:{ordinal}: no usable GPU: {why}"))?;
+    c.device(ordinal)
+        .with_context(|| format!("cuda:{ordinal} is not usable"))
 }
 
-fn kernel_cache(ctx: &Ctx) -> Option<PathBuf> {
-    let root = ctx.store().ok().map(|s| s.root().to_path_buf());
-    ops::default_kernel_cache(root.as_deref())
+/// Where compiled kernels are cached: `$FLASH_KERNEL_CACHE`, else the
+/// store's `kernels` folder (the daemon's too, so a warm start hits it).
+pub(crate) fn kernel_cache(ctx: &Ctx) -> Option<PathBuf> {
+    ops::default_kernel_cache(Some(&ctx.home()))
 }
 
 /// The device-to-device bandwidth (bytes read + written per second), as
@@ -136,6 +147,11 @@ struct BenchReport {
     decode_ms_per_token: f64,
     decode_fraction_of_roofline: f64,
     decode_with_logits_tokens_per_s: f64,
+    /// Whether decode used the fused kernels (else cuBLAS only).
+    decode_fused: bool,
+    /// Decode tokens/s on the other path (cuBLAS when fused, and back),
+    /// measured right after; absent when only one path can run.
+    decode_other_path_tokens_per_s: Option<f64>,
     profile: flash_engine::gpu::DecodeProfile,
 }
 
@@ -147,6 +163,7 @@ pub fn bench(ctx: &Ctx, a: BenchEngineArgs) -> Result<ExitCode> {
         max_seq_len: Some((a.prompt_len + a.decode + 1).max(64)),
         batch_tokens: a.prompt_len.clamp(1, 2048),
         kernel_cache: kernel_cache(ctx),
+        fused_decode: !a.no_fused_decode,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -177,17 +194,34 @@ pub fn bench(ctx: &Ctx, a: BenchEngineArgs) -> Result<ExitCode> {
         ttft = ttft.min(t.elapsed().as_secs_f64());
     }
 
-    let mut decode = f64::MAX;
-    let mut decode_logits = f64::MAX;
     let n = a.decode.max(1);
-    for _ in 0..repeat {
-        e.forward_greedy(&prompt, 0)?;
-        let t = Instant::now();
-        let mut tok = next;
-        for i in 0..n {
-            tok = e.forward_greedy(&[tok], prompt.len() + i)?;
+    // Greedy decode of n tokens after the prompt (best of `repeat`).
+    let time_decode = |e: &mut GpuEngine| -> Result<f64> {
+        let mut best = f64::MAX;
+        for _ in 0..repeat {
+            e.forward_greedy(&prompt, 0)?;
+            let t = Instant::now();
+            let mut tok = next;
+            for i in 0..n {
+                tok = e.forward_greedy(&[tok], prompt.len() + i)?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
         }
-        decode = decode.min(t.elapsed().as_secs_f64());
+        Ok(best)
+    };
+    let decode = time_decode(&mut e)?;
+    let fused = e.set_fused_decode(!a.no_fused_decode);
+    // The other product path, same engine, same run (an A/B of the fused
+    // decode kernels against cuBLAS).
+    let other_path = e.set_fused_decode(a.no_fused_decode);
+    let decode_other = if other_path != fused {
+        Some(n as f64 / time_decode(&mut e)?)
+    } else {
+        None
+    };
+    e.set_fused_decode(!a.no_fused_decode);
+    let mut decode_logits = f64::MAX;
+    for _ in 0..repeat {
         // With the logits copied to the host (what sampling needs).
         e.forward_greedy(&prompt, 0)?;
         let t = Instant::now();
@@ -227,6 +261,8 @@ pub fn bench(ctx: &Ctx, a: BenchEngineArgs) -> Result<ExitCode> {
         decode_ms_per_token: decode * 1e3 / n as f64,
         decode_fraction_of_roofline: tps / roofline,
         decode_with_logits_tokens_per_s: n as f64 / decode_logits,
+        decode_fused: fused,
+        decode_other_path_tokens_per_s: decode_other,
         profile,
     };
     if a.json {
@@ -259,6 +295,15 @@ pub fn bench(ctx: &Ctx, a: BenchEngineArgs) -> Result<ExitCode> {
             r.kernels_compile_s,
             r.kernels_load_s,
         );
+        let path = |fused: bool| if fused { "fused kernels" } else { "cuBLAS" };
+        if let Some(other) = r.decode_other_path_tokens_per_s {
+            println!(
+                "  decode products: {} ({:.1} tokens/s with {})",
+                path(r.decode_fused),
+                other,
+                path(!r.decode_fused)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,20 +3,30 @@
 //!
 //! A store model goes through the daemon (started when none runs, like
 //! ollama), which keeps it resident between runs: see `run_remote`. With
-//! `--no-daemon` (or a model folder, `--logits`, `--device cpu`) it runs in
-//! this process on the CPU engine (flash-engine's f32 reference); the GPU
-//! backend here is marked `SEAM(gpu)`.
+//! `--no-daemon` (or a model folder, `--logits`, `--device cpu|cuda:N`) it
+//! runs in this process: on the GPU engine (flash-engine's `GpuEngine`,
+//! weights streamed from disk straight to the GPU by the loader) when
+//! `--device` is `cuda:N`, or `auto` with a usable GPU and an all-bf16
+//! model; else on the CPU engine (the f32 reference). Both sit behind
+//! flash-engine's `Backend`, so generation, `--json` and `--logits` are the
+//! same on either. The TTFT it prints is measured from this process's
+//! start, as through the daemon.
 
-use crate::commands::{model_name, Ctx};
+use crate::commands::Ctx;
+use crate::engine_cli::{gpu, kernel_cache, model_dir};
+use crate::run_remote::ProcessClock;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use flash_engine::{
-    generate, Backend, CpuModel, CpuOptions, GenerateOptions, Generation, Message, ModelConfig,
-    SamplingParams, TextTokenizer,
+    generate, Backend, CpuModel, CpuOptions, GenerateOptions, Generation, GpuEngine, GpuOptions,
+    Message, ModelConfig, SamplingParams, TextTokenizer,
 };
-use flash_load::LoadOptions;
+use flash_format::DType;
+use flash_load::{LoadOptions, ModelSource};
+use flash_sys::cuda::{self, Gpu};
+use flash_sys::os;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -67,21 +77,11 @@ pub struct RunArgs {
     /// Run in this process instead of through the flash daemon
     #[arg(long)]
     pub no_daemon: bool,
-    /// auto or cpu (the GPU engine is not in this build yet)
+    /// auto (a GPU when one is usable and the model is bf16, else the
+    /// CPU), cpu, or cuda:N (that GPU, or an error); cpu and cuda:N run in
+    /// this process
     #[arg(long, default_value = "auto")]
     pub device: String,
-}
-
-/// The model folder of `model`: a folder path, else a store name.
-fn model_dir(ctx: &Ctx, model: &str) -> Result<PathBuf> {
-    let p = Path::new(model);
-    if p.is_dir() {
-        return Ok(p.to_path_buf());
-    }
-    let name = model_name(model).with_context(|| {
-        format!("{model:?} is neither a folder nor a store model name (ORG/NAME)")
-    })?;
-    Ok(ctx.store()?.existing(&name)?)
 }
 
 /// Sampling from the flags, falling back on `generation_config.json` the way
@@ -141,36 +141,178 @@ fn prompt_ids(a: &RunArgs, tok: &TextTokenizer, prompt: &str) -> Result<Vec<u32>
     Ok(tok.encode(&text, false)?)
 }
 
+/// Where `--device` asks to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeviceChoice {
+    /// GPU 0 when usable and the model is all bf16, else the CPU.
+    Auto,
+    Cpu,
+    /// This GPU, or an error.
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice> {
+    Ok(match s {
+        "auto" => DeviceChoice::Auto,
+        "cpu" => DeviceChoice::Cpu,
+        "cuda" | "gpu" => DeviceChoice::Cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => DeviceChoice::Cuda(n),
+            _ => bail!("--device {other:?}: expected auto, cpu or cuda:N"),
+        },
+    })
+}
+
+/// The GPU to run on, `None` for the CPU. `cuda:N` must be usable (the
+/// error names it); `auto` falls back to the CPU quietly (one info line)
+/// without a usable GPU 0, or for a model that is not all bf16 (the GPU
+/// engine reads bf16 weights), as the daemon does.
+fn pick_gpu(choice: DeviceChoice, source: &ModelSource) -> Result<Option<Gpu>> {
+    match choice {
+        DeviceChoice::Cpu => Ok(None),
+        DeviceChoice::Cuda(n) => gpu(n).map(Some),
+        DeviceChoice::Auto => {
+            if let Some(t) = source.tensors.iter().find(|t| t.dtype != DType::BF16) {
+                tracing::info!(
+                    tensor = %t.name,
+                    dtype = %t.dtype,
+                    "the model is not all bf16: running on the CPU engine"
+                );
+                return Ok(None);
+            }
+            match cuda::probe().map(|c| c.device(0)) {
+                Ok(Ok(g)) => Ok(Some(g)),
+                Ok(Err(e)) => {
+                    tracing::info!("GPU 0 is not usable ({e}): running on the CPU engine");
+                    Ok(None)
+                }
+                Err(why) => {
+                    tracing::info!("no usable GPU ({why}): running on the CPU engine");
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// Where a load reads the model from: "page cache" when most of its bytes
+/// are cached (the loader then reads buffered), else "disk" (O_DIRECT).
+fn load_source(source: &ModelSource) -> &'static str {
+    let (mut cached, mut total) = (0.0, 0.0);
+    for f in &source.files {
+        let residency = std::fs::File::open(&f.path)
+            .and_then(|file| os::page_cache_residency(&file))
+            .unwrap_or(0.0);
+        cached += residency * f.len as f64;
+        total += f.len as f64;
+    }
+    if total > 0.0 && cached >= 0.5 * total {
+        "page cache"
+    } else {
+        "disk"
+    }
+}
+
+/// The model loaded in this process, ready to generate.
+struct Loaded {
+    backend: Box<dyn Backend>,
+    /// "gpu-bf16" or "cpu-f32" (the `engine` field of `--json`).
+    engine: &'static str,
+    /// "disk" or "page cache".
+    from: &'static str,
+}
+
+/// Loads `dir` on the device `choice` picks. `max_seq` (prompt + tokens to
+/// generate) sizes the GPU's KV cache, allocated up front.
+fn load(
+    ctx: &Ctx,
+    dir: &Path,
+    choice: DeviceChoice,
+    cfg: &ModelConfig,
+    max_seq: usize,
+) -> Result<Loaded> {
+    let source =
+        ModelSource::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    let gpu = pick_gpu(choice, &source)?;
+    let from = load_source(&source);
+    drop(source);
+    let lo = LoadOptions::default();
+    match gpu {
+        Some(gpu) => {
+            let opts = GpuOptions {
+                max_seq_len: Some(max_seq.clamp(1, cfg.max_position_embeddings.max(1))),
+                kernel_cache: kernel_cache(ctx),
+                ..Default::default()
+            };
+            let ordinal = gpu.ordinal();
+            let (engine, report) = GpuEngine::load(dir, &gpu, &lo, &opts).with_context(|| {
+                let hint = if choice == DeviceChoice::Auto {
+                    " (--device cpu runs it on the CPU)"
+                } else {
+                    ""
+                };
+                format!("cannot load {} onto cuda:{ordinal}{hint}", dir.display())
+            })?;
+            let k = engine.kernel_info();
+            tracing::info!(
+                read_s = report.load.as_secs_f64(),
+                gbps = report.stats.gbps(),
+                setup_s = report.setup.as_secs_f64(),
+                kernels_cached = k.cache_hit,
+                from,
+                "model loaded onto the GPU"
+            );
+            Ok(Loaded {
+                backend: Box::new(engine),
+                engine: "gpu-bf16",
+                from,
+            })
+        }
+        None => {
+            let (model, report) = CpuModel::load(dir, &lo, &CpuOptions::default())
+                .with_context(|| format!("cannot load {}", dir.display()))?;
+            tracing::info!(
+                read_s = report.read.as_secs_f64(),
+                convert_s = report.convert.as_secs_f64(),
+                bytes = report.bytes,
+                from,
+                "model loaded"
+            );
+            Ok(Loaded {
+                backend: Box::new(model),
+                engine: "cpu-f32",
+                from,
+            })
+        }
+    }
+}
+
 pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
     let started = Instant::now();
-    match a.device.as_str() {
-        "auto" | "cpu" => {}
-        other => bail!("--device {other}: this build runs models on the CPU only (auto, cpu)"),
-    }
+    let choice = parse_device(&a.device)?;
     if crate::run_remote::wanted(&a) {
         // Through the daemon (started if none runs): see run_remote.
         let prompt = read_prompt(&a)?;
         return crate::run_remote::run(ctx, &a, &prompt, started);
     }
+    let clock = ProcessClock::new(started);
     let prompt = read_prompt(&a)?;
     let dir = model_dir(ctx, &a.model)?;
 
     let t0 = Instant::now();
     let cfg = ModelConfig::from_dir(&dir)?;
     let tok = TextTokenizer::from_dir(&dir)?;
-    // SEAM(gpu): with `--device auto` and a usable GPU, build the GPU
-    // backend here (flash-engine's gpu module) instead of the CPU one.
-    let (mut model, report) = CpuModel::load(&dir, &LoadOptions::default(), &CpuOptions::default())
-        .with_context(|| format!("cannot load {}", dir.display()))?;
-    let load_s = t0.elapsed().as_secs_f64();
-    tracing::info!(
-        read_s = report.read.as_secs_f64(),
-        convert_s = report.convert.as_secs_f64(),
-        bytes = report.bytes,
-        "model loaded"
-    );
-
     let ids = prompt_ids(&a, &tok, &prompt)?;
+    // `--logits` works on either engine (the prompt's last logits come back
+    // through `Backend::forward`); the GPU's come from bf16 weights, so a
+    // check against an f32 reference wants `--device cpu`.
+    let Loaded {
+        backend: mut model,
+        engine,
+        from,
+    } = load(ctx, &dir, choice, &cfg, ids.len() + a.max_tokens)?;
+    let load_s = t0.elapsed().as_secs_f64();
+
     let mut eos = cfg.eos_token_ids.clone();
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -182,7 +324,9 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
     let stream = !a.json;
     let mut stdout = std::io::stdout().lock();
     let mut write_failed = None;
+    let mut first_text: Option<f64> = None;
     let mut on_text = |piece: &str| {
+        first_text.get_or_insert_with(|| clock.now());
         if !stream {
             return true;
         }
@@ -198,7 +342,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
             }
         }
     };
-    let g = generate(&mut model, &tok, &ids, &opts, &mut on_text)?;
+    let g = generate(model.as_mut(), &tok, &ids, &opts, &mut on_text)?;
+    // No text at all (an end-of-sequence first): the first token came at
+    // the end.
+    let ttft_s = first_text.unwrap_or_else(|| clock.now());
     if let Some(e) = write_failed {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return Err(e).context("cannot write to stdout");
@@ -206,14 +353,21 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let device = model.device();
+    let t = Timings {
+        engine,
+        from,
+        load_s,
+        ttft_s,
+    };
     if a.json {
-        print_json(&a, &dir, &device, &opts, load_s, &g)?;
+        print_json(&a, &dir, &device, &opts, &t, &g)?;
     } else {
         let _ = writeln!(stdout);
     }
     if !ctx.quiet {
         eprintln!(
-            "load {load_s:.2}s · prompt {} tokens, TTFT {:.3}s ({:.0} tokens/s) · {} tokens at {:.1} tokens/s · {} ({})",
+            "load {load_s:.2}s (from {from}) · prompt {} tokens, TTFT {ttft_s:.3}s from process start \
+             ({:.3}s after the load, prefill {:.0} tokens/s) · {} tokens at {:.1} tokens/s · {} ({})",
             g.prompt_token_ids.len(),
             g.ttft_s,
             g.prefill_tokens_per_s(),
@@ -226,12 +380,21 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `flash run` measured around the generation.
+struct Timings {
+    engine: &'static str,
+    from: &'static str,
+    load_s: f64,
+    /// From the process start to the first text.
+    ttft_s: f64,
+}
+
 fn print_json(
     a: &RunArgs,
     dir: &Path,
     device: &str,
     opts: &GenerateOptions,
-    load_s: f64,
+    t: &Timings,
     g: &Generation,
 ) -> Result<()> {
     let s = &opts.sampling;
@@ -239,14 +402,16 @@ fn print_json(
         "model": a.model,
         "path": dir,
         "device": device,
-        "engine": "cpu-f32",
+        "engine": t.engine,
         "prompt_token_ids": g.prompt_token_ids,
         "token_ids": g.token_ids,
         "text": g.text,
         "finish_reason": g.finish_reason.as_str(),
-        "load_s": load_s,
+        "load_s": t.load_s,
+        "served_from": t.from,
         "prefill_s": g.prefill_s,
-        "ttft_s": g.ttft_s,
+        "ttft_s": t.ttft_s,
+        "engine_ttft_s": g.ttft_s,
         "decode_s": g.decode_s,
         "tokens_per_s": g.tokens_per_s(),
         "sampling": {

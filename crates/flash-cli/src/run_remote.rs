@@ -41,20 +41,21 @@ fn process_age() -> Option<f64> {
     Some((up - start_ticks / 100.0).max(0.0))
 }
 
-/// A clock that reads seconds since this process started.
-struct ProcessClock {
+/// A clock that reads seconds since this process started (in-process
+/// `flash run` reads its TTFT from it too).
+pub(crate) struct ProcessClock {
     age_at: f64,
     at: Instant,
 }
 
 impl ProcessClock {
-    fn new(fallback: Instant) -> Self {
+    pub(crate) fn new(fallback: Instant) -> Self {
         let at = Instant::now();
         let age_at = process_age().unwrap_or_else(|| (at - fallback).as_secs_f64());
         ProcessClock { age_at, at }
     }
 
-    fn now(&self) -> f64 {
+    pub(crate) fn now(&self) -> f64 {
         self.age_at + self.at.elapsed().as_secs_f64()
     }
 }

@@ -1070,3 +1070,181 @@ fn import_killed_half_way_leaves_no_model_and_no_temporary() {
     assert_eq!(std::fs::read_dir(&tmp_dir).unwrap().count(), 0);
     // tmp (1.2 GB of synth, 1.1 GB of store) is removed when `tmp` drops.
 }
+
+// ---------------------------------------------------------------------------
+// `flash run` in this process: the device it picks
+// ---------------------------------------------------------------------------
+
+/// A tiny synthesized Qwen3 folder (bf16, so `--device auto` would take a
+/// GPU) in `tmp`, and a store folder beside it.
+fn tiny_run_model(tmp: &Path) -> (PathBuf, PathBuf) {
+    let (store, model) = (tmp.join("store"), tmp.join("qwen3-tiny"));
+    ok(
+        "synth",
+        flash(&store, &["synth", "qwen3", "tiny", s(&model)]),
+    );
+    (store, model)
+}
+
+/// `flash run MODEL PROMPT ARGS...` with CUDA disabled (no GPU, even on a
+/// machine that has one).
+fn run_without_gpu(store: &Path, model: &Path, args: &[&str]) -> Command {
+    let mut c = command(store, &["run", s(model), "Hello there"]);
+    c.args(args).env("FLASH_NO_CUDA", "1");
+    c
+}
+
+#[test]
+fn run_on_a_missing_gpu_fails_cleanly_and_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, model) = tiny_run_model(tmp.path());
+    for (device, name) in [
+        ("cuda:0", "cuda:0"),
+        ("cuda:3", "cuda:3"),
+        ("cuda", "cuda:0"),
+    ] {
+        let out = run_without_gpu(&store, &model, &["--device", device, "--json"])
+            .output()
+            .unwrap();
+        assert_clean_error(
+            &format!("run --device {device}"),
+            &out,
+            &[name, "no usable GPU", "FLASH_NO_CUDA"],
+        );
+        assert!(out.stdout.is_empty(), "{device}: printed {:?}", out.stdout);
+    }
+    // A store name with --device cuda:0 runs in this process (not through
+    // a daemon): the same error, and no daemon was started.
+    ok(
+        "pull",
+        flash(&store, &["pull", "--from", s(&model), "--name", "t/tiny"]),
+    );
+    let out = command(&store, &["run", "t/tiny", "hi", "--device", "cuda:0"])
+        .env("FLASH_NO_CUDA", "1")
+        .output()
+        .unwrap();
+    assert_clean_error(
+        "run t/tiny --device cuda:0",
+        &out,
+        &["cuda:0", "no usable GPU"],
+    );
+    assert!(!store.join("daemon.pid").exists() && !store.join("flash.sock").exists());
+    let out = run_without_gpu(&store, &model, &["--device", "tpu"])
+        .output()
+        .unwrap();
+    assert_clean_error(
+        "run --device tpu",
+        &out,
+        &["\"tpu\"", "auto, cpu or cuda:N"],
+    );
+}
+
+#[test]
+fn run_auto_falls_back_to_the_cpu_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, model) = tiny_run_model(tmp.path());
+    let greedy = ["--temperature", "0", "--max-tokens", "6", "--json"];
+    let out = run_without_gpu(&store, &model, &greedy)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let auto: Value = serde_json::from_str(&ok("run --device auto", out)).unwrap();
+    // One info line says why, nothing louder.
+    let why: Vec<&str> = err.lines().filter(|l| l.contains("CPU engine")).collect();
+    assert_eq!(why.len(), 1, "{err}");
+    assert!(
+        why[0].contains("INFO") && why[0].contains("FLASH_NO_CUDA"),
+        "{err}"
+    );
+    assert!(!err.contains("WARN") && !err.contains("ERROR"), "{err}");
+    assert_eq!(auto["device"], "cpu", "{auto}");
+    assert_eq!(auto["engine"], "cpu-f32", "{auto}");
+    let from = auto["served_from"].as_str().unwrap_or_default();
+    assert!(from == "disk" || from == "page cache", "{auto}");
+    // TTFT counts from the process start: the load and the engine's own
+    // time to the first token lie inside it.
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
+    assert!(
+        f(&auto, "ttft_s") >= f(&auto, "load_s") + f(&auto, "engine_ttft_s"),
+        "{auto}"
+    );
+    assert!(f(&auto, "ttft_s") < 60.0, "{auto}");
+
+    // --device cpu: the same engine, the same greedy tokens.
+    let cpu = json_out(
+        "run --device cpu",
+        run_without_gpu(
+            &store,
+            &model,
+            &[&greedy[..], &["--device", "cpu"]].concat(),
+        )
+        .output()
+        .unwrap(),
+    );
+    for k in ["prompt_token_ids", "token_ids", "text", "device", "engine"] {
+        assert_eq!(auto[k], cpu[k], "{k}");
+    }
+    assert_eq!(
+        auto["token_ids"].as_array().map(Vec::len),
+        Some(6),
+        "{auto}"
+    );
+
+    // --logits on the engine --device auto picked: the prompt's last logits.
+    let l = json_out(
+        "run --logits",
+        run_without_gpu(&store, &model, &["--json", "--logits", "--max-tokens", "0"])
+            .output()
+            .unwrap(),
+    );
+    let vocab = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let vocab: Value = serde_json::from_str(&vocab).unwrap();
+    assert_eq!(
+        l["last_logits"].as_array().map(Vec::len),
+        vocab["vocab_size"].as_u64().map(|v| v as usize)
+    );
+
+    // Without -q: the text on stdout, one status line on stderr naming the
+    // device, where the load came from and the TTFT from the process start.
+    let out = Command::new(BIN)
+        .args(["--storage", s(&store), "run", s(&model), "Hello there"])
+        .args(["--temperature", "0", "--max-tokens", "6"])
+        .env_remove("RUST_LOG")
+        .env("FLASH_NO_CUDA", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    let text = ok("run", out);
+    // (the newline ends the output)
+    assert_eq!(text, format!("{}\n", auto["text"].as_str().unwrap()));
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    for want in [
+        "load ",
+        "(from ",
+        "TTFT ",
+        "from process start",
+        "tokens/s",
+        "· cpu (",
+    ] {
+        assert!(lines[0].contains(want), "{want:?} not in {err}");
+    }
+}
+
+/// `flash bench-ipc` (hidden) without CUDA: one clean error, exit 1, no panic.
+#[test]
+fn bench_ipc_without_cuda_fails_cleanly() {
+    let store = tempfile::tempdir().unwrap();
+    let out = command(store.path(), &["bench-ipc", "--sizes", "0.01"])
+        .env("FLASH_NO_CUDA", "1")
+        .output()
+        .expect("run flash");
+    assert_clean_error(
+        "bench-ipc without CUDA",
+        &out,
+        &["bench-ipc needs a CUDA GPU", "FLASH_NO_CUDA"],
+    );
+    assert!(out.stdout.is_empty(), "no table without a GPU");
+}

@@ -42,7 +42,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The lock file in `$FLASH_HOME`.
 pub const LOCK_FILE: &str = "daemon.lock";
@@ -1029,10 +1029,12 @@ fn acquire(
     } else {
         tensors_of(d, &id)?
     };
+    let t_tensors = t0.elapsed();
     let lease = d
         .tiers
         .acquire(&id, tier, ClientId(session))
         .map_err(|e| status_of(&e))?;
+    let t_lease = t0.elapsed();
     let location = if let Some(img) = lease.memory() {
         let (path, offset) = img.shared_location().ok_or_else(|| {
             Status::failed_precondition("this daemon's memory tier is not in shared memory")
@@ -1073,6 +1075,14 @@ fn acquire(
     }
     let seconds = t0.elapsed().as_secs_f64();
     d.observe(tier, served_from, seconds);
+    debug!(
+        model = %id,
+        %tier,
+        tensors_ms = t_tensors.as_secs_f64() * 1e3,
+        lease_ms = (t_lease - t_tensors).as_secs_f64() * 1e3,
+        total_ms = seconds * 1e3,
+        "acquire"
+    );
     Ok(proto::AcquireReply {
         lease_id: lease_id.0,
         model: id.to_string(),

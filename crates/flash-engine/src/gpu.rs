@@ -31,8 +31,8 @@ use crate::Result;
 use flash_format::DType;
 use flash_load::{load_to_gpu, GpuModel, LoadOptions, LoadStats, ModelSource, TensorView};
 use flash_sys::cuda::ops::{
-    attention_scratch_bytes, default_kernel_cache, AttnShape, DevView, KernelInfo, Ops, OutType,
-    MAX_HEAD_DIM,
+    attention_scratch_bytes, default_kernel_cache, AttnShape, DevView, GemvOut, GemvPart,
+    KernelInfo, Ops, OutType, MAX_HEAD_DIM,
 };
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu};
 use std::path::{Path, PathBuf};
@@ -72,6 +72,12 @@ pub struct GpuOptions {
     /// Logits rounded to bf16 (the lm_head's output dtype in transformers
     /// and vLLM), returned as f32. Off (the default): f32 logits.
     pub bf16_logits: bool,
+    /// Decode steps (one token) with flash-sys's fused matrix-vector
+    /// kernels (q/k/v in one launch, gate/up with the activation, residual
+    /// adds in the o/down products) instead of cuBLAS. On by default; off
+    /// for A/B comparisons (`flash bench-engine --no-fused-decode`).
+    /// Ignored for weights the kernels cannot read (unaligned rows).
+    pub fused_decode: bool,
 }
 
 impl Default for GpuOptions {
@@ -82,6 +88,7 @@ impl Default for GpuOptions {
             kernel_cache: None,
             hf_rounding: false,
             bf16_logits: false,
+            fused_decode: true,
         }
     }
 }
@@ -210,6 +217,40 @@ pub struct GpuEngine {
     device: String,
     hf_rounding: bool,
     bf16_logits: bool,
+    /// [`GpuOptions::fused_decode`], and the bound weights allow it.
+    fused_decode: bool,
+    /// [`GpuOptions::fused_decode`] as asked.
+    fused_asked: bool,
+}
+
+/// One matrix of a fused product: tensor `w` of the weights in `mem`.
+fn gemv_part<'a>(
+    mem: &'a DeviceMemory,
+    w: &TensorView,
+    out: DevView<'a>,
+    rows: usize,
+    mode: GemvOut,
+) -> std::result::Result<GemvPart<'a>, CudaError> {
+    Ok(GemvPart {
+        w: DevView::new(mem, w.offset as usize, w.length as usize)?,
+        out,
+        rows,
+        mode,
+    })
+}
+
+/// Whether the fused decode kernels can read these weights: every matrix's
+/// rows are whole 16-byte vectors at 16-byte aligned addresses.
+fn gemv_fits(cfg: &ModelConfig, w: &ModelTensors<TensorView>, mem: &DeviceMemory) -> bool {
+    let dims_ok = [cfg.hidden_size, cfg.q_dim(), cfg.intermediate_size]
+        .iter()
+        .all(|d| d % 8 == 0);
+    let mut aligned = mem.device_ptr() % 16 == 0;
+    let _ = w.try_map(|_, t| {
+        aligned &= t.offset % 16 == 0;
+        Ok(())
+    });
+    dims_ok && aligned
 }
 
 impl GpuEngine {
@@ -246,7 +287,10 @@ impl GpuEngine {
         let ops = Ops::new(&gpu, cache_dir.as_deref()).map_err(dev)?;
         let b = Buffers::new(&gpu, &cfg, batch, max_seq).map_err(dev)?;
         let info = gpu.info().map_err(dev)?;
+        let fused_decode = opts.fused_decode && gemv_fits(&cfg, &w, model.memory());
         Ok(GpuEngine {
+            fused_decode,
+            fused_asked: opts.fused_decode,
             logits: vec![0f32; cfg.vocab_size],
             ids_host: vec![0i32; batch],
             device: format!("cuda:{} ({})", info.ordinal, info.name),
@@ -288,6 +332,18 @@ impl GpuEngine {
         ))
     }
 
+    /// Turns the fused decode kernels on or off ([`GpuOptions::fused_decode`]);
+    /// returns whether they are now used (not for unaligned weights).
+    pub fn set_fused_decode(&mut self, on: bool) -> bool {
+        self.fused_asked = on;
+        self.fused_decode = on
+            && self
+                .model
+                .as_ref()
+                .is_some_and(|m| gemv_fits(&self.cfg, &self.w, m.memory()));
+        self.fused_decode
+    }
+
     /// How the kernels were obtained (compiled, or from the disk cache).
     pub fn kernel_info(&self) -> &KernelInfo {
         self.ops.kernel_info()
@@ -310,6 +366,7 @@ impl GpuEngine {
             )));
         }
         self.w = resolve_bf16(&self.cfg, weights.as_ref())?;
+        self.fused_decode = self.fused_asked && gemv_fits(&self.cfg, &self.w, weights.memory());
         self.model = Some(weights);
         self.pos = 0;
         Ok(())
@@ -441,44 +498,93 @@ impl GpuEngine {
                 cfg.vocab_size,
             )?;
         }
+        // One token: the fused matrix-vector kernels (q/k/v in one launch,
+        // gate/up with the activation, the residual add in o/down).
+        let fused = self.fused_decode && n == 1;
+        let resid = if self.hf_rounding {
+            GemvOut::AddRounded
+        } else {
+            GemvOut::AddF32
+        };
+        let part = |w: &TensorView, out, rows, mode| gemv_part(mem, w, out, rows, mode);
+        let delta = all(&b.delta);
         for (l, lw) in self.w.layers.iter().enumerate() {
             let kc = kv.sub(2 * l * cache_bytes, cache_bytes)?;
             let vc = kv.sub((2 * l + 1) * cache_bytes, cache_bytes)?;
+            // The products, each queued when its bit is set (fused: q's bit
+            // runs q/k/v, gate's runs gate/up and the activation).
+            let qkv = || -> std::result::Result<(), CudaError> {
+                if fused {
+                    if g(0) {
+                        let parts = [
+                            part(&lw.q_proj, q, qd, GemvOut::Bf16)?,
+                            part(&lw.k_proj, k, kvd, GemvOut::Bf16)?,
+                            part(&lw.v_proj, v, kvd, GemvOut::Bf16)?,
+                        ];
+                        o.gemv(xn, h, &parts)?;
+                    }
+                    return Ok(());
+                }
+                for (bit, w, out, rows) in [
+                    (0, &lw.q_proj, q, qd),
+                    (1, &lw.k_proj, k, kvd),
+                    (2, &lw.v_proj, v, kvd),
+                ] {
+                    if g(bit) {
+                        o.gemm(xn, wv(w)?, out, OutType::Bf16, n, rows, h, false)?;
+                    }
+                }
+                Ok(())
+            };
+            // A product added to the residual stream `x`.
+            let residual = |bit: u8, w: &TensorView, input: DevView<'_>, inner: usize| {
+                if !g(bit) {
+                    return Ok(());
+                }
+                if fused {
+                    o.gemv(input, inner, &[part(w, x, h, resid)?])
+                } else if self.hf_rounding {
+                    o.gemm(input, wv(w)?, delta, OutType::Bf16, n, h, inner, false)?;
+                    o.residual_add(x, delta, n * h, true)
+                } else {
+                    o.gemm(input, wv(w)?, x, OutType::F32, n, h, inner, true)
+                }
+            };
+            let mlp_in = || -> std::result::Result<(), CudaError> {
+                if fused {
+                    if g(4) {
+                        o.gemv_swiglu(xn, h, wv(&lw.gate_proj)?, wv(&lw.up_proj)?, gate, inter)?;
+                    }
+                    return Ok(());
+                }
+                if g(4) {
+                    o.gemm(
+                        xn,
+                        wv(&lw.gate_proj)?,
+                        gate,
+                        OutType::Bf16,
+                        n,
+                        inter,
+                        h,
+                        false,
+                    )?;
+                }
+                if g(5) {
+                    o.gemm(xn, wv(&lw.up_proj)?, up, OutType::Bf16, n, inter, h, false)?;
+                }
+                if others {
+                    o.swiglu(gate, up, gate, n * inter)?;
+                }
+                Ok(())
+            };
             if others {
                 o.rmsnorm_f32(x, wv(&lw.input_layernorm)?, xn, n, h, eps)?;
             }
-            if g(0) {
-                o.gemm(xn, wv(&lw.q_proj)?, q, OutType::Bf16, n, qd, h, false)?;
-            }
-            if g(1) {
-                o.gemm(xn, wv(&lw.k_proj)?, k, OutType::Bf16, n, kvd, h, false)?;
-            }
-            if g(2) {
-                o.gemm(xn, wv(&lw.v_proj)?, v, OutType::Bf16, n, kvd, h, false)?;
-            }
+            qkv()?;
             if !others {
-                for (bit, w, out, rows, inner) in [
-                    (3, &lw.o_proj, x, h, qd),
-                    (4, &lw.gate_proj, gate, inter, h),
-                    (5, &lw.up_proj, up, inter, h),
-                    (6, &lw.down_proj, x, h, inter),
-                ] {
-                    if g(bit) {
-                        let ty = if bit == 3 || bit == 6 {
-                            OutType::F32
-                        } else {
-                            OutType::Bf16
-                        };
-                        let input = if bit == 3 {
-                            attn
-                        } else if bit == 6 {
-                            gate
-                        } else {
-                            xn
-                        };
-                        o.gemm(input, wv(w)?, out, ty, n, rows, inner, ty == OutType::F32)?;
-                    }
-                }
+                residual(3, &lw.o_proj, attn, qd)?;
+                mlp_in()?;
+                residual(6, &lw.down_proj, gate, inter)?;
                 continue;
             }
             let norms = match (&lw.q_norm, &lw.k_norm) {
@@ -504,49 +610,10 @@ impl GpuEngine {
                 self.hf_rounding,
             )?;
             o.attention(&shape, q, kc, vc, attn, all(&b.scratch), scale)?;
-            let delta = all(&b.delta);
-            if g(3) {
-                if self.hf_rounding {
-                    o.gemm(attn, wv(&lw.o_proj)?, delta, OutType::Bf16, n, h, qd, false)?;
-                    o.residual_add(x, delta, n * h, true)?;
-                } else {
-                    o.gemm(attn, wv(&lw.o_proj)?, x, OutType::F32, n, h, qd, true)?;
-                }
-            }
+            residual(3, &lw.o_proj, attn, qd)?;
             o.rmsnorm_f32(x, wv(&lw.post_attention_layernorm)?, xn, n, h, eps)?;
-            if g(4) {
-                o.gemm(
-                    xn,
-                    wv(&lw.gate_proj)?,
-                    gate,
-                    OutType::Bf16,
-                    n,
-                    inter,
-                    h,
-                    false,
-                )?;
-            }
-            if g(5) {
-                o.gemm(xn, wv(&lw.up_proj)?, up, OutType::Bf16, n, inter, h, false)?;
-            }
-            o.swiglu(gate, up, gate, n * inter)?;
-            if g(6) {
-                if self.hf_rounding {
-                    o.gemm(
-                        gate,
-                        wv(&lw.down_proj)?,
-                        delta,
-                        OutType::Bf16,
-                        n,
-                        h,
-                        inter,
-                        false,
-                    )?;
-                    o.residual_add(x, delta, n * h, true)?;
-                } else {
-                    o.gemm(gate, wv(&lw.down_proj)?, x, OutType::F32, n, h, inter, true)?;
-                }
-            }
+            mlp_in()?;
+            residual(6, &lw.down_proj, gate, inter)?;
         }
         Ok(())
     }
@@ -594,26 +661,35 @@ impl GpuEngine {
             (best, 0.0)
         };
         let l0 = &self.w.layers[0];
-        let names = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
-        let sizes = [
-            l0.q_proj.length,
-            l0.k_proj.length,
-            l0.v_proj.length,
-            l0.o_proj.length,
-            l0.gate_proj.length,
-            l0.up_proj.length,
-            l0.down_proj.length,
-        ];
+        // (mask bit, name, weight bytes of one layer)
+        let groups: Vec<(u8, &str, u64)> = if self.fused_decode {
+            vec![
+                (
+                    0,
+                    "qkv_proj (fused)",
+                    l0.q_proj.length + l0.k_proj.length + l0.v_proj.length,
+                ),
+                (3, "o_proj (+ residual)", l0.o_proj.length),
+                (
+                    4,
+                    "gate_up_proj (+ swiglu)",
+                    l0.gate_proj.length + l0.up_proj.length,
+                ),
+                (6, "down_proj (+ residual)", l0.down_proj.length),
+            ]
+        } else {
+            vec![
+                (0, "q_proj", l0.q_proj.length),
+                (1, "k_proj", l0.k_proj.length),
+                (2, "v_proj", l0.v_proj.length),
+                (3, "o_proj", l0.o_proj.length),
+                (4, "gate_proj", l0.gate_proj.length),
+                (5, "up_proj", l0.up_proj.length),
+                (6, "down_proj", l0.down_proj.length),
+            ]
+        };
         let mut products = Vec::new();
-        for (bit, (name, size)) in names.iter().zip(sizes).enumerate() {
+        for (bit, name, size) in groups {
             let (t, _) = time(self, Parts::Gemms(1 << bit), false)?;
             let bytes = size as f64 * self.w.layers.len() as f64;
             products.push(ProductTime {
@@ -651,6 +727,20 @@ impl GpuEngine {
         let xn = DevView::whole(&b.xn);
         o.rmsnorm_f32(x, wv(norm)?, xn, rows, h, cfg.rms_norm_eps as f32)?;
         let v = cfg.vocab_size;
+        if self.fused_decode && rows == 1 {
+            let mode = if self.bf16_logits {
+                GemvOut::F32OfBf16
+            } else {
+                GemvOut::F32
+            };
+            let part = GemvPart {
+                w: wv(out_w)?,
+                out: DevView::whole(&b.logits),
+                rows: v,
+                mode,
+            };
+            return o.gemv(xn, h, &[part]);
+        }
         if self.bf16_logits {
             let l16 = DevView::whole(&b.logits16);
             o.gemm(xn, wv(out_w)?, l16, OutType::Bf16, rows, v, h, false)?;

@@ -29,6 +29,9 @@ fn dev(e: CudaError) -> LoadError {
     LoadError::Device(e.to_string())
 }
 
+/// Where [`load_to_gpu`] puts each tensor: a multiple of this many bytes.
+pub const DEVICE_ALIGN: u64 = 256;
+
 /// Pinned staging buffers allocated once and lent to loads.
 pub struct StagingPool {
     buf_bytes: usize,
@@ -238,7 +241,9 @@ pub fn load_to_gpu(
     opts: &LoadOptions,
     pool: Option<&StagingPool>,
 ) -> Result<(GpuModel, LoadStats), LoadError> {
-    let plan = LoadPlan::new(source, select)?;
+    // Tensors on 256-byte boundaries, whatever the files' header lengths
+    // (the engine's kernels read whole 16-byte vectors).
+    let plan = LoadPlan::new(source, select)?.aligned_for_device(DEVICE_ALIGN);
     let mem = gpu.alloc(plan.dest_len.max(1) as usize).map_err(|e| {
         LoadError::model(
             &source.dir,

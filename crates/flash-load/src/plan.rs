@@ -204,6 +204,47 @@ impl LoadPlan {
         })
     }
 
+    /// The same reads with each segment's first byte at a multiple of
+    /// `align` (a power of two, at most [`ALIGN`]) in the destination, and
+    /// the tensors moved with their segments. For device destinations only:
+    /// their copies take any address, and the GPU kernels want tensors on
+    /// 16-byte (better 256-byte) boundaries, which a safetensors header of
+    /// arbitrary length does not give. It breaks the first invariant of the
+    /// module (destination and file congruent modulo `ALIGN`), which only
+    /// sinks reading O_DIRECT straight into the destination need.
+    pub fn aligned_for_device(mut self, align: u64) -> Self {
+        debug_assert!(align.is_power_of_two() && align <= ALIGN);
+        // (old start, new start) of each segment, in destination order.
+        let mut moved = Vec::with_capacity(self.segments.len());
+        let mut cursor = 0u64;
+        for s in &mut self.segments {
+            let window_start = align_down(s.file_offset);
+            let lead = s.file_offset - window_start;
+            let pad = (align - lead % align) % align;
+            let new = cursor + pad + lead;
+            moved.push((s.dest_offset, new));
+            s.dest_offset = new;
+            cursor = align_up(
+                cursor + pad + align_up(s.file_offset + s.len, ALIGN) - window_start,
+                ALIGN,
+            );
+        }
+        moved.sort_unstable();
+        for t in &mut self.tensors {
+            if t.length == 0 {
+                continue;
+            }
+            // The segment holding the tensor: the last one starting at or
+            // before it (segments never overlap).
+            let i = moved.partition_point(|&(old, _)| old <= t.offset);
+            if let Some(&(old, new)) = i.checked_sub(1).and_then(|i| moved.get(i)) {
+                t.offset = t.offset - old + new;
+            }
+        }
+        self.dest_len = cursor;
+        self
+    }
+
     /// A plan that reads every byte of `files`, each file at the destination
     /// offset equal to the sum of the (aligned) sizes before it. Used to scan
     /// whole data files (verify, export); `tensors` is empty.
@@ -361,6 +402,82 @@ mod tests {
         ] {
             let jobs = p.jobs(chunk, readers);
             check_cover(&p, &jobs, align_up(chunk, ALIGN));
+        }
+    }
+
+    #[test]
+    fn device_alignment_moves_segments_and_their_tensors() {
+        let mib = 1u64 << 20;
+        // Two files whose data start at odd offsets (header lengths).
+        let files = vec![
+            SourceFile {
+                path: "a".into(),
+                len: 8 + 1234 + 3 * mib,
+            },
+            SourceFile {
+                path: "b".into(),
+                len: 8 + 77 + mib,
+            },
+        ];
+        let seg = |file, file_offset, len, dest_offset| Segment {
+            file,
+            file_offset,
+            len,
+            dest_offset,
+        };
+        let view = |name: &str, offset, length| TensorView {
+            name: name.into(),
+            dtype: DType::BF16,
+            shape: vec![length / 2],
+            offset,
+            length,
+        };
+        // As LoadPlan::new places them: congruent with the files.
+        let a0 = 1242u64;
+        let b0 = align_up(a0 + 3 * mib, ALIGN) + 85;
+        let p = LoadPlan {
+            files,
+            segments: vec![seg(0, 1242, 3 * mib, a0), seg(1, 85, mib, b0)],
+            tensors: vec![
+                view("x", a0, 2 * mib),
+                view("y", a0 + 2 * mib, mib),
+                view("z", b0, mib),
+                view("alias", b0, mib),
+                view("empty", 0, 0),
+            ],
+            dest_len: b0 - 85 + align_up(85 + mib, ALIGN),
+        };
+        let before = p.clone();
+        let q = p.aligned_for_device(256);
+        for t in q.tensors.iter().filter(|t| t.length > 0) {
+            assert_eq!(t.offset % 256, 0, "{t:?}");
+            assert!(t.offset + t.length <= q.dest_len);
+        }
+        // Within a segment, tensors keep their distances.
+        assert_eq!(q.tensors[1].offset - q.tensors[0].offset, 2 * mib);
+        assert_eq!(q.tensors[2].offset, q.tensors[3].offset);
+        // The jobs still cover each file once, and their destination
+        // windows neither overlap nor leave the allocation.
+        let jobs = q.jobs(mib, Some(2));
+        let mut windows: Vec<(u64, u64)> = jobs
+            .iter()
+            .map(|j| (j.dest_offset, j.dest_offset + j.len))
+            .collect();
+        windows.sort_unstable();
+        assert!(windows.windows(2).all(|w| w[0].1 <= w[1].0));
+        assert!(windows.last().is_some_and(|w| w.1 <= q.dest_len));
+        for (s, old) in q.segments.iter().zip(&before.segments) {
+            assert_eq!(s.dest_offset % 256, 0);
+            let j = jobs
+                .iter()
+                .find(|j| j.file == s.file && j.file_offset == align_down(s.file_offset))
+                .expect("a job starts each segment");
+            // The byte at s.file_offset lands at s.dest_offset.
+            assert_eq!(
+                j.dest_offset + (s.file_offset - j.file_offset),
+                s.dest_offset
+            );
+            assert_eq!(s.len, old.len);
         }
     }
 }

@@ -45,6 +45,8 @@
 
 /// The inference engine's GPU operations (NVRTC kernels, cuBLAS).
 pub mod ops;
+/// Device memory through the VMM API, shared as POSIX descriptors (`flash bench-ipc`).
+pub mod vmm;
 
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::MaybeUninit;
@@ -540,10 +542,15 @@ impl Gpu {
         Ok(mem)
     }
 
-    /// Allocates `bytes` of pinned (page-locked), portable host memory with
-    /// `cuMemHostAlloc`, zeroed. Pinning is slow (about 2 GB/s): pin at start,
-    /// never on a load path.
+    /// Allocates `bytes` of pinned (page-locked), portable, zeroed host
+    /// memory, the way [`PinMethod::current`] says. Pinning is slow (about
+    /// 2 GB/s with `cuMemHostAlloc`): pin at start, never on a load path.
     pub fn pinned(&self, bytes: usize) -> Result<PinnedBuffer, CudaError> {
+        self.pinned_with(bytes, PinMethod::current())
+    }
+
+    /// [`Gpu::pinned`] with an explicit method (`flash doctor` measures both).
+    pub fn pinned_with(&self, bytes: usize, method: PinMethod) -> Result<PinnedBuffer, CudaError> {
         self.bind_to_thread()?;
         if bytes == 0 {
             return Ok(PinnedBuffer {
@@ -551,7 +558,11 @@ impl Gpu {
                 len: 0,
                 gpu: self.clone(),
                 event: None,
+                mapped: None,
             });
+        }
+        if method == PinMethod::HugePages {
+            return self.pinned_huge(bytes);
         }
         // SAFETY: a plain allocation; the pointer is owned by the returned
         // PinnedBuffer and freed exactly once in its Drop.
@@ -566,6 +577,78 @@ impl Gpu {
             len: bytes,
             gpu: self.clone(),
             event: None,
+            mapped: None,
+        })
+    }
+
+    /// Anonymous memory aligned to 2 MiB, advised to be backed by transparent
+    /// huge pages, then pinned with `cuMemHostRegister` (which faults it in:
+    /// fresh anonymous pages are zero). Fewer, larger pages to fault, zero
+    /// and pin than `cuMemHostAlloc`'s.
+    fn pinned_huge(&self, bytes: usize) -> Result<PinnedBuffer, CudaError> {
+        const HUGE: usize = 2 << 20;
+        let map_len = bytes
+            .checked_next_multiple_of(HUGE)
+            .ok_or_else(|| CudaError::Usage(format!("pinning {bytes} bytes overflows")))?;
+        let over = map_len + HUGE;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                over,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(CudaError::Usage(format!(
+                "mmap of {over} bytes for pinned memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let base = raw as usize;
+        let start = base.next_multiple_of(HUGE);
+        // SAFETY: both ranges lie inside the mapping just made and outside
+        // [start, start + map_len), which is kept; unmapping a zero-length
+        // range is skipped.
+        unsafe {
+            if start > base {
+                libc::munmap(raw, start - base);
+            }
+            let tail = base + over - (start + map_len);
+            if tail > 0 {
+                libc::munmap((start + map_len) as *mut c_void, tail);
+            }
+            // Advice only: without THP the memory is pinned in 4 KiB pages.
+            libc::madvise(start as *mut c_void, map_len, libc::MADV_HUGEPAGE);
+        }
+        // SAFETY: registers the live mapping [start, start + map_len), owned
+        // by the returned buffer, which unregisters it before unmapping it.
+        let r = unsafe {
+            sys::cuMemHostRegister_v2(
+                start as *mut c_void,
+                map_len,
+                sys::CU_MEMHOSTREGISTER_PORTABLE,
+            )
+        }
+        .result();
+        if let Err(e) = r {
+            // SAFETY: the mapping is ours and was not registered.
+            unsafe { libc::munmap(start as *mut c_void, map_len) };
+            return Err(CudaError::driver(
+                e,
+                format!("cuMemHostRegister of {map_len} bytes"),
+            ));
+        }
+        Ok(PinnedBuffer {
+            ptr: NonNull::new(start as *mut u8)
+                .ok_or_else(|| CudaError::Usage("mmap returned null".into()))?,
+            len: bytes,
+            gpu: self.clone(),
+            event: None,
+            mapped: Some(map_len),
         })
     }
 
@@ -836,7 +919,37 @@ impl Drop for Event {
 // Pinned host memory
 // ---------------------------------------------------------------------------
 
-/// Page-locked host memory from `cuMemHostAlloc` (portable to every context):
+/// How [`Gpu::pinned`] gets page-locked memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinMethod {
+    /// `cuMemHostAlloc` (portable), then zeroed.
+    HostAlloc,
+    /// An anonymous mapping advised to use transparent huge pages, pinned
+    /// with `cuMemHostRegister` (portable).
+    HugePages,
+}
+
+impl PinMethod {
+    /// `$FLASH_PINNED` (`alloc` or `huge`), else [`PinMethod::HugePages`]:
+    /// measured on an H200 host (bench/results, `probe` stage), a cold load
+    /// of a Qwen3-0.6B-shaped checkpoint took 0.66-0.73 s with it and
+    /// 0.91-1.05 s with `cuMemHostAlloc`, alternating in one run (pinning
+    /// the staging buffers is on that path).
+    pub fn current() -> PinMethod {
+        static METHOD: OnceLock<PinMethod> = OnceLock::new();
+        *METHOD.get_or_init(|| match std::env::var("FLASH_PINNED").as_deref() {
+            Ok("alloc") => PinMethod::HostAlloc,
+            Ok("huge") | Err(_) => PinMethod::HugePages,
+            Ok(other) => {
+                tracing::warn!("FLASH_PINNED={other:?}: expected alloc or huge; using huge");
+                PinMethod::HugePages
+            }
+        })
+    }
+}
+
+/// Page-locked host memory from `cuMemHostAlloc` or a registered mapping
+/// (see [`PinMethod`]; portable to every context):
 /// the staging buffer of uploads. Derefs to `[u8]`; `Send + Sync`.
 ///
 /// Asynchronous copies take the buffer by value (see the module docs), so the
@@ -847,6 +960,9 @@ pub struct PinnedBuffer {
     gpu: Gpu,
     /// Completion event reused from one lending to the next.
     event: Option<Event>,
+    /// `Some(length of the mapping)`: an mmap registered with
+    /// `cuMemHostRegister` ([`PinMethod::HugePages`]); `None`: `cuMemHostAlloc`.
+    mapped: Option<usize>,
 }
 
 // SAFETY: PinnedBuffer owns its allocation exclusively, like a Vec<u8>; the
@@ -913,6 +1029,19 @@ impl Drop for PinnedBuffer {
             return;
         }
         let _ = self.gpu.bind_to_thread();
+        if let Some(map_len) = self.mapped {
+            // SAFETY: ptr is the start of a mapping of map_len bytes that
+            // was registered once and is unregistered, then unmapped, exactly
+            // once here; no copy is in flight (as below).
+            unsafe {
+                if let Err(e) = sys::cuMemHostUnregister(self.ptr.as_ptr() as *mut c_void).result()
+                {
+                    tracing::warn!("cuMemHostUnregister: {e}");
+                }
+                libc::munmap(self.ptr.as_ptr() as *mut c_void, map_len);
+            }
+            return;
+        }
         // SAFETY: ptr came from cuMemHostAlloc and is freed exactly once; no
         // copy is in flight (an InFlight would own self, and it gives the
         // buffer back only after its event completed).

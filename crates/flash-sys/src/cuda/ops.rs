@@ -252,9 +252,13 @@ enum K {
     ResidualAdd,
     Argmax,
     Bf16ToF32,
+    Gemv,
+    GemvSwiglu,
 }
 
-const KERNEL_NAMES: [&str; 10] = [
+const KERNEL_COUNT: usize = 12;
+
+const KERNEL_NAMES: [&str; KERNEL_COUNT] = [
     "embed_f32",
     "rmsnorm_f32",
     "rmsnorm_bf16",
@@ -265,6 +269,8 @@ const KERNEL_NAMES: [&str; 10] = [
     "residual_add",
     "argmax_rows",
     "bf16_to_f32",
+    "gemv_bf16",
+    "gemv_swiglu",
 ];
 
 /// How the kernels were obtained at start.
@@ -285,7 +291,7 @@ pub struct KernelInfo {
 pub struct Kernels {
     gpu: Gpu,
     module: sys::CUmodule,
-    funcs: [sys::CUfunction; 10],
+    funcs: [sys::CUfunction; KERNEL_COUNT],
     info: KernelInfo,
 }
 
@@ -347,7 +353,7 @@ impl Kernels {
         let mut k = Kernels {
             gpu: gpu.clone(),
             module,
-            funcs: [std::ptr::null_mut(); 10],
+            funcs: [std::ptr::null_mut(); KERNEL_COUNT],
             info: KernelInfo {
                 cache_hit: img.cache_hit,
                 compile_seconds: img.compile_seconds,
@@ -442,6 +448,54 @@ macro_rules! args {
 // ---------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------
+
+/// How [`Ops::gemv`] writes a product's f32 sum into its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvOut {
+    /// `out (bf16) = sum`.
+    Bf16,
+    /// `out (f32) = sum`.
+    F32,
+    /// `out (f32) += sum` (an f32 residual stream).
+    AddF32,
+    /// `out (f32) = bf16(out + bf16(sum))` (a bf16 residual stream, as
+    /// transformers keeps it).
+    AddRounded,
+    /// `out (f32) = bf16(sum)` (bf16 logits, returned as f32).
+    F32OfBf16,
+}
+
+impl GemvOut {
+    /// The mode number of kernels.cu (`GEMV_*`).
+    fn mode(self) -> i32 {
+        match self {
+            GemvOut::Bf16 => 0,
+            GemvOut::F32 => 1,
+            GemvOut::AddF32 => 2,
+            GemvOut::AddRounded => 3,
+            GemvOut::F32OfBf16 => 4,
+        }
+    }
+
+    fn ty(self) -> Ty {
+        match self {
+            GemvOut::Bf16 => Ty::Bf16,
+            _ => Ty::F32,
+        }
+    }
+}
+
+/// One matrix of an [`Ops::gemv`]: `out[r] = w[r, :] · x` for `rows` rows.
+#[derive(Debug, Clone, Copy)]
+pub struct GemvPart<'a> {
+    pub w: DevView<'a>,
+    pub out: DevView<'a>,
+    pub rows: usize,
+    pub mode: GemvOut,
+}
+
+/// Rows (warps) of one [`Ops::gemv`] block.
+const GEMV_WARPS: usize = 8;
 
 /// Shapes of the attention step of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -869,6 +923,112 @@ impl Ops {
             (grid, 1, 1),
             1024,
             &mut args!(x_p, o_p, n_i),
+        )
+    }
+
+    /// Whether [`Ops::gemv`] takes inner dimension `k` and these views:
+    /// rows of whole 16-byte vectors, 16-byte aligned.
+    pub fn gemv_fits(k: usize, views: &[&DevView<'_>]) -> bool {
+        k > 0
+            && k % 8 == 0
+            && k <= i32::MAX as usize
+            && views.iter().all(|v| v.device_ptr() % 16 == 0)
+    }
+
+    /// Matrix-vector products of one bf16 vector `x[k]` with up to three
+    /// row-major bf16 matrices in one launch (a decode step's q, k and v):
+    /// `part.out[r] = part.w[r, :] · x`, summed in f32 and written as
+    /// `part.mode` says. See [`Ops::gemv_fits`] for what it takes.
+    pub fn gemv(&self, x: DevView<'_>, k: usize, parts: &[GemvPart<'_>]) -> Result<(), CudaError> {
+        if parts.is_empty() || parts.len() > 3 {
+            return Err(CudaError::Usage(format!(
+                "gemv takes 1 to 3 matrices, not {}",
+                parts.len()
+            )));
+        }
+        let g = self.gpu();
+        let views: Vec<&DevView<'_>> = std::iter::once(&x)
+            .chain(parts.iter().map(|p| &p.w))
+            .collect();
+        if !Self::gemv_fits(k, &views) {
+            return Err(CudaError::Usage(format!(
+                "gemv needs k % 8 == 0 (k = {k}) and 16-byte aligned input and weights"
+            )));
+        }
+        let x_p = checked(g, "gemv input", &x, Ty::Bf16, k)?;
+        let mut w = [0u64; 3];
+        let mut o = [0u64; 3];
+        let mut r = [0i32; 3];
+        let mut m = [0i32; 3];
+        let mut total = 0usize;
+        for (i, p) in parts.iter().enumerate() {
+            let elements = p
+                .rows
+                .checked_mul(k)
+                .ok_or_else(|| CudaError::Usage("gemv weight size overflows".into()))?;
+            w[i] = checked(g, "gemv weight", &p.w, Ty::Bf16, elements)?;
+            o[i] = checked(g, "gemv output", &p.out, p.mode.ty(), p.rows)?;
+            r[i] = int("gemv rows", p.rows)?;
+            m[i] = p.mode.mode();
+            total += p.rows;
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        let k_i = int("gemv k", k)?;
+        let grid = grid_dim("gemv blocks", total.div_ceil(GEMV_WARPS), i32::MAX as usize)?;
+        self.kernels.launch(
+            &self.stream,
+            K::Gemv,
+            (grid, 1, 1),
+            (GEMV_WARPS * 32) as u32,
+            &mut args!(
+                x_p, k_i, w[0], w[1], w[2], o[0], o[1], o[2], r[0], r[1], r[2], m[0], m[1], m[2]
+            ),
+        )
+    }
+
+    /// `out[r] = silu(wg[r, :] · x) * (wu[r, :] · x)` in bf16 for `rows`
+    /// rows (an MLP's gate and up projections and its activation, rounded
+    /// as [`Ops::swiglu`] after two bf16 products).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_swiglu(
+        &self,
+        x: DevView<'_>,
+        k: usize,
+        wg: DevView<'_>,
+        wu: DevView<'_>,
+        out: DevView<'_>,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        if !Self::gemv_fits(k, &[&x, &wg, &wu]) {
+            return Err(CudaError::Usage(format!(
+                "gemv_swiglu needs k % 8 == 0 (k = {k}) and 16-byte aligned input and weights"
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = self.gpu();
+        let elements = rows
+            .checked_mul(k)
+            .ok_or_else(|| CudaError::Usage("gemv_swiglu weight size overflows".into()))?;
+        let x_p = checked(g, "gemv_swiglu input", &x, Ty::Bf16, k)?;
+        let g_p = checked(g, "gemv_swiglu gate weight", &wg, Ty::Bf16, elements)?;
+        let u_p = checked(g, "gemv_swiglu up weight", &wu, Ty::Bf16, elements)?;
+        let o_p = checked(g, "gemv_swiglu output", &out, Ty::Bf16, rows)?;
+        let (k_i, r_i) = (int("gemv_swiglu k", k)?, int("gemv_swiglu rows", rows)?);
+        let grid = grid_dim(
+            "gemv_swiglu blocks",
+            rows.div_ceil(GEMV_WARPS),
+            i32::MAX as usize,
+        )?;
+        self.kernels.launch(
+            &self.stream,
+            K::GemvSwiglu,
+            (grid, 1, 1),
+            (GEMV_WARPS * 32) as u32,
+            &mut args!(x_p, k_i, g_p, u_p, o_p, r_i),
         )
     }
 

@@ -3,7 +3,9 @@
 //! side is written from the op's definition (f64 sums), not from the kernel,
 //! and rounds to bf16 where the op's output is bf16.
 
-use super::{attention_scratch_bytes, AttnShape, DevView, KernelInfo, Ops, OutType};
+use super::{
+    attention_scratch_bytes, AttnShape, DevView, GemvOut, GemvPart, KernelInfo, Ops, OutType,
+};
 use crate::cuda::{CudaError, DeviceMemory, Gpu};
 use std::path::Path;
 
@@ -201,6 +203,18 @@ pub fn check_ops(
         (1, 1000, 2048, OutType::F32, false),
     ] {
         check_gemm(&ops, &mut rng, m, n, k, ty, acc, &mut out)?;
+    }
+    // Decode's fused products: shapes of Qwen3-0.6B and an odd tail
+    // (k = 8 * 33: the unrolled loop and the remainder).
+    for (k, rows) in [
+        (1024, [2048, 1024, 1024]),
+        (264, [37, 5, 0]),
+        (3072, [1, 0, 0]),
+    ] {
+        check_gemv(&ops, &mut rng, k, rows, &mut out)?;
+    }
+    for (k, rows) in [(1024, 3072), (264, 45)] {
+        check_gemv_swiglu(&ops, &mut rng, k, rows, &mut out)?;
     }
     Ok((out, ops.kernel_info().clone()))
 }
@@ -711,6 +725,136 @@ fn check_gemm(
         &got,
         &want,
         tol,
+    ));
+    Ok(())
+}
+
+/// The dot products of `rows` rows of `w` (row-major, `k` wide) with `x`.
+fn cpu_gemv(x: &[f32], w: &[f32], k: usize, rows: usize) -> Vec<f64> {
+    (0..rows)
+        .map(|r| {
+            w[r * k..(r + 1) * k]
+                .iter()
+                .zip(x)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
+        })
+        .collect()
+}
+
+/// Three matrices of `rows` in one launch, each written in another mode.
+fn check_gemv(
+    ops: &Ops,
+    rng: &mut Rng,
+    k: usize,
+    rows: [usize; 3],
+    out: &mut Vec<OpCheck>,
+) -> Result<(), CudaError> {
+    let g = ops.gpu();
+    let modes = [GemvOut::Bf16, GemvOut::AddF32, GemvOut::AddRounded];
+    let x = rng.bf16s(k, 0.0, 1.0);
+    let xd = upload(g, &bf16_bytes(&x))?;
+    let mut ws = Vec::new();
+    let mut outs = Vec::new();
+    let mut starts = Vec::new();
+    for (&r, &mode) in rows.iter().zip(&modes) {
+        let w = rng.bf16s(r * k, 0.0, 0.05);
+        // Residual-like values, bf16-exact for the rounded mode.
+        let y0: Vec<f32> = (0..r).map(|_| round_bf16(rng.normal() as f32)).collect();
+        ws.push((upload(g, &bf16_bytes(&w))?, w));
+        outs.push(match mode {
+            GemvOut::Bf16 => g.alloc((r * 2).max(4))?,
+            _ => upload(g, &f32_bytes(&y0))?,
+        });
+        starts.push(y0);
+    }
+    let parts: Vec<GemvPart<'_>> = (0..3)
+        .map(|i| GemvPart {
+            w: DevView::whole(&ws[i].0),
+            out: DevView::whole(&outs[i]),
+            rows: rows[i],
+            mode: modes[i],
+        })
+        .collect();
+    ops.gemv(DevView::whole(&xd), k, &parts)?;
+    for i in 0..3 {
+        let r = rows[i];
+        if r == 0 {
+            continue;
+        }
+        let dots = cpu_gemv(&x, &ws[i].1, k, r);
+        let (got, want, tol): (Vec<f32>, Vec<f64>, f64) = match modes[i] {
+            GemvOut::Bf16 => (bytes_bf16(&download(&outs[i], r * 2)?), dots, 1e-2),
+            GemvOut::AddF32 => (
+                bytes_f32(&download(&outs[i], r * 4)?),
+                dots.iter()
+                    .zip(&starts[i])
+                    .map(|(d, &y)| d + y as f64)
+                    .collect(),
+                1e-4,
+            ),
+            _ => (
+                bytes_f32(&download(&outs[i], r * 4)?),
+                dots.iter()
+                    .zip(&starts[i])
+                    .map(|(&d, &y)| round_bf16(y + round_bf16(d as f32)) as f64)
+                    .collect(),
+                1e-2,
+            ),
+        };
+        out.push(compare(
+            "gemv",
+            format!("{r}x{k} of {rows:?} -> {:?}", modes[i]),
+            &got,
+            &want,
+            tol,
+        ));
+    }
+    Ok(())
+}
+
+fn check_gemv_swiglu(
+    ops: &Ops,
+    rng: &mut Rng,
+    k: usize,
+    rows: usize,
+    out: &mut Vec<OpCheck>,
+) -> Result<(), CudaError> {
+    let g = ops.gpu();
+    let x = rng.bf16s(k, 0.0, 1.0);
+    let wg = rng.bf16s(rows * k, 0.0, 0.05);
+    let wu = rng.bf16s(rows * k, 0.0, 0.05);
+    let (xd, gd, ud) = (
+        upload(g, &bf16_bytes(&x))?,
+        upload(g, &bf16_bytes(&wg))?,
+        upload(g, &bf16_bytes(&wu))?,
+    );
+    let od = g.alloc(rows * 2)?;
+    ops.gemv_swiglu(
+        DevView::whole(&xd),
+        k,
+        DevView::whole(&gd),
+        DevView::whole(&ud),
+        DevView::whole(&od),
+        rows,
+    )?;
+    let got = bytes_bf16(&download(&od, rows * 2)?);
+    let (gs, us) = (cpu_gemv(&x, &wg, k, rows), cpu_gemv(&x, &wu, k, rows));
+    let want: Vec<f64> = gs
+        .iter()
+        .zip(&us)
+        .map(|(&gv, &uv)| {
+            let gv = round_bf16(gv as f32) as f64;
+            let a = round_bf16((gv / (1.0 + (-gv).exp())) as f32);
+            round_bf16(a * round_bf16(uv as f32)) as f64
+        })
+        .collect();
+    out.push(compare(
+        "gemv_swiglu",
+        format!("2 x {rows}x{k}"),
+        &got,
+        &want,
+        2e-2,
     ));
     Ok(())
 }

@@ -386,11 +386,7 @@ if stage daemon && [ -n "$M8" ] && [[ $DAEMON_SCENARIOS == *upload* ]]; then
         # of the same 16 GB image (the driver's allocations churned).
         timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json | json_lines daemon
         timeout 240 "$FLASH" bench-daemon --scenario upload --model "$M8" --repeat 5 --json | json_lines daemon
-        # The same attach without the client's anchor allocation (A/B).
-        FLASH_IPC_ANCHOR=0 timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json |
-            python3 -c 'import json,sys
-for l in sys.stdin:
-    if l.startswith("{"): d=json.loads(l); d["anchor"]=False; print(json.dumps(d))' | json_lines daemon
+        timeout 120 "$FLASH" bench-daemon --scenario attach --model "$M8" --repeat 20 --json | json_lines daemon
         grep -a "acquire" "$FLASH_HOME/daemon.log" | grep -a "tensors_ms" | tail -4
         "$FLASH" stop
     }

@@ -239,32 +239,6 @@ pub struct Lease {
 type IpcMappings = Mutex<HashMap<(usize, IpcHandle), Weak<DeviceMemory>>>;
 static IPC_MAPPINGS: OnceLock<IpcMappings> = OnceLock::new();
 
-/// One small allocation per GPU, held for the life of the process, made
-/// before this process first opens an IPC handle there. Experiment (see
-/// `flash bench-ipc --no-warmup` and bench/results): whether opening a large
-/// export in a context that has never allocated anything costs more than in
-/// one that has. `FLASH_IPC_ANCHOR=0` turns it off for the A/B.
-static ANCHORS: OnceLock<Mutex<HashMap<usize, DeviceMemory>>> = OnceLock::new();
-
-fn anchor(gpu: &Gpu) {
-    if std::env::var_os("FLASH_IPC_ANCHOR").is_some_and(|v| v == "0") {
-        return;
-    }
-    let mut anchors = ANCHORS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if anchors.contains_key(&gpu.ordinal()) {
-        return;
-    }
-    match gpu.alloc(2 << 20) {
-        Ok(m) => {
-            anchors.insert(gpu.ordinal(), m);
-        }
-        Err(e) => tracing::debug!("no anchor allocation on GPU {}: {e}", gpu.ordinal()),
-    }
-}
-
 impl Lease {
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
@@ -311,7 +285,6 @@ impl Lease {
                         return Ok(mem);
                     }
                 }
-                anchor(gpu);
                 let mem = gpu
                     .open_ipc(ipc_handle, len)
                     .map(Arc::new)

@@ -289,6 +289,13 @@ if stage probe; then
             python3 -c 'import json,sys
 for l in sys.stdin:
     if l.startswith("{"): d=json.loads(l); d["variant"]="no-warmup"; print(json.dumps(d))' | json_lines probe
+        log "== probe: 16,380,866,560 bytes (the 8B image; not a multiple of 2 MiB), allocated as asked and rounded up"
+        for round in 0 1; do
+            FLASH_ALLOC_ROUND=$round timeout 60 "$FLASH" bench-ipc --sizes 15.25566 --methods legacy --repeat 3 --json |
+                python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"): d=json.loads(l); d["variant"]="round-"+sys.argv[1]; print(json.dumps(d))' "$round" | json_lines probe
+        done
         timeout 90 "$FLASH" bench-ipc --sizes 16 --methods legacy --repeat 3 --pin-host 20 --json |
             python3 -c 'import json,sys
 for l in sys.stdin:

@@ -482,10 +482,12 @@ impl Gpu {
         let ptr = if bytes == 0 {
             0
         } else {
+            let physical = alloc_size(bytes);
             // SAFETY: a plain allocation; the pointer is owned by the returned
             // DeviceMemory and freed exactly once in its Drop.
-            unsafe { result::malloc_sync(bytes) }
-                .during_with(|| format!("cuMemAlloc of {bytes} bytes on GPU {}", self.ordinal()))?
+            unsafe { result::malloc_sync(physical) }.during_with(|| {
+                format!("cuMemAlloc of {physical} bytes on GPU {}", self.ordinal())
+            })?
         };
         Ok(DeviceMemory {
             gpu: self.clone(),
@@ -918,6 +920,26 @@ impl Drop for Event {
 // ---------------------------------------------------------------------------
 // Pinned host memory
 // ---------------------------------------------------------------------------
+
+/// The size [`Gpu::alloc`] asks the driver for: `bytes` rounded up to a
+/// multiple of 2 MiB (the GPU's large page) from 2 MiB on, unless
+/// `FLASH_ALLOC_ROUND=0` (for the A/B in `flash bench-ipc`). Why: measured
+/// on an H200 (bench/results, attach-fixed), another process opened a
+/// 15.26 GiB export through CUDA IPC in 92-95 ms when it was allocated as
+/// asked (not a multiple of 2 MiB) and in 0.45-0.50 ms rounded up, which is
+/// what makes the daemon's share-mode attach of an 8B model take 1 ms, not
+/// 100.
+fn alloc_size(bytes: usize) -> usize {
+    const LARGE_PAGE: usize = 2 << 20;
+    static ROUND: OnceLock<bool> = OnceLock::new();
+    let round =
+        *ROUND.get_or_init(|| std::env::var_os("FLASH_ALLOC_ROUND").is_none_or(|v| v != "0"));
+    if round && bytes >= LARGE_PAGE {
+        bytes.checked_next_multiple_of(LARGE_PAGE).unwrap_or(bytes)
+    } else {
+        bytes
+    }
+}
 
 /// How [`Gpu::pinned`] gets page-locked memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -353,11 +353,16 @@ if stage ttft && [ -n "$M8" ]; then
             python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
             "$FLASH" stop
         }
-        log "== TTFT: flash run --no-daemon, cold from disk (this process streams the model to the GPU)"
-        evict_all "$FLASH_HOME/models/bench/qwen3-8b"
-        python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --card "$CARD" | json_lines ttft
-        log "== the cold load it compares with (flash bench, same files)"
-        timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
+        # In-process cold runs alternate with the cold load they are compared
+        # with (the disk's speed drifts between runs); -v logs the load's parts.
+        for i in 1 2; do
+            log "== TTFT: the cold load alone (flash bench), round $i"
+            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+            timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
+            log "== TTFT: flash run --no-daemon, cold from disk (this process streams the model to the GPU), round $i"
+            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
+        done
     fi
 fi
 

@@ -89,7 +89,7 @@ def main():
     if rc != 0 or first is None:
         out["error"] = f"rc {rc}: {err[-400:]}"
     else:
-        out["stderr_tail"] = err.strip().splitlines()[-1:] if err.strip() else []
+        out["stderr_tail"] = err.strip().splitlines()[-4:] if err.strip() else []
     print(json.dumps(out), flush=True)
 
 

@@ -96,10 +96,12 @@ impl Default for GpuOptions {
 /// What [`GpuEngine::load`] did.
 #[derive(Clone, Debug)]
 pub struct GpuLoadReport {
-    /// Reading the weights into the GPU (flash-load).
+    /// Reading the weights into the GPU (flash-load), until the engine's
+    /// setup has ended too.
     pub load: Duration,
     pub stats: LoadStats,
-    /// Kernels, cuBLAS, buffers, KV cache, RoPE tables.
+    /// Kernels, cuBLAS, buffers, KV cache, RoPE tables (made on another
+    /// thread during `load`, so not added to it).
     pub setup: Duration,
 }
 
@@ -223,6 +225,46 @@ pub struct GpuEngine {
     fused_asked: bool,
 }
 
+/// What an engine needs besides its weights, made before (or while) they
+/// arrive: kernels and cuBLAS on a stream, activations, KV cache.
+struct Prepared {
+    ops: Ops,
+    b: Buffers,
+    max_seq: usize,
+    batch: usize,
+    device: String,
+}
+
+impl Prepared {
+    fn prepare(gpu: &Gpu, cfg: &ModelConfig, opts: &GpuOptions) -> Result<Prepared> {
+        if cfg.head_dim > MAX_HEAD_DIM {
+            return Err(EngineError::Invalid(format!(
+                "head_dim {} exceeds the GPU engine's {MAX_HEAD_DIM}",
+                cfg.head_dim
+            )));
+        }
+        let max_seq = opts
+            .max_seq_len
+            .unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_SEQ))
+            .max(1);
+        let batch = opts.batch_tokens.clamp(1, 1 << 16);
+        let cache_dir = opts
+            .kernel_cache
+            .clone()
+            .or_else(|| default_kernel_cache(None));
+        let ops = Ops::new(gpu, cache_dir.as_deref()).map_err(dev)?;
+        let b = Buffers::new(gpu, cfg, batch, max_seq).map_err(dev)?;
+        let info = gpu.info().map_err(dev)?;
+        Ok(Prepared {
+            ops,
+            b,
+            max_seq,
+            batch,
+            device: format!("cuda:{} ({})", info.ordinal, info.name),
+        })
+    }
+}
+
 /// One matrix of a fused product: tensor `w` of the weights in `mem`.
 fn gemv_part<'a>(
     mem: &'a DeviceMemory,
@@ -267,33 +309,33 @@ impl GpuEngine {
         model: Arc<dyn GpuWeights>,
         opts: &GpuOptions,
     ) -> Result<Self> {
-        let w = resolve_bf16(&cfg, model.as_ref())?;
-        if cfg.head_dim > MAX_HEAD_DIM {
-            return Err(EngineError::Invalid(format!(
-                "head_dim {} exceeds the GPU engine's {MAX_HEAD_DIM}",
-                cfg.head_dim
-            )));
-        }
         let gpu = model.memory().gpu().clone();
-        let max_seq = opts
-            .max_seq_len
-            .unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_SEQ))
-            .max(1);
-        let batch = opts.batch_tokens.clamp(1, 1 << 16);
-        let cache_dir = opts
-            .kernel_cache
-            .clone()
-            .or_else(|| default_kernel_cache(None));
-        let ops = Ops::new(&gpu, cache_dir.as_deref()).map_err(dev)?;
-        let b = Buffers::new(&gpu, &cfg, batch, max_seq).map_err(dev)?;
-        let info = gpu.info().map_err(dev)?;
+        let parts = Prepared::prepare(&gpu, &cfg, opts)?;
+        Self::assemble(cfg, model, parts, opts)
+    }
+
+    /// The engine from its weights and what [`Prepared::prepare`] made.
+    fn assemble(
+        cfg: ModelConfig,
+        model: Arc<dyn GpuWeights>,
+        parts: Prepared,
+        opts: &GpuOptions,
+    ) -> Result<Self> {
+        let w = resolve_bf16(&cfg, model.as_ref())?;
         let fused_decode = opts.fused_decode && gemv_fits(&cfg, &w, model.memory());
+        let Prepared {
+            ops,
+            b,
+            max_seq,
+            batch,
+            device,
+        } = parts;
         Ok(GpuEngine {
             fused_decode,
             fused_asked: opts.fused_decode,
             logits: vec![0f32; cfg.vocab_size],
             ids_host: vec![0i32; batch],
-            device: format!("cuda:{} ({})", info.ordinal, info.name),
+            device,
             hf_rounding: opts.hf_rounding,
             bf16_logits: opts.bf16_logits,
             cfg,
@@ -308,7 +350,10 @@ impl GpuEngine {
     }
 
     /// Reads the model folder `dir` (flash format or safetensors) into one
-    /// allocation on `gpu` and builds the engine on it.
+    /// allocation on `gpu` and builds the engine on it. The kernels, the
+    /// cuBLAS handle, the activations and the KV cache are made on another
+    /// thread while the weights stream in (a cold start pays for the
+    /// longer of the two, not their sum).
     pub fn load(
         dir: &Path,
         gpu: &Gpu,
@@ -318,16 +363,29 @@ impl GpuEngine {
         let cfg = ModelConfig::from_dir(dir)?;
         let t0 = Instant::now();
         let source = ModelSource::open(dir)?;
-        let (model, stats) = load_to_gpu(&source, None, gpu, load, None)?;
+        let (loaded, prepared) = std::thread::scope(|s| {
+            let prep = s.spawn(|| {
+                let t = Instant::now();
+                Prepared::prepare(gpu, &cfg, opts).map(|p| (p, t.elapsed()))
+            });
+            let loaded = load_to_gpu(&source, None, gpu, load, None);
+            let prepared = prep.join().unwrap_or_else(|_| {
+                Err(EngineError::Invalid(
+                    "preparing the GPU engine panicked".into(),
+                ))
+            });
+            (loaded, prepared)
+        });
+        let (model, stats) = loaded?;
         let load_time = t0.elapsed();
-        let t1 = Instant::now();
-        let engine = Self::new(cfg, Arc::new(model), opts)?;
+        let (parts, setup) = prepared?;
+        let engine = Self::assemble(cfg, Arc::new(model), parts, opts)?;
         Ok((
             engine,
             GpuLoadReport {
                 load: load_time,
                 stats,
-                setup: t1.elapsed(),
+                setup,
             },
         ))
     }

@@ -1,11 +1,13 @@
 //! The GPU backend: the decoder on bf16 weights used in place where the
-//! loader put them (one device allocation, no copy), cuBLAS for every matrix
-//! product and NVRTC kernels (flash-sys `cuda::ops`) for the rest.
+//! loader put them (one device allocation, no copy): cuBLAS for the matrix
+//! products of prefill, flash-sys's fused matrix-vector kernels for those of
+//! decode ([`GpuOptions::fused_decode`]), NVRTC kernels (flash-sys
+//! `cuda::ops`) for the rest.
 //!
-//! # Data layout (all device memory allocated once, in [`GpuEngine::new`])
+//! # Data layout (all device memory allocated once, when the engine is built)
 //! - residual stream `x`: f32 `[batch, hidden]`. The o_proj and down_proj
-//!   products accumulate into it directly (cuBLAS with beta = 1), so the
-//!   residual adds cost nothing;
+//!   products accumulate into it directly (cuBLAS with beta = 1, or the
+//!   fused kernels' residual mode), so the residual adds cost nothing;
 //! - normalised activations, q/k/v, attention output, gate/up: bf16;
 //! - KV cache: bf16 `[layer][k|v][kv_head][max_seq][head_dim]`;
 //! - RoPE tables: f32 `[max_seq, head_dim/2]` (Llama 3 scaling applied on the
@@ -14,8 +16,10 @@
 //!   reduced on the device by [`GpuEngine::forward_greedy`]).
 //!
 //! A forward of more than `batch` tokens runs in chunks of `batch` (default
-//! 512). Decode (one token) queues ~11 kernels and 7 GEMMs per layer on one
-//! stream, allocates nothing and synchronises once, for the logits.
+//! 512). Decode (one token) queues 8 kernels per layer on one stream (norm,
+//! q/k/v, RoPE and cache, attention (and its merge when it splits the keys),
+//! o, norm, gate/up with SwiGLU, down),
+//! allocates nothing and synchronises once, for the logits.
 //!
 //! # Numerics
 //! bf16 weights and activations, f32 accumulation (cuBLAS compute 32F,

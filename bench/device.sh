@@ -269,7 +269,11 @@ D8=${DIRS[qwen3-8b]:-}
 if stage engine; then
     log "== engine: GPU engine vs transformers (Qwen3-0.6B, Llama-3-1B shapes, 64 positions)"
     FLASH_BIN=$FLASH FLASH_ENGINE_DIR=$SCRATCH/engine timeout 300 \
-        python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_engine_vs_transformers.py 2>&1 | tail -15
+        python3 -m pytest -q -s -p no:cacheprovider tests/gpu/test_engine_vs_transformers.py \
+        >"$SCRATCH/engine-test.log" 2>&1
+    # The agreement lines (each path against each reference), then the verdict.
+    grep '^{"model"' "$SCRATCH/engine-test.log" | json_lines engine
+    grep -E "Error|assert|passed|failed" "$SCRATCH/engine-test.log" | tail -8
     if [ -n "$M8" ]; then
         log "== engine: decode and prefill, $M8"
         timeout 240 "$FLASH" -q bench-engine "$M8" --prompt-len 512 --decode 128 --repeat 3 --json | json_lines engine
@@ -349,20 +353,25 @@ if stage ttft && [ -n "$M8" ]; then
             "$FLASH" unload "$M8" --tier gpu 2>&1 | tail -1
             python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario memory-tier --card "$CARD" | json_lines ttft
             "$FLASH" unload "$M8" 2>&1 | tail -1
-            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
-            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
+            # Cold runs, alternating with the cold load they are compared with
+            # (the disk's speed drifts by +-20 % between runs): the load alone
+            # (flash bench), flash run through the daemon (the default), and
+            # flash run --no-daemon (this process streams the model to the
+            # GPU; -v logs the load's parts).
+            for i in $(seq 1 "${TTFT_ROUNDS:-3}"); do
+                log "== TTFT: cold round $i: the load alone (flash bench)"
+                evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+                timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
+                log "== TTFT: cold round $i: flash run through the daemon"
+                evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+                python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold --card "$CARD" | json_lines ttft
+                "$FLASH" unload "$M8" 2>&1 | tail -1
+                log "== TTFT: cold round $i: flash run --no-daemon"
+                evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+                python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
+            done
             "$FLASH" stop
         }
-        # In-process cold runs alternate with the cold load they are compared
-        # with (the disk's speed drifts between runs); -v logs the load's parts.
-        for i in 1 2; do
-            log "== TTFT: the cold load alone (flash bench), round $i"
-            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
-            timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
-            log "== TTFT: flash run --no-daemon, cold from disk (this process streams the model to the GPU), round $i"
-            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
-            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
-        done
     fi
 fi
 

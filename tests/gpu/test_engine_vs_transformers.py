@@ -1,25 +1,39 @@
 """The native GPU engine against transformers (issue 6), run on the GPU
 machine where torch and transformers are installed (not in CI):
 
-    FLASH_BIN=path/to/flash pytest -q tests/gpu/test_engine_vs_transformers.py
+    FLASH_BIN=path/to/flash pytest -q -s tests/gpu/test_engine_vs_transformers.py
 
 For Qwen3-0.6B- and Llama-3.2-1B-shaped checkpoints synthesized by
 `flash synth` (random bf16 weights, the real shapes, Llama 3 RoPE scaling),
-transformers runs 64 teacher-forced positions in bf16 on cuda, and the flash
+transformers runs 64 teacher-forced positions on cuda twice: in bf16 (its
+usual mode) and in f32 (the same bf16 weights, computed exactly). The flash
 GPU engine runs the same token ids (`flash engine-logits`, which writes the
-f32 logits of every position). The issue's bar, on the teacher-forced
-(one batched) pass: cosine similarity of the logits >= 0.999 at every
-position and the same argmax at >= 95 % of the positions.
+f32 logits of every position). The issue's bar, on the teacher-forced (one
+batched) pass: cosine similarity of the logits >= 0.999 at every position
+and the same argmax at >= 95 % of the positions.
 
-The KV-cache path (a prefill of 32, then 32 single-token decode steps) must
-reach the same cosine against transformers at every position, and agree
-with the engine's own batched pass (argmax >= 90 %). Its argmax agreement
-with transformers is printed, not asserted at 95 %: on the Llama-1B-shaped
-random checkpoint it measured 87-92 % (H200, 2026-11-27) with a minimum
-cosine of 0.9993, as with the batched pass. Random weights put several
-logits within bf16 noise of the top at many positions; which one wins is
-decided by rounding (transformers' own, and cuBLAS picking other kernels
-for one row than for 64), so two correct bf16 engines disagree there.
+Why two references. Random weights give flat logits: on the Llama-1B
+checkpoint the median gap between the two largest logits is 0.15 (logit std
+0.9), so any bf16 rounding moves the argmax at several of the 64 positions.
+Transformers' own bf16 forward agrees with its f32 forward at 90.6 % of the
+positions on the CPU and 93.8 % on an H200 (2026-11-27), below the bar. The
+f32 forward is the model's exact arithmetic on the checkpoint's bf16
+weights, so it is the reference the argmax bar is checked against; flash's
+CPU engine (f32) matches it at 100 % with a relative error of 9e-6. Checked:
+
+- the engine as it runs (bf16 products, f32 residual stream, f32 logits):
+  cosine >= 0.999 against both references, argmax >= 95 % against
+  transformers f32; its argmax agreement with transformers bf16 is printed,
+  with transformers' own bf16-vs-f32 agreement beside it;
+- the engine rounding where transformers rounds (`--hf-rounding
+  --bf16-logits`: bf16 residual stream, RoPE and logits): cosine >= 0.999
+  against transformers bf16; its argmax agreement is printed (98.4 % on
+  Qwen3-0.6B, 93.8 % on Llama-1B on the H200: cuBLAS picks other kernels for
+  transformers' products than for the engine's, and each bf16 rounding after
+  them amplifies the difference);
+- the KV-cache path (a prefill of 32, then 32 single-token decode steps,
+  which run the fused matrix-vector kernels): cosine >= 0.999 against
+  transformers, and argmax >= 90 % against the engine's own batched pass.
 
 FLASH_ENGINE_MODELS overrides the checkpoints ("qwen3:0.6b,llama:1b");
 FLASH_ENGINE_DIR keeps them in a folder between runs (default: a temp dir).
@@ -105,10 +119,10 @@ def flash_logits(model_dir, ids, vocab, prefill=0, extra=()):
     return a.reshape(len(ids), vocab), info
 
 
-def hf_logits(model_dir, ids):
+def hf_logits(model_dir, ids, dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).cuda()
     model.eval()
     with torch.no_grad():
         x = torch.tensor([ids], device="cuda")
@@ -125,29 +139,50 @@ def agreement(a, b):
     return cos, top1
 
 
+def report(model, path, against, got, want, info=None):
+    cos, top1 = agreement(got, want)
+    print(json.dumps({
+        "model": model, "path": path, "against": against,
+        "device": (info or {}).get("device"), "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()), "top1": top1,
+        "forward_s": (info or {}).get("forward_s"),
+    }))
+    return cos, top1
+
+
 @pytest.mark.parametrize("arch,size", models())
 def test_engine_matches_transformers(workdir, arch, size):
     d = synth(workdir, arch, size)
     cfg = json.loads((d / "config.json").read_text())
     vocab = cfg["vocab_size"]
     ids = token_ids(vocab)
-    want = hf_logits(d, ids)
-    assert want.shape == (POSITIONS, vocab)
-    batched = None
-    for prefill in (0, POSITIONS // 2):
-        got, info = flash_logits(d, ids, vocab, prefill)
-        assert np.isfinite(got).all()
-        cos, top1 = agreement(got, want)
-        print(json.dumps({
-            "model": f"{arch}-{size}", "path": "batched" if prefill == 0 else f"prefill {prefill} + decode",
-            "device": info["device"], "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-            "top1": top1, "forward_s": info["forward_s"],
-        }))
-        assert cos.min() >= MIN_COSINE, (prefill, np.argsort(cos)[:5], np.sort(cos)[:5])
-        if prefill == 0:
-            assert top1 >= MIN_TOP1, top1
-            batched = got
-        else:
-            own_cos, own_top1 = agreement(got, batched)
-            assert own_cos.min() >= MIN_COSINE, own_cos.min()
-            assert own_top1 >= 0.9, own_top1
+    name = f"{arch}-{size}"
+    hf16 = hf_logits(d, ids, torch.bfloat16)
+    hf32 = hf_logits(d, ids, torch.float32)
+    assert hf16.shape == hf32.shape == (POSITIONS, vocab)
+    report(name, "transformers bf16", "transformers f32", hf16, hf32)
+
+    # The engine as it runs by default.
+    batched, info = flash_logits(d, ids, vocab)
+    assert np.isfinite(batched).all()
+    for against, want in (("transformers bf16", hf16), ("transformers f32", hf32)):
+        cos, top1 = report(name, "batched", against, batched, want, info)
+        assert cos.min() >= MIN_COSINE, (against, np.argsort(cos)[:5], np.sort(cos)[:5])
+    # The issue's argmax bar, against the exact reference (the last one).
+    assert top1 >= MIN_TOP1, top1
+
+    # Rounding where transformers rounds.
+    hf_like, info = flash_logits(d, ids, vocab, extra=("--hf-rounding", "--bf16-logits"))
+    cos, _ = report(name, "batched, hf rounding", "transformers bf16", hf_like, hf16, info)
+    assert cos.min() >= MIN_COSINE, (np.argsort(cos)[:5], np.sort(cos)[:5])
+
+    # The KV-cache path.
+    prefill = POSITIONS // 2
+    got, info = flash_logits(d, ids, vocab, prefill)
+    assert np.isfinite(got).all()
+    path = f"prefill {prefill} + decode"
+    cos, _ = report(name, path, "transformers bf16", got, hf16, info)
+    assert cos.min() >= MIN_COSINE, (np.argsort(cos)[:5], np.sort(cos)[:5])
+    own_cos, own_top1 = report(name, path, "engine batched", got, batched)
+    assert own_cos.min() >= MIN_COSINE, own_cos.min()
+    assert own_top1 >= 0.9, own_top1

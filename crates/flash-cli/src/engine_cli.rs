@@ -487,8 +487,9 @@ fn model_result(label: &str, what: &str, a: LogitsAgreement, top1: f64, cos: f64
 }
 
 /// GPU vs. CPU on 64 teacher-forced positions; the GPU's decode path and
-/// chunked prefill against its own batched pass; greedy argmax on the device
-/// against the logits.
+/// chunked prefill against its own batched pass; short chunks (the fused
+/// products) against the CPU; greedy argmax on the device against the
+/// logits.
 fn compare_model(dir: &Path, gpu: &Gpu, cache: &Path, label: &str) -> Result<Vec<ModelResult>> {
     let lo = LoadOptions::default();
     let cfg = ModelConfig::from_dir(dir)?;
@@ -528,6 +529,19 @@ fn compare_model(dir: &Path, gpu: &Gpu, cache: &Path, label: &str) -> Result<Vec
         label,
         "gpu decode steps vs gpu batched",
         compare_logits(&inc, &got, v),
+        0.9,
+        0.999,
+    ));
+    // Chunks of 13 tokens: the fused kernels' multi-token path (a launch of
+    // 8 tokens and one of 5 per product, lm_head included).
+    let mut short = Vec::with_capacity(got.len());
+    for (c, chunk) in ids.chunks(13).enumerate() {
+        short.extend_from_slice(&g.forward_all(chunk, c * 13)?);
+    }
+    out.push(model_result(
+        label,
+        "gpu chunks of 13 tokens (fused products) vs cpu reference",
+        compare_logits(&short, &want, v),
         0.9,
         0.999,
     ));

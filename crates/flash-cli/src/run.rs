@@ -19,11 +19,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use flash_engine::{
     generate, Backend, CpuModel, CpuOptions, GenerateOptions, Generation, GpuEngine, GpuOptions,
-    Message, ModelConfig, SamplingParams, TextTokenizer,
+    Message, ModelConfig, SamplingParams, TextTokenizer, FUSED_MAX_TOKENS,
 };
 use flash_format::DType;
 use flash_load::{LoadOptions, ModelSource};
-use flash_sys::cuda::{self, Gpu};
+use flash_sys::cuda::Gpu;
 use flash_sys::os;
 use std::io::Write;
 use std::path::Path;
@@ -151,6 +151,25 @@ enum DeviceChoice {
     Cuda(usize),
 }
 
+impl DeviceChoice {
+    /// The GPU this choice opens (auto: GPU 0).
+    fn ordinal(self) -> usize {
+        match self {
+            DeviceChoice::Cuda(n) => n,
+            _ => 0,
+        }
+    }
+}
+
+/// The GPU, opened on a thread of its own from the start: CUDA's driver
+/// start and the GPU's context take a few hundred milliseconds on a cold
+/// machine, which overlap reading the config and the tokenizer.
+type EarlyGpu = Option<std::thread::JoinHandle<Result<Gpu>>>;
+
+fn open_gpu_early(choice: DeviceChoice) -> EarlyGpu {
+    (choice != DeviceChoice::Cpu).then(|| std::thread::spawn(move || gpu(choice.ordinal())))
+}
+
 fn parse_device(s: &str) -> Result<DeviceChoice> {
     Ok(match s {
         "auto" => DeviceChoice::Auto,
@@ -167,10 +186,16 @@ fn parse_device(s: &str) -> Result<DeviceChoice> {
 /// error names it); `auto` falls back to the CPU quietly (one info line)
 /// without a usable GPU 0, or for a model that is not all bf16 (the GPU
 /// engine reads bf16 weights), as the daemon does.
-fn pick_gpu(choice: DeviceChoice, source: &ModelSource) -> Result<Option<Gpu>> {
+fn pick_gpu(choice: DeviceChoice, source: &ModelSource, early: EarlyGpu) -> Result<Option<Gpu>> {
+    let opened = || match early {
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the GPU panicked"))),
+        None => gpu(choice.ordinal()),
+    };
     match choice {
         DeviceChoice::Cpu => Ok(None),
-        DeviceChoice::Cuda(n) => gpu(n).map(Some),
+        DeviceChoice::Cuda(_) => opened().map(Some),
         DeviceChoice::Auto => {
             if let Some(t) = source.tensors.iter().find(|t| t.dtype != DType::BF16) {
                 tracing::info!(
@@ -180,14 +205,10 @@ fn pick_gpu(choice: DeviceChoice, source: &ModelSource) -> Result<Option<Gpu>> {
                 );
                 return Ok(None);
             }
-            match cuda::probe().map(|c| c.device(0)) {
-                Ok(Ok(g)) => Ok(Some(g)),
-                Ok(Err(e)) => {
-                    tracing::info!("GPU 0 is not usable ({e}): running on the CPU engine");
-                    Ok(None)
-                }
-                Err(why) => {
-                    tracing::info!("no usable GPU ({why}): running on the CPU engine");
+            match opened() {
+                Ok(g) => Ok(Some(g)),
+                Err(e) => {
+                    tracing::info!("{e:#}: running on the CPU engine");
                     Ok(None)
                 }
             }
@@ -223,17 +244,19 @@ struct Loaded {
 }
 
 /// Loads `dir` on the device `choice` picks. `max_seq` (prompt + tokens to
-/// generate) sizes the GPU's KV cache, allocated up front.
+/// generate) sizes the GPU's KV cache, allocated up front. `blas_at_load`:
+/// load cuBLAS while the weights stream in ([`GpuOptions::blas_at_load`]).
 fn load(
     ctx: &Ctx,
     dir: &Path,
-    choice: DeviceChoice,
+    (choice, early): (DeviceChoice, EarlyGpu),
     cfg: &ModelConfig,
+    blas_at_load: bool,
     max_seq: usize,
 ) -> Result<Loaded> {
     let source =
         ModelSource::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    let gpu = pick_gpu(choice, &source)?;
+    let gpu = pick_gpu(choice, &source, early)?;
     let from = load_source(&source);
     drop(source);
     let lo = LoadOptions::default();
@@ -242,6 +265,7 @@ fn load(
             let opts = GpuOptions {
                 max_seq_len: Some(max_seq.clamp(1, cfg.max_position_embeddings.max(1))),
                 kernel_cache: kernel_cache(ctx),
+                blas_at_load,
                 ..Default::default()
             };
             let ordinal = gpu.ordinal();
@@ -296,6 +320,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         return crate::run_remote::run(ctx, &a, &prompt, started);
     }
     let clock = ProcessClock::new(started);
+    let early = open_gpu_early(choice);
     let prompt = read_prompt(&a)?;
     let dir = model_dir(ctx, &a.model)?;
 
@@ -303,6 +328,10 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
     let cfg = ModelConfig::from_dir(&dir)?;
     let tok = TextTokenizer::from_dir(&dir)?;
     let ids = prompt_ids(&a, &tok, &prompt)?;
+    // A short prompt runs on the fused kernels alone (decode always does):
+    // cuBLAS's ~600 MB of libraries are then not read from a cold disk
+    // while the weights are (anything later that needs it loads it).
+    let blas_at_load = ids.len() > FUSED_MAX_TOKENS;
     // `--logits` works on either engine (the prompt's last logits come back
     // through `Backend::forward`); the GPU's come from bf16 weights, so a
     // check against an f32 reference wants `--device cpu`.
@@ -310,7 +339,14 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         backend: mut model,
         engine,
         from,
-    } = load(ctx, &dir, choice, &cfg, ids.len() + a.max_tokens)?;
+    } = load(
+        ctx,
+        &dir,
+        (choice, early),
+        &cfg,
+        blas_at_load,
+        ids.len() + a.max_tokens,
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
 
     let mut eos = cfg.eos_token_ids.clone();

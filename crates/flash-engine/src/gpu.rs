@@ -1,8 +1,12 @@
 //! The GPU backend: the decoder on bf16 weights used in place where the
-//! loader put them (one device allocation, no copy): cuBLAS for the matrix
-//! products of prefill, flash-sys's fused matrix-vector kernels for those of
-//! decode ([`GpuOptions::fused_decode`]), NVRTC kernels (flash-sys
-//! `cuda::ops`) for the rest.
+//! loader put them (one device allocation, no copy): flash-sys's fused
+//! matrix-vector kernels for the products of decode and of chunks of at most
+//! [`FUSED_MAX_TOKENS`] tokens ([`GpuOptions::fused_decode`]), cuBLAS for
+//! longer prefills, NVRTC kernels (flash-sys `cuda::ops`) for the rest.
+//! cuBLAS is loaded while the weights stream in, or, with
+//! [`GpuOptions::blas_at_load`] off, by the first product that needs it: a
+//! cold `flash run` with a short prompt then never reads its ~600 MB of
+//! libraries, which would compete with the weights for the disk.
 //!
 //! # Data layout (all device memory allocated once, when the engine is built)
 //! - residual stream `x`: f32 `[batch, hidden]`. The o_proj and down_proj
@@ -70,19 +74,31 @@ pub struct GpuOptions {
     /// Round as transformers' bf16 forward does: the residual stream kept
     /// in bf16 (each add rounded) and RoPE in bf16. Off (the default): an
     /// f32 residual stream (closer to the f32 reference, ~3 % faster
-    /// decode). Measured against transformers on Qwen3-0.6B/Llama-1B-shaped
-    /// random checkpoints it made no difference beyond noise.
+    /// decode). A cross-check against transformers: with `bf16_logits`, the
+    /// argmax agreed with transformers bf16 at 98.4 % (Qwen3-0.6B-shaped)
+    /// and 93.8 % (Llama-1B-shaped) of 64 positions, against 95.3 % and
+    /// 92.2 % without (H200, random weights).
     pub hf_rounding: bool,
     /// Logits rounded to bf16 (the lm_head's output dtype in transformers
     /// and vLLM), returned as f32. Off (the default): f32 logits.
     pub bf16_logits: bool,
-    /// Decode steps (one token) with flash-sys's fused matrix-vector
-    /// kernels (q/k/v in one launch, gate/up with the activation, residual
-    /// adds in the o/down products) instead of cuBLAS. On by default; off
-    /// for A/B comparisons (`flash bench-engine --no-fused-decode`).
-    /// Ignored for weights the kernels cannot read (unaligned rows).
+    /// Decode steps and chunks of at most [`FUSED_MAX_TOKENS`] tokens with
+    /// flash-sys's fused matrix-vector kernels (q/k/v in one launch,
+    /// gate/up with the activation, residual adds in the o/down products)
+    /// instead of cuBLAS. On by default; off for A/B comparisons (`flash
+    /// bench-engine --no-fused-decode`). Ignored for weights the kernels
+    /// cannot read (unaligned rows).
     pub fused_decode: bool,
+    /// Load cuBLAS while the weights stream in (the default). Off: the
+    /// first product the fused kernels do not take loads it (`flash run`
+    /// turns this off for a prompt of at most [`FUSED_MAX_TOKENS`] tokens).
+    pub blas_at_load: bool,
 }
+
+/// The most tokens of a forward chunk whose products run on the fused
+/// matrix-vector kernels (each launch of 8 tokens reads the weights once);
+/// longer chunks use cuBLAS.
+pub const FUSED_MAX_TOKENS: usize = 16;
 
 impl Default for GpuOptions {
     fn default() -> Self {
@@ -93,6 +109,7 @@ impl Default for GpuOptions {
             hf_rounding: false,
             bf16_logits: false,
             fused_decode: true,
+            blas_at_load: true,
         }
     }
 }
@@ -104,8 +121,8 @@ pub struct GpuLoadReport {
     /// setup has ended too.
     pub load: Duration,
     pub stats: LoadStats,
-    /// Kernels, cuBLAS, buffers, KV cache, RoPE tables (made on another
-    /// thread during `load`, so not added to it).
+    /// Kernels, cuBLAS (with `blas_at_load`), buffers, KV cache, RoPE
+    /// tables (made on another thread during `load`, so not added to it).
     pub setup: Duration,
 }
 
@@ -257,6 +274,9 @@ impl Prepared {
             .clone()
             .or_else(|| default_kernel_cache(None));
         let ops = Ops::new(gpu, cache_dir.as_deref()).map_err(dev)?;
+        if opts.blas_at_load {
+            ops.load_blas().map_err(dev)?;
+        }
         let b = Buffers::new(gpu, cfg, batch, max_seq).map_err(dev)?;
         let info = gpu.info().map_err(dev)?;
         Ok(Prepared {
@@ -560,9 +580,10 @@ impl GpuEngine {
                 cfg.vocab_size,
             )?;
         }
-        // One token: the fused matrix-vector kernels (q/k/v in one launch,
-        // gate/up with the activation, the residual add in o/down).
-        let fused = self.fused_decode && n == 1;
+        // Decode and short chunks: the fused matrix-vector kernels (q/k/v in
+        // one launch, gate/up with the activation, the residual add in
+        // o/down).
+        let fused = self.fused_decode && n <= FUSED_MAX_TOKENS;
         let resid = if self.hf_rounding {
             GemvOut::AddRounded
         } else {
@@ -583,7 +604,7 @@ impl GpuEngine {
                             part(&lw.k_proj, k, kvd, GemvOut::Bf16)?,
                             part(&lw.v_proj, v, kvd, GemvOut::Bf16)?,
                         ];
-                        o.gemv(xn, h, &parts)?;
+                        o.gemv(xn, h, n, &parts)?;
                     }
                     return Ok(());
                 }
@@ -604,7 +625,7 @@ impl GpuEngine {
                     return Ok(());
                 }
                 if fused {
-                    o.gemv(input, inner, &[part(w, x, h, resid)?])
+                    o.gemv(input, inner, n, &[part(w, x, h, resid)?])
                 } else if self.hf_rounding {
                     o.gemm(input, wv(w)?, delta, OutType::Bf16, n, h, inner, false)?;
                     o.residual_add(x, delta, n * h, true)
@@ -615,7 +636,7 @@ impl GpuEngine {
             let mlp_in = || -> std::result::Result<(), CudaError> {
                 if fused {
                     if g(4) {
-                        o.gemv_swiglu(xn, h, wv(&lw.gate_proj)?, wv(&lw.up_proj)?, gate, inter)?;
+                        o.gemv_swiglu(xn, h, n, wv(&lw.gate_proj)?, wv(&lw.up_proj)?, gate, inter)?;
                     }
                     return Ok(());
                 }
@@ -789,7 +810,7 @@ impl GpuEngine {
         let xn = DevView::whole(&b.xn);
         o.rmsnorm_f32(x, wv(norm)?, xn, rows, h, cfg.rms_norm_eps as f32)?;
         let v = cfg.vocab_size;
-        if self.fused_decode && rows == 1 {
+        if self.fused_decode && rows <= FUSED_MAX_TOKENS {
             let mode = if self.bf16_logits {
                 GemvOut::F32OfBf16
             } else {
@@ -801,7 +822,7 @@ impl GpuEngine {
                 rows: v,
                 mode,
             };
-            return o.gemv(xn, h, &[part]);
+            return o.gemv(xn, h, rows, &[part]);
         }
         if self.bf16_logits {
             let l16 = DevView::whole(&b.logits16);

@@ -46,7 +46,7 @@ pub use config::{Arch, GenerationDefaults, ModelConfig, RopeScaling};
 pub use cpu::{CpuModel, CpuOptions};
 pub use error::EngineError;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
-pub use gpu::{GpuEngine, GpuOptions};
+pub use gpu::{GpuEngine, GpuOptions, FUSED_MAX_TOKENS};
 pub use sampling::{Sampler, SamplingParams};
 pub use text::{Message, StreamDecoder, TextTokenizer};
 pub use weights::ModelTensors;

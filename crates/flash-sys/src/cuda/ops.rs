@@ -7,10 +7,13 @@
 //!   the loader placed them, the engine's activations, the KV cache). Every
 //!   op checks that each view holds the bytes its shapes need, is aligned
 //!   for its element type and lives on the op's GPU.
-//! - [`Ops::new`] → one stream, the kernels ([`Kernels`]: compiled once per
-//!   source/GPU architecture/NVRTC version and cached in a folder) and a
-//!   cuBLAS handle ([`Blas`]) on that stream. Every op is queued on that
-//!   stream; nothing here allocates after `new`.
+//! - [`Ops::new`] → one stream and the kernels ([`Kernels`]: compiled once
+//!   per source/GPU architecture/NVRTC version and cached in a folder). The
+//!   cuBLAS handle ([`Blas`]) on that stream is made by [`Ops::load_blas`]
+//!   or by the first [`Ops::gemm`]: its libraries are ~600 MB, which a cold
+//!   start whose products all fit [`Ops::gemv`] never reads. Every op is
+//!   queued on that stream; nothing here allocates after `new` but cuBLAS's
+//!   own workspace.
 //! - Element types: weights and most activations are bf16; the residual
 //!   stream, logits and softmax are f32; token ids and argmax results i32.
 //!
@@ -33,6 +36,7 @@ use super::{check_range, has_symbol, CudaError, DeviceMemory, During, Gpu, Strea
 use cudarc::driver::sys;
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// The CUDA C source of every kernel.
 pub const KERNEL_SOURCE: &str = include_str!("ops/kernels.cu");
@@ -221,6 +225,12 @@ fn checked(
     v.aligned(what, ty.size() as u64)?;
     v.same_gpu(gpu, what)?;
     Ok(v.ptr())
+}
+
+/// `a * b` elements, or an error naming `what` when that overflows.
+fn elements(what: &str, a: usize, b: usize) -> Result<usize, CudaError> {
+    a.checked_mul(b)
+        .ok_or_else(|| CudaError::Usage(format!("{what}: size overflows")))
 }
 
 fn int(what: &str, v: usize) -> Result<i32, CudaError> {
@@ -485,7 +495,8 @@ impl GemvOut {
     }
 }
 
-/// One matrix of an [`Ops::gemv`]: `out[r] = w[r, :] · x` for `rows` rows.
+/// One matrix of an [`Ops::gemv`]: `out[t, r] = w[r, :] · x[t, :]` for
+/// `rows` rows (`out` is `[tokens, rows]`).
 #[derive(Debug, Clone, Copy)]
 pub struct GemvPart<'a> {
     pub w: DevView<'a>,
@@ -496,6 +507,9 @@ pub struct GemvPart<'a> {
 
 /// Rows (warps) of one [`Ops::gemv`] block.
 const GEMV_WARPS: usize = 8;
+/// Tokens one gemv launch multiplies (`GEMV_TOKENS` in kernels.cu); more
+/// are split over launches, each reading the weights again.
+pub const GEMV_TOKENS: usize = 8;
 
 /// Shapes of the attention step of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,22 +571,33 @@ fn attention_splits(tokens: usize, heads: usize, len: usize) -> usize {
 #[derive(Debug)]
 pub struct Ops {
     kernels: Kernels,
-    blas: Blas,
+    /// Made on first use ([`Ops::blas`]).
+    blas: OnceLock<Blas>,
     stream: Stream,
 }
 
 impl Ops {
-    /// A stream, the kernels (compiled or from `cache_dir`) and a cuBLAS
-    /// handle for `gpu`.
+    /// A stream and the kernels (compiled or from `cache_dir`) for `gpu`;
+    /// cuBLAS is loaded later ([`Ops::load_blas`]).
     pub fn new(gpu: &Gpu, cache_dir: Option<&Path>) -> Result<Ops, CudaError> {
         let stream = gpu.stream()?;
         let kernels = Kernels::load(gpu, cache_dir)?;
-        let blas = Blas::new(&stream)?;
         Ok(Ops {
             kernels,
-            blas,
+            blas: OnceLock::new(),
             stream,
         })
+    }
+
+    /// Loads cuBLAS and makes its handle now rather than at the first
+    /// [`Ops::gemm`].
+    pub fn load_blas(&self) -> Result<(), CudaError> {
+        self.blas().map(|_| ())
+    }
+
+    /// Whether cuBLAS has been loaded.
+    pub fn blas_loaded(&self) -> bool {
+        self.blas.get().is_some()
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -587,8 +612,17 @@ impl Ops {
         self.kernels.info()
     }
 
-    pub fn blas(&self) -> &Blas {
-        &self.blas
+    /// The cuBLAS handle, made on the first call. Two threads racing here
+    /// may each make one; the loser's is dropped.
+    pub fn blas(&self) -> Result<&Blas, CudaError> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let made = Blas::new(&self.stream)?;
+        let _ = self.blas.set(made);
+        self.blas
+            .get()
+            .ok_or_else(|| CudaError::Usage("the cuBLAS handle was not kept".into()))
     }
 
     /// Waits for every op queued so far.
@@ -935,11 +969,18 @@ impl Ops {
             && views.iter().all(|v| v.device_ptr() % 16 == 0)
     }
 
-    /// Matrix-vector products of one bf16 vector `x[k]` with up to three
-    /// row-major bf16 matrices in one launch (a decode step's q, k and v):
-    /// `part.out[r] = part.w[r, :] · x`, summed in f32 and written as
+    /// Products of `tokens` bf16 rows `x[tokens, k]` with up to three
+    /// row-major bf16 matrices in one launch per [`GEMV_TOKENS`] tokens (a
+    /// layer's q, k and v for a decode step or a short prompt):
+    /// `part.out[t, r] = part.w[r, :] · x[t, :]`, summed in f32 and written as
     /// `part.mode` says. See [`Ops::gemv_fits`] for what it takes.
-    pub fn gemv(&self, x: DevView<'_>, k: usize, parts: &[GemvPart<'_>]) -> Result<(), CudaError> {
+    pub fn gemv(
+        &self,
+        x: DevView<'_>,
+        k: usize,
+        tokens: usize,
+        parts: &[GemvPart<'_>],
+    ) -> Result<(), CudaError> {
         if parts.is_empty() || parts.len() > 3 {
             return Err(CudaError::Usage(format!(
                 "gemv takes 1 to 3 matrices, not {}",
@@ -955,47 +996,73 @@ impl Ops {
                 "gemv needs k % 8 == 0 (k = {k}) and 16-byte aligned input and weights"
             )));
         }
-        let x_p = checked(g, "gemv input", &x, Ty::Bf16, k)?;
+        let x_p = checked(
+            g,
+            "gemv input",
+            &x,
+            Ty::Bf16,
+            elements("gemv input", tokens, k)?,
+        )?;
         let mut w = [0u64; 3];
         let mut o = [0u64; 3];
         let mut r = [0i32; 3];
         let mut m = [0i32; 3];
+        let mut out_row_bytes = [0u64; 3];
         let mut total = 0usize;
         for (i, p) in parts.iter().enumerate() {
-            let elements = p
-                .rows
-                .checked_mul(k)
-                .ok_or_else(|| CudaError::Usage("gemv weight size overflows".into()))?;
-            w[i] = checked(g, "gemv weight", &p.w, Ty::Bf16, elements)?;
-            o[i] = checked(g, "gemv output", &p.out, p.mode.ty(), p.rows)?;
+            let ty = p.mode.ty();
+            w[i] = checked(
+                g,
+                "gemv weight",
+                &p.w,
+                Ty::Bf16,
+                elements("gemv weight", p.rows, k)?,
+            )?;
+            o[i] = checked(
+                g,
+                "gemv output",
+                &p.out,
+                ty,
+                elements("gemv output", tokens, p.rows)?,
+            )?;
             r[i] = int("gemv rows", p.rows)?;
             m[i] = p.mode.mode();
+            out_row_bytes[i] = (p.rows * ty.size()) as u64;
             total += p.rows;
         }
-        if total == 0 {
+        if total == 0 || tokens == 0 {
             return Ok(());
         }
         let k_i = int("gemv k", k)?;
         let grid = grid_dim("gemv blocks", total.div_ceil(GEMV_WARPS), i32::MAX as usize)?;
-        self.kernels.launch(
-            &self.stream,
-            K::Gemv,
-            (grid, 1, 1),
-            (GEMV_WARPS * 32) as u32,
-            &mut args!(
-                x_p, k_i, w[0], w[1], w[2], o[0], o[1], o[2], r[0], r[1], r[2], m[0], m[1], m[2]
-            ),
-        )
+        for t0 in (0..tokens).step_by(GEMV_TOKENS) {
+            let n = int("gemv tokens", GEMV_TOKENS.min(tokens - t0))?;
+            let x_t = x_p + (t0 * k * 2) as u64;
+            let o_t: [u64; 3] = std::array::from_fn(|i| o[i] + t0 as u64 * out_row_bytes[i]);
+            self.kernels.launch(
+                &self.stream,
+                K::Gemv,
+                (grid, 1, 1),
+                (GEMV_WARPS * 32) as u32,
+                &mut args!(
+                    x_t, k_i, n, w[0], w[1], w[2], o_t[0], o_t[1], o_t[2], r[0], r[1], r[2], m[0],
+                    m[1], m[2]
+                ),
+            )?;
+        }
+        Ok(())
     }
 
-    /// `out[r] = silu(wg[r, :] · x) * (wu[r, :] · x)` in bf16 for `rows`
-    /// rows (an MLP's gate and up projections and its activation, rounded
-    /// as [`Ops::swiglu`] after two bf16 products).
+    /// `out[t, r] = silu(wg[r, :] · x[t, :]) * (wu[r, :] · x[t, :])` in bf16
+    /// for `tokens` rows of `x` and `rows` rows of the weights (an MLP's gate
+    /// and up projections and its activation, rounded as [`Ops::swiglu`]
+    /// after two bf16 products), one launch per [`GEMV_TOKENS`] tokens.
     #[allow(clippy::too_many_arguments)]
     pub fn gemv_swiglu(
         &self,
         x: DevView<'_>,
         k: usize,
+        tokens: usize,
         wg: DevView<'_>,
         wu: DevView<'_>,
         out: DevView<'_>,
@@ -1006,30 +1073,46 @@ impl Ops {
                 "gemv_swiglu needs k % 8 == 0 (k = {k}) and 16-byte aligned input and weights"
             )));
         }
-        if rows == 0 {
+        if rows == 0 || tokens == 0 {
             return Ok(());
         }
         let g = self.gpu();
-        let elements = rows
-            .checked_mul(k)
-            .ok_or_else(|| CudaError::Usage("gemv_swiglu weight size overflows".into()))?;
-        let x_p = checked(g, "gemv_swiglu input", &x, Ty::Bf16, k)?;
-        let g_p = checked(g, "gemv_swiglu gate weight", &wg, Ty::Bf16, elements)?;
-        let u_p = checked(g, "gemv_swiglu up weight", &wu, Ty::Bf16, elements)?;
-        let o_p = checked(g, "gemv_swiglu output", &out, Ty::Bf16, rows)?;
+        let w_elements = elements("gemv_swiglu weight", rows, k)?;
+        let x_p = checked(
+            g,
+            "gemv_swiglu input",
+            &x,
+            Ty::Bf16,
+            elements("gemv_swiglu input", tokens, k)?,
+        )?;
+        let g_p = checked(g, "gemv_swiglu gate weight", &wg, Ty::Bf16, w_elements)?;
+        let u_p = checked(g, "gemv_swiglu up weight", &wu, Ty::Bf16, w_elements)?;
+        let o_p = checked(
+            g,
+            "gemv_swiglu output",
+            &out,
+            Ty::Bf16,
+            elements("gemv_swiglu output", tokens, rows)?,
+        )?;
         let (k_i, r_i) = (int("gemv_swiglu k", k)?, int("gemv_swiglu rows", rows)?);
         let grid = grid_dim(
             "gemv_swiglu blocks",
             rows.div_ceil(GEMV_WARPS),
             i32::MAX as usize,
         )?;
-        self.kernels.launch(
-            &self.stream,
-            K::GemvSwiglu,
-            (grid, 1, 1),
-            (GEMV_WARPS * 32) as u32,
-            &mut args!(x_p, k_i, g_p, u_p, o_p, r_i),
-        )
+        for t0 in (0..tokens).step_by(GEMV_TOKENS) {
+            let n = int("gemv_swiglu tokens", GEMV_TOKENS.min(tokens - t0))?;
+            let x_t = x_p + (t0 * k * 2) as u64;
+            let o_t = o_p + (t0 * rows * 2) as u64;
+            self.kernels.launch(
+                &self.stream,
+                K::GemvSwiglu,
+                (grid, 1, 1),
+                (GEMV_WARPS * 32) as u32,
+                &mut args!(x_t, k_i, n, g_p, u_p, o_t, r_i),
+            )?;
+        }
+        Ok(())
     }
 
     /// `y[m, n] = x[m, k] · w[n, k]ᵀ (+ y)`, see [`Blas::gemm`].
@@ -1048,7 +1131,7 @@ impl Ops {
         x.aligned("gemm input", 2)?;
         w.aligned("gemm weight", 2)?;
         y.aligned("gemm output", out.size() as u64)?;
-        self.blas.gemm(x, w, y, out, m, n, k, accumulate)
+        self.blas()?.gemm(x, w, y, out, m, n, k, accumulate)
     }
 }
 

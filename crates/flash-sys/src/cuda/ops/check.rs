@@ -204,17 +204,20 @@ pub fn check_ops(
     ] {
         check_gemm(&ops, &mut rng, m, n, k, ty, acc, &mut out)?;
     }
-    // Decode's fused products: shapes of Qwen3-0.6B and an odd tail
-    // (k = 8 * 33: the unrolled loop and the remainder).
-    for (k, rows) in [
-        (1024, [2048, 1024, 1024]),
-        (264, [37, 5, 0]),
-        (3072, [1, 0, 0]),
+    // The fused products of decode and short prompts: shapes of Qwen3-0.6B
+    // and an odd tail (k = 8 * 33: the unrolled loop and the remainder), for
+    // one token, a partial launch, a full one, and two launches.
+    for (k, rows, tokens) in [
+        (1024, [2048, 1024, 1024], 1),
+        (1024, [2048, 1024, 1024], 13),
+        (264, [37, 5, 0], 3),
+        (264, [37, 5, 0], 8),
+        (3072, [1, 0, 0], 1),
     ] {
-        check_gemv(&ops, &mut rng, k, rows, &mut out)?;
+        check_gemv(&ops, &mut rng, k, rows, tokens, &mut out)?;
     }
-    for (k, rows) in [(1024, 3072), (264, 45)] {
-        check_gemv_swiglu(&ops, &mut rng, k, rows, &mut out)?;
+    for (k, rows, tokens) in [(1024, 3072, 1), (1024, 3072, 11), (264, 45, 5)] {
+        check_gemv_swiglu(&ops, &mut rng, k, rows, tokens, &mut out)?;
     }
     Ok((out, ops.kernel_info().clone()))
 }
@@ -729,30 +732,35 @@ fn check_gemm(
     Ok(())
 }
 
-/// The dot products of `rows` rows of `w` (row-major, `k` wide) with `x`.
+/// `[tokens, rows]`: the dot products of the `rows` rows of `w` (row-major,
+/// `k` wide) with each of the `tokens` rows of `x`.
 fn cpu_gemv(x: &[f32], w: &[f32], k: usize, rows: usize) -> Vec<f64> {
-    (0..rows)
-        .map(|r| {
-            w[r * k..(r + 1) * k]
-                .iter()
-                .zip(x)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum()
+    x.chunks(k)
+        .flat_map(|xt| {
+            (0..rows).map(move |r| {
+                w[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(xt)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            })
         })
         .collect()
 }
 
-/// Three matrices of `rows` in one launch, each written in another mode.
+/// Three matrices of `rows` in one call for `tokens` inputs, each written in
+/// another mode.
 fn check_gemv(
     ops: &Ops,
     rng: &mut Rng,
     k: usize,
     rows: [usize; 3],
+    tokens: usize,
     out: &mut Vec<OpCheck>,
 ) -> Result<(), CudaError> {
     let g = ops.gpu();
     let modes = [GemvOut::Bf16, GemvOut::AddF32, GemvOut::AddRounded];
-    let x = rng.bf16s(k, 0.0, 1.0);
+    let x = rng.bf16s(tokens * k, 0.0, 1.0);
     let xd = upload(g, &bf16_bytes(&x))?;
     let mut ws = Vec::new();
     let mut outs = Vec::new();
@@ -760,10 +768,12 @@ fn check_gemv(
     for (&r, &mode) in rows.iter().zip(&modes) {
         let w = rng.bf16s(r * k, 0.0, 0.05);
         // Residual-like values, bf16-exact for the rounded mode.
-        let y0: Vec<f32> = (0..r).map(|_| round_bf16(rng.normal() as f32)).collect();
+        let y0: Vec<f32> = (0..tokens * r)
+            .map(|_| round_bf16(rng.normal() as f32))
+            .collect();
         ws.push((upload(g, &bf16_bytes(&w))?, w));
         outs.push(match mode {
-            GemvOut::Bf16 => g.alloc((r * 2).max(4))?,
+            GemvOut::Bf16 => g.alloc((tokens * r * 2).max(4))?,
             _ => upload(g, &f32_bytes(&y0))?,
         });
         starts.push(y0);
@@ -776,17 +786,18 @@ fn check_gemv(
             mode: modes[i],
         })
         .collect();
-    ops.gemv(DevView::whole(&xd), k, &parts)?;
+    ops.gemv(DevView::whole(&xd), k, tokens, &parts)?;
     for i in 0..3 {
         let r = rows[i];
         if r == 0 {
             continue;
         }
+        let n = tokens * r;
         let dots = cpu_gemv(&x, &ws[i].1, k, r);
         let (got, want, tol): (Vec<f32>, Vec<f64>, f64) = match modes[i] {
-            GemvOut::Bf16 => (bytes_bf16(&download(&outs[i], r * 2)?), dots, 1e-2),
+            GemvOut::Bf16 => (bytes_bf16(&download(&outs[i], n * 2)?), dots, 1e-2),
             GemvOut::AddF32 => (
-                bytes_f32(&download(&outs[i], r * 4)?),
+                bytes_f32(&download(&outs[i], n * 4)?),
                 dots.iter()
                     .zip(&starts[i])
                     .map(|(d, &y)| d + y as f64)
@@ -794,7 +805,7 @@ fn check_gemv(
                 1e-4,
             ),
             _ => (
-                bytes_f32(&download(&outs[i], r * 4)?),
+                bytes_f32(&download(&outs[i], n * 4)?),
                 dots.iter()
                     .zip(&starts[i])
                     .map(|(&d, &y)| round_bf16(y + round_bf16(d as f32)) as f64)
@@ -804,7 +815,7 @@ fn check_gemv(
         };
         out.push(compare(
             "gemv",
-            format!("{r}x{k} of {rows:?} -> {:?}", modes[i]),
+            format!("{tokens} x {r}x{k} of {rows:?} -> {:?}", modes[i]),
             &got,
             &want,
             tol,
@@ -818,10 +829,11 @@ fn check_gemv_swiglu(
     rng: &mut Rng,
     k: usize,
     rows: usize,
+    tokens: usize,
     out: &mut Vec<OpCheck>,
 ) -> Result<(), CudaError> {
     let g = ops.gpu();
-    let x = rng.bf16s(k, 0.0, 1.0);
+    let x = rng.bf16s(tokens * k, 0.0, 1.0);
     let wg = rng.bf16s(rows * k, 0.0, 0.05);
     let wu = rng.bf16s(rows * k, 0.0, 0.05);
     let (xd, gd, ud) = (
@@ -829,16 +841,18 @@ fn check_gemv_swiglu(
         upload(g, &bf16_bytes(&wg))?,
         upload(g, &bf16_bytes(&wu))?,
     );
-    let od = g.alloc(rows * 2)?;
+    let n = tokens * rows;
+    let od = g.alloc(n * 2)?;
     ops.gemv_swiglu(
         DevView::whole(&xd),
         k,
+        tokens,
         DevView::whole(&gd),
         DevView::whole(&ud),
         DevView::whole(&od),
         rows,
     )?;
-    let got = bytes_bf16(&download(&od, rows * 2)?);
+    let got = bytes_bf16(&download(&od, n * 2)?);
     let (gs, us) = (cpu_gemv(&x, &wg, k, rows), cpu_gemv(&x, &wu, k, rows));
     let want: Vec<f64> = gs
         .iter()
@@ -851,7 +865,7 @@ fn check_gemv_swiglu(
         .collect();
     out.push(compare(
         "gemv_swiglu",
-        format!("2 x {rows}x{k}"),
+        format!("{tokens} x 2 x {rows}x{k}"),
         &got,
         &want,
         2e-2,

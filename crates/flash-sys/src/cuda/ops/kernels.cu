@@ -345,13 +345,19 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, int* __restr
 }
 
 // ---------------------------------------------------------------------------
-// Matrix-vector products for decode (one token). cuBLAS reaches 50-80 % of the
-// memory bandwidth on these shapes, and a step made of separate q/k/v,
+// Matrix products for a few tokens: decode (one token) and short prefills (up
+// to GEMV_TOKENS tokens a launch). cuBLAS reaches 50-80 % of the memory
+// bandwidth on the one-token shapes, and a step made of separate q/k/v,
 // gate/up/swiglu and residual kernels launches twice as many; these read each
 // weight row once with 16-byte streaming loads (one warp per row, four loads
-// in flight per lane) and fuse what follows the product.
+// in flight per lane), multiply it with every token's input, and fuse what
+// follows the product. A short prompt thus never needs cuBLAS, whose
+// libraries a cold start would otherwise read from disk.
 // Requirements (checked by the host): k % 8 == 0, 16-byte aligned rows and x.
 // ---------------------------------------------------------------------------
+
+// Tokens one launch multiplies (Ops::gemv splits more into launches).
+#define GEMV_TOKENS 8
 
 // How a product's f32 sum is written (GemvOut in ops.rs).
 #define GEMV_BF16 0      // out (bf16) = sum
@@ -377,94 +383,104 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 // Weights are read once per step: stream them past the caches.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) { return __ldcs(p); }
 
-// The dot product of one weight row with x, summed over the warp (every lane
-// gets it). nv = k / 8 vectors of 8 bf16.
-__device__ __forceinline__ float row_dot(const uint4* __restrict__ w, const uint4* __restrict__ x,
-                                         int nv, int lane) {
-    float acc = 0.f;
+// acc[t] = the dot product of one weight row with token t's input (x is
+// [n, nv] vectors of 8 bf16), summed over the warp (every lane gets them),
+// for t < n <= GEMV_TOKENS. The token loops unroll; `t < n` is uniform over
+// the warp.
+__device__ __forceinline__ void rows_dot(const uint4* __restrict__ w, const uint4* __restrict__ x,
+                                         int nv, int n, int lane, float* acc) {
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) acc[t] = 0.f;
     int i = lane;
     for (; i + 96 < nv; i += 128) {
         const uint4 a = ld_stream(w + i), b = ld_stream(w + i + 32);
         const uint4 c = ld_stream(w + i + 64), d = ld_stream(w + i + 96);
-        acc += dot8(a, __ldg(x + i)) + dot8(b, __ldg(x + i + 32)) +
-               dot8(c, __ldg(x + i + 64)) + dot8(d, __ldg(x + i + 96));
+#pragma unroll
+        for (int t = 0; t < GEMV_TOKENS; t++) {
+            if (t < n) {
+                const uint4* xt = x + (size_t)t * nv;
+                acc[t] += dot8(a, __ldg(xt + i)) + dot8(b, __ldg(xt + i + 32)) +
+                          dot8(c, __ldg(xt + i + 64)) + dot8(d, __ldg(xt + i + 96));
+            }
+        }
     }
-    for (; i < nv; i += 32) acc += dot8(ld_stream(w + i), __ldg(x + i));
-    return warp_sum(acc);
+    for (; i < nv; i += 32) {
+        const uint4 a = ld_stream(w + i);
+#pragma unroll
+        for (int t = 0; t < GEMV_TOKENS; t++) {
+            if (t < n) acc[t] += dot8(a, __ldg(x + (size_t)t * nv + i));
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) {
+        if (t < n) acc[t] = warp_sum(acc[t]);
+    }
 }
 
-__device__ __forceinline__ void gemv_store(void* out, int row, float s, int mode) {
+__device__ __forceinline__ void gemv_store(void* out, size_t at, float s, int mode) {
     if (mode == GEMV_BF16) {
-        ((bf16*)out)[row] = f2bf(s);
+        ((bf16*)out)[at] = f2bf(s);
     } else if (mode == GEMV_F32) {
-        ((float*)out)[row] = s;
+        ((float*)out)[at] = s;
     } else if (mode == GEMV_ADD_F32) {
-        ((float*)out)[row] += s;
+        ((float*)out)[at] += s;
     } else if (mode == GEMV_ADD_ROUND) {
         float* o = (float*)out;
-        o[row] = round_bf(o[row] + round_bf(s));
+        o[at] = round_bf(o[at] + round_bf(s));
     } else {
-        ((float*)out)[row] = round_bf(s);
+        ((float*)out)[at] = round_bf(s);
     }
 }
 
-// out_s[r] = W_s[r, :] . x for the rows of up to three matrices stacked
-// (rows r0, then r1, then r2; a count of 0 skips one), one warp per row: the
-// q, k and v projections of a layer in one launch.
-extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, int k, const bf16* w0,
+// out_s[t, r] = W_s[r, :] . x[t, :] for n tokens and the rows of up to three
+// matrices stacked (rows r0, then r1, then r2; a count of 0 skips one), one
+// warp per row: the q, k and v projections of a layer in one launch. Lane t
+// writes token t's result.
+extern "C" __global__ void gemv_bf16(const bf16* __restrict__ x, int k, int n, const bf16* w0,
                                      const bf16* w1, const bf16* w2, void* o0, void* o1, void* o2,
                                      int r0, int r1, int r2, int m0, int m1, int m2) {
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     const bf16* w;
     void* o;
-    int mode;
+    int mode, rows;
     if (row < r0) {
-        w = w0, o = o0, mode = m0;
+        w = w0, o = o0, mode = m0, rows = r0;
     } else if ((row -= r0) < r1) {
-        w = w1, o = o1, mode = m1;
+        w = w1, o = o1, mode = m1, rows = r1;
     } else if ((row -= r1) < r2) {
-        w = w2, o = o2, mode = m2;
+        w = w2, o = o2, mode = m2, rows = r2;
     } else {
         return; // the whole warp: rows are per warp
     }
     const int nv = k >> 3;
-    const float s = row_dot((const uint4*)(w + (size_t)row * k), (const uint4*)x, nv, lane);
-    if (lane == 0) gemv_store(o, row, s, mode);
+    float acc[GEMV_TOKENS];
+    rows_dot((const uint4*)(w + (size_t)row * k), (const uint4*)x, nv, n, lane, acc);
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) {
+        if (t < n && lane == t) gemv_store(o, (size_t)t * rows + row, acc[t], mode);
+    }
 }
 
-// out[r] = swiglu(Wg[r, :] . x, Wu[r, :] . x) in bf16, with the rounding of
-// the unfused path (gate and up rounded to bf16, silu rounded, product
-// rounded): the MLP's gate and up projections and its activation in one
-// launch, one warp per row of both.
-extern "C" __global__ void gemv_swiglu(const bf16* __restrict__ x, int k, const bf16* wg,
+// out[t, r] = swiglu(Wg[r, :] . x[t, :], Wu[r, :] . x[t, :]) in bf16 for n
+// tokens, with the rounding of the unfused path (gate and up rounded to
+// bf16, silu rounded, product rounded): the MLP's gate and up projections
+// and its activation in one launch, one warp per row of both.
+extern "C" __global__ void gemv_swiglu(const bf16* __restrict__ x, int k, int n, const bf16* wg,
                                        const bf16* wu, bf16* __restrict__ out, int rows) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const int nv = k >> 3;
-    const uint4* g = (const uint4*)(wg + (size_t)row * k);
-    const uint4* u = (const uint4*)(wu + (size_t)row * k);
-    const uint4* xv = (const uint4*)x;
-    float ag = 0.f, au = 0.f;
-    int i = lane;
-    for (; i + 32 < nv; i += 64) {
-        const uint4 g0 = ld_stream(g + i), g1 = ld_stream(g + i + 32);
-        const uint4 u0 = ld_stream(u + i), u1 = ld_stream(u + i + 32);
-        const uint4 x0 = __ldg(xv + i), x1 = __ldg(xv + i + 32);
-        ag += dot8(g0, x0) + dot8(g1, x1);
-        au += dot8(u0, x0) + dot8(u1, x1);
-    }
-    for (; i < nv; i += 32) {
-        const uint4 x0 = __ldg(xv + i);
-        ag += dot8(ld_stream(g + i), x0);
-        au += dot8(ld_stream(u + i), x0);
-    }
-    ag = warp_sum(ag);
-    au = warp_sum(au);
-    if (lane == 0) {
-        const float gv = round_bf(ag);
-        const float a = round_bf(gv / (1.f + __expf(-gv)));
-        out[row] = f2bf(a * round_bf(au));
+    float ag[GEMV_TOKENS], au[GEMV_TOKENS];
+    rows_dot((const uint4*)(wg + (size_t)row * k), (const uint4*)x, nv, n, lane, ag);
+    rows_dot((const uint4*)(wu + (size_t)row * k), (const uint4*)x, nv, n, lane, au);
+#pragma unroll
+    for (int t = 0; t < GEMV_TOKENS; t++) {
+        if (t < n && lane == t) {
+            const float gv = round_bf(ag[t]);
+            const float a = round_bf(gv / (1.f + __expf(-gv)));
+            out[(size_t)t * rows + row] = f2bf(a * round_bf(au[t]));
+        }
     }
 }

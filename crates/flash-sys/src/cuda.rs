@@ -146,6 +146,70 @@ impl<T> During<T> for Result<T, DriverError> {
     }
 }
 
+/// Copies `src` to device memory `base + offset`, synchronously, after all
+/// work queued on `gpu` (for [`DeviceMemory`] and [`vmm::VmmMemory`]).
+///
+/// # Safety
+/// `base..base + len` must be device memory of `gpu`, mapped for reading
+/// and writing, that stays live for the call.
+unsafe fn upload_sync(
+    gpu: &Gpu,
+    base: u64,
+    len: usize,
+    offset: usize,
+    src: &[u8],
+    what: &str,
+) -> Result<(), CudaError> {
+    check_range(&format!("upload into {what}"), offset, src.len(), len)?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    gpu.synchronize()?;
+    // SAFETY: the destination lies in the caller's live range (checked); src
+    // is borrowed for the call, which returns only once the driver no longer
+    // reads it (synchronous copy).
+    unsafe {
+        sys::cuMemcpyHtoD_v2(
+            base + offset as u64,
+            src.as_ptr() as *const c_void,
+            src.len(),
+        )
+    }
+    .result()
+    .during_with(|| format!("cuMemcpyHtoD of {} bytes into {what}", src.len()))
+}
+
+/// Copies device memory `base + offset` into `dst`, synchronously, after
+/// all work queued on `gpu`.
+///
+/// # Safety
+/// As [`upload_sync`]: `base..base + len` is live, mapped memory of `gpu`.
+unsafe fn download_sync(
+    gpu: &Gpu,
+    base: u64,
+    len: usize,
+    offset: usize,
+    dst: &mut [u8],
+    what: &str,
+) -> Result<(), CudaError> {
+    check_range(&format!("download from {what}"), offset, dst.len(), len)?;
+    if dst.is_empty() {
+        return Ok(());
+    }
+    gpu.synchronize()?;
+    // SAFETY: the source lies in the caller's live range (checked); dst is
+    // borrowed mutably for the call, which returns once the copy ended.
+    unsafe {
+        sys::cuMemcpyDtoH_v2(
+            dst.as_mut_ptr() as *mut c_void,
+            base + offset as u64,
+            dst.len(),
+        )
+    }
+    .result()
+    .during_with(|| format!("cuMemcpyDtoH of {} bytes from {what}", dst.len()))
+}
+
 fn check_range(what: &str, offset: usize, len: usize, total: usize) -> Result<(), CudaError> {
     match offset.checked_add(len) {
         Some(end) if end <= total => Ok(()),
@@ -1374,44 +1438,24 @@ impl DeviceMemory {
     /// Synchronous upload from any host memory (pageable or pinned), after
     /// all queued work on this GPU.
     pub fn copy_from_host(&self, dst_offset: usize, src: &[u8]) -> Result<(), CudaError> {
-        check_range("upload destination", dst_offset, src.len(), self.len)?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.gpu.synchronize()?;
-        // SAFETY: the destination lies in this live allocation (checked);
-        // src is borrowed for the call, which returns only once the driver no
-        // longer reads it (synchronous copy).
+        // SAFETY: `ptr..ptr + len` is this live allocation of `gpu`.
         unsafe {
-            sys::cuMemcpyHtoD_v2(
-                self.ptr + dst_offset as u64,
-                src.as_ptr() as *const c_void,
-                src.len(),
+            upload_sync(
+                &self.gpu,
+                self.ptr,
+                self.len,
+                dst_offset,
+                src,
+                "device memory",
             )
         }
-        .result()
-        .during_with(|| format!("cuMemcpyHtoD of {} bytes", src.len()))
     }
 
     /// Synchronous download into any host memory, after all queued work on
     /// this GPU.
     pub fn copy_to_host(&self, offset: usize, dst: &mut [u8]) -> Result<(), CudaError> {
-        check_range("download source", offset, dst.len(), self.len)?;
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.gpu.synchronize()?;
-        // SAFETY: the source lies in this live allocation (checked); dst is
-        // borrowed mutably for the call, which returns once the copy ended.
-        unsafe {
-            sys::cuMemcpyDtoH_v2(
-                dst.as_mut_ptr() as *mut c_void,
-                self.ptr + offset as u64,
-                dst.len(),
-            )
-        }
-        .result()
-        .during_with(|| format!("cuMemcpyDtoH of {} bytes", dst.len()))
+        // SAFETY: `ptr..ptr + len` is this live allocation of `gpu`.
+        unsafe { download_sync(&self.gpu, self.ptr, self.len, offset, dst, "device memory") }
     }
 
     /// Enqueues a device-to-device copy of `self[src_offset..+len]` to

@@ -254,7 +254,6 @@ fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32, CudaError> {
 enum K {
     Embed,
     RmsF32,
-    RmsBf16,
     QkRope,
     Attention,
     AttentionCombine,
@@ -266,12 +265,11 @@ enum K {
     GemvSwiglu,
 }
 
-const KERNEL_COUNT: usize = 12;
+const KERNEL_COUNT: usize = 11;
 
 const KERNEL_NAMES: [&str; KERNEL_COUNT] = [
     "embed_f32",
     "rmsnorm_f32",
-    "rmsnorm_bf16",
     "qk_norm_rope_cache",
     "attention",
     "attention_combine",
@@ -680,32 +678,6 @@ impl Ops {
         self.kernels.launch(
             &self.stream,
             K::RmsF32,
-            (grid, 1, 1),
-            Self::norm_block(n),
-            &mut args!(x_p, w_p, o_p, ni, eps),
-        )
-    }
-
-    /// RMSNorm of `rows` bf16 rows of `n` (in place when `out` is `x`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_bf16(
-        &self,
-        x: DevView<'_>,
-        w: DevView<'_>,
-        out: DevView<'_>,
-        rows: usize,
-        n: usize,
-        eps: f32,
-    ) -> Result<(), CudaError> {
-        let g = self.gpu();
-        let x_p = checked(g, "rmsnorm input", &x, Ty::Bf16, rows * n)?;
-        let w_p = checked(g, "rmsnorm weight", &w, Ty::Bf16, n)?;
-        let o_p = checked(g, "rmsnorm output", &out, Ty::Bf16, rows * n)?;
-        let ni = int("rmsnorm width", n)?;
-        let grid = grid_dim("rmsnorm rows", rows, i32::MAX as usize)?;
-        self.kernels.launch(
-            &self.stream,
-            K::RmsBf16,
             (grid, 1, 1),
             Self::norm_block(n),
             &mut args!(x_p, w_p, o_p, ni, eps),

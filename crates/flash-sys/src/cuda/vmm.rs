@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys;
 
-use super::{check_range, has_symbol, CudaError, During, Gpu};
+use super::{download_sync, has_symbol, upload_sync, CudaError, During, Gpu};
 
 /// Every VMM entry point used here, checked by [`Gpu::vmm_supported`].
 const VMM_SYMBOLS: &[&str] = &[
@@ -559,42 +559,23 @@ impl VmmMemory {
 
     /// Synchronous upload from host memory, after all queued work on this GPU.
     pub fn copy_from_host(&self, dst_offset: usize, src: &[u8]) -> Result<(), CudaError> {
-        check_range("VMM upload destination", dst_offset, src.len(), self.len)?;
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.gpu.synchronize()?;
-        // SAFETY: the destination lies in this live, mapped, read/write range
-        // (checked); src is borrowed for the synchronous copy.
+        // SAFETY: `base..base + len` is this live, mapped, read/write range.
         unsafe {
-            sys::cuMemcpyHtoD_v2(
-                self.base + dst_offset as u64,
-                src.as_ptr() as *const c_void,
-                src.len(),
+            upload_sync(
+                &self.gpu,
+                self.base,
+                self.len,
+                dst_offset,
+                src,
+                "VMM memory",
             )
         }
-        .result()
-        .during_with(|| format!("cuMemcpyHtoD of {} bytes into VMM memory", src.len()))
     }
 
     /// Synchronous download into host memory, after all queued work on this GPU.
     pub fn copy_to_host(&self, offset: usize, dst: &mut [u8]) -> Result<(), CudaError> {
-        check_range("VMM download source", offset, dst.len(), self.len)?;
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.gpu.synchronize()?;
-        // SAFETY: the source lies in this live, mapped range (checked); dst
-        // is borrowed mutably for the synchronous copy.
-        unsafe {
-            sys::cuMemcpyDtoH_v2(
-                dst.as_mut_ptr() as *mut c_void,
-                self.base + offset as u64,
-                dst.len(),
-            )
-        }
-        .result()
-        .during_with(|| format!("cuMemcpyDtoH of {} bytes from VMM memory", dst.len()))
+        // SAFETY: `base..base + len` is this live, mapped range.
+        unsafe { download_sync(&self.gpu, self.base, self.len, offset, dst, "VMM memory") }
     }
 }
 

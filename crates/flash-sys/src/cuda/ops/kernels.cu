@@ -78,24 +78,6 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const bf16* 
         orow[i] = f2bf(round_bf(xr[i] * r) * bf2f(w[i]));
 }
 
-// RMSNorm of bf16 rows; one block per row. In place (out == x) is allowed:
-// every element is read and written by the same thread.
-extern "C" __global__ void rmsnorm_bf16(const bf16* x, const bf16* __restrict__ w, bf16* out,
-                                        int n, float eps) {
-    __shared__ float sh[32];
-    const bf16* xr = x + (size_t)blockIdx.x * n;
-    bf16* orow = out + (size_t)blockIdx.x * n;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = bf2f(xr[i]);
-        ss += v * v;
-    }
-    ss = block_sum(ss, sh);
-    const float r = rsqrtf(ss / (float)n + eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        orow[i] = f2bf(round_bf(bf2f(xr[i]) * r) * bf2f(w[i]));
-}
-
 // After the q/k/v projections of `t` tokens at positions pos0..pos0+t:
 // projection biases added when given (Qwen2; null otherwise), per-head RMSNorm of q and k (Qwen3's q_norm/k_norm; skipped when the weight
 // is null), rotary embedding (neox style: the halves of each head rotate,

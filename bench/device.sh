@@ -18,7 +18,9 @@
 #   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline;
 #   ttft    issue 6: time to first token of `flash run` through the daemon
 #           (GPU-resident, memory tier, cold from disk), in-process cold from
-#           disk (--no-daemon) and of transformers;
+#           disk (--no-daemon) and of transformers; cold runs alternate with
+#           the cold load (TTFT_ROUNDS rounds, default 3); TTFT_DAEMON=0 runs
+#           only the in-process cold runs and the load, no daemon started;
 #   sdk     issue 5: the SDK's GPU tests and its timing targets;
 #   probe   measurements behind design choices (PROBES, default "ipc cold
 #           pin"): IPC vs VMM attach by size and what changes its cost, cold
@@ -336,7 +338,22 @@ for l in sys.stdin:
         done
     fi
 fi
-if stage ttft && [ -n "$M8" ]; then
+if stage ttft && [ -n "$M8" ] && [ "${TTFT_DAEMON:-1}" = 0 ]; then
+    # The in-process cold path alone, no daemon running: the cold load and
+    # `flash run --no-daemon`, alternating, the order swapped every round.
+    for i in $(seq 1 "${TTFT_ROUNDS:-3}"); do
+        for what in $( ((i % 2)) && echo "load run" || echo "run load"); do
+            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+            if [ "$what" = load ]; then
+                log "== TTFT: in-process round $i: the load alone (flash bench)"
+                timeout 120 "$FLASH" -q bench "$M8" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json | json_lines ttft
+            else
+                log "== TTFT: in-process round $i: flash run --no-daemon"
+                python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
+            fi
+        done
+    done
+elif stage ttft && [ -n "$M8" ]; then
     if true; then
         log "== TTFT: transformers (python -c start, from_pretrained, generate)"
         python3 bench/ttft.py transformers --model-dir "$D8" --label qwen3-8b --scenario warm --card "$CARD" | json_lines ttft

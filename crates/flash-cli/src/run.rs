@@ -253,6 +253,7 @@ fn load(
     cfg: &ModelConfig,
     blas_at_load: bool,
     max_seq: usize,
+    clock: &ProcessClock,
 ) -> Result<Loaded> {
     let source =
         ModelSource::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
@@ -269,6 +270,9 @@ fn load(
                 ..Default::default()
             };
             let ordinal = gpu.ordinal();
+            // From the process start to here: reading the prompt, config and
+            // tokenizer, opening the GPU (overlapped), the model's headers.
+            let load_from_s = clock.now();
             let (engine, report) = GpuEngine::load(dir, &gpu, &lo, &opts).with_context(|| {
                 let hint = if choice == DeviceChoice::Auto {
                     " (--device cpu runs it on the CPU)"
@@ -279,6 +283,7 @@ fn load(
             })?;
             let k = engine.kernel_info();
             tracing::info!(
+                load_from_s,
                 read_s = report.load.as_secs_f64(),
                 gbps = report.stats.gbps(),
                 setup_s = report.setup.as_secs_f64(),
@@ -346,6 +351,7 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         &cfg,
         blas_at_load,
         ids.len() + a.max_tokens,
+        &clock,
     )?;
     let load_s = t0.elapsed().as_secs_f64();
 

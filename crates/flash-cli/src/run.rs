@@ -161,13 +161,35 @@ impl DeviceChoice {
     }
 }
 
-/// The GPU, opened on a thread of its own from the start: CUDA's driver
-/// start and the GPU's context take a few hundred milliseconds on a cold
-/// machine, which overlap reading the config and the tokenizer.
+/// The GPU, opened on a thread of its own as soon as the model's headers
+/// say it is wanted ([`wants_gpu`]): CUDA's driver start and the GPU's
+/// context take a few hundred milliseconds on a cold machine, which overlap
+/// reading the config and the tokenizer.
 type EarlyGpu = Option<std::thread::JoinHandle<Result<Gpu>>>;
 
-fn open_gpu_early(choice: DeviceChoice) -> EarlyGpu {
-    (choice != DeviceChoice::Cpu).then(|| std::thread::spawn(move || gpu(choice.ordinal())))
+fn open_gpu_early(choice: DeviceChoice, source: &ModelSource) -> EarlyGpu {
+    wants_gpu(choice, source).then(|| std::thread::spawn(move || gpu(choice.ordinal())))
+}
+
+/// Whether to try the GPU: `cuda:N` always; `auto` for a model that is all
+/// bf16 (the GPU engine reads bf16 weights), else the CPU with one info
+/// line, as the daemon does.
+fn wants_gpu(choice: DeviceChoice, source: &ModelSource) -> bool {
+    match choice {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Cuda(_) => true,
+        DeviceChoice::Auto => match source.tensors.iter().find(|t| t.dtype != DType::BF16) {
+            Some(t) => {
+                tracing::info!(
+                    tensor = %t.name,
+                    dtype = %t.dtype,
+                    "the model is not all bf16: running on the CPU engine"
+                );
+                false
+            }
+            None => true,
+        },
+    }
 }
 
 fn parse_device(s: &str) -> Result<DeviceChoice> {
@@ -182,37 +204,23 @@ fn parse_device(s: &str) -> Result<DeviceChoice> {
     })
 }
 
-/// The GPU to run on, `None` for the CPU. `cuda:N` must be usable (the
-/// error names it); `auto` falls back to the CPU quietly (one info line)
-/// without a usable GPU 0, or for a model that is not all bf16 (the GPU
-/// engine reads bf16 weights), as the daemon does.
-fn pick_gpu(choice: DeviceChoice, source: &ModelSource, early: EarlyGpu) -> Result<Option<Gpu>> {
-    let opened = || match early {
-        Some(h) => h
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the GPU panicked"))),
-        None => gpu(choice.ordinal()),
+/// The GPU to run on, `None` for the CPU: the early GPU once open.
+/// `cuda:N` must be usable (the error names it); `auto` falls back to the
+/// CPU quietly (one info line) without a usable GPU 0.
+fn pick_gpu(choice: DeviceChoice, early: EarlyGpu) -> Result<Option<Gpu>> {
+    let Some(h) = early else {
+        return Ok(None);
     };
-    match choice {
-        DeviceChoice::Cpu => Ok(None),
-        DeviceChoice::Cuda(_) => opened().map(Some),
-        DeviceChoice::Auto => {
-            if let Some(t) = source.tensors.iter().find(|t| t.dtype != DType::BF16) {
-                tracing::info!(
-                    tensor = %t.name,
-                    dtype = %t.dtype,
-                    "the model is not all bf16: running on the CPU engine"
-                );
-                return Ok(None);
-            }
-            match opened() {
-                Ok(g) => Ok(Some(g)),
-                Err(e) => {
-                    tracing::info!("{e:#}: running on the CPU engine");
-                    Ok(None)
-                }
-            }
+    let opened = h
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("opening the GPU panicked")));
+    match (choice, opened) {
+        (_, Ok(g)) => Ok(Some(g)),
+        (DeviceChoice::Auto, Err(e)) => {
+            tracing::info!("{e:#}: running on the CPU engine");
+            Ok(None)
         }
+        (_, Err(e)) => Err(e),
     }
 }
 
@@ -243,37 +251,26 @@ struct Loaded {
     from: &'static str,
 }
 
-/// Loads `dir` on the device `choice` picks. `max_seq` (prompt + tokens to
-/// generate) sizes the GPU's KV cache, allocated up front. `blas_at_load`:
-/// load cuBLAS while the weights stream in ([`GpuOptions::blas_at_load`]).
+/// Loads the model of `dir` (its `source` and `cfg` already read) on
+/// `gpu`, else on the CPU; `opts` are the GPU engine's.
 fn load(
-    ctx: &Ctx,
     dir: &Path,
-    (choice, early): (DeviceChoice, EarlyGpu),
+    source: &ModelSource,
     cfg: &ModelConfig,
-    blas_at_load: bool,
-    max_seq: usize,
+    (choice, gpu): (DeviceChoice, Option<Gpu>),
+    opts: &GpuOptions,
     clock: &ProcessClock,
 ) -> Result<Loaded> {
-    let source =
-        ModelSource::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    let gpu = pick_gpu(choice, &source, early)?;
-    let from = load_source(&source);
-    drop(source);
+    let from = load_source(source);
     let lo = LoadOptions::default();
     match gpu {
         Some(gpu) => {
-            let opts = GpuOptions {
-                max_seq_len: Some(max_seq.clamp(1, cfg.max_position_embeddings.max(1))),
-                kernel_cache: kernel_cache(ctx),
-                blas_at_load,
-                ..Default::default()
-            };
             let ordinal = gpu.ordinal();
             // From the process start to here: reading the prompt, config and
             // tokenizer, opening the GPU (overlapped), the model's headers.
             let load_from_s = clock.now();
-            let (engine, report) = GpuEngine::load(dir, &gpu, &lo, &opts).with_context(|| {
+            let loaded = GpuEngine::load_from(cfg.clone(), source, &gpu, &lo, opts);
+            let (engine, report) = loaded.with_context(|| {
                 let hint = if choice == DeviceChoice::Auto {
                     " (--device cpu runs it on the CPU)"
                 } else {
@@ -325,9 +322,11 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         return crate::run_remote::run(ctx, &a, &prompt, started);
     }
     let clock = ProcessClock::new(started);
-    let early = open_gpu_early(choice);
     let prompt = read_prompt(&a)?;
     let dir = model_dir(ctx, &a.model)?;
+    let source =
+        ModelSource::open(&dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    let early = open_gpu_early(choice, &source);
 
     let t0 = Instant::now();
     let cfg = ModelConfig::from_dir(&dir)?;
@@ -345,14 +344,22 @@ pub fn run(ctx: &Ctx, a: RunArgs) -> Result<ExitCode> {
         engine,
         from,
     } = load(
-        ctx,
         &dir,
-        (choice, early),
+        &source,
         &cfg,
-        blas_at_load,
-        ids.len() + a.max_tokens,
+        (choice, pick_gpu(choice, early)?),
+        &GpuOptions {
+            // Prompt + tokens to generate: the KV cache, allocated up front.
+            max_seq_len: Some(
+                (ids.len() + a.max_tokens).clamp(1, cfg.max_position_embeddings.max(1)),
+            ),
+            kernel_cache: kernel_cache(ctx),
+            blas_at_load,
+            ..Default::default()
+        },
         &clock,
     )?;
+    drop(source);
     let load_s = t0.elapsed().as_secs_f64();
 
     let mut eos = cfg.eos_token_ids.clone();

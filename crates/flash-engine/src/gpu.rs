@@ -385,14 +385,26 @@ impl GpuEngine {
         opts: &GpuOptions,
     ) -> Result<(Self, GpuLoadReport)> {
         let cfg = ModelConfig::from_dir(dir)?;
-        let t0 = Instant::now();
         let source = ModelSource::open(dir)?;
+        Self::load_from(cfg, &source, gpu, load, opts)
+    }
+
+    /// [`GpuEngine::load`] of a model whose config and folder the caller
+    /// has already read (`flash run` reads them before it picks a device).
+    pub fn load_from(
+        cfg: ModelConfig,
+        source: &ModelSource,
+        gpu: &Gpu,
+        load: &LoadOptions,
+        opts: &GpuOptions,
+    ) -> Result<(Self, GpuLoadReport)> {
+        let t0 = Instant::now();
         let (loaded, prepared) = std::thread::scope(|s| {
             let prep = s.spawn(|| {
                 let t = Instant::now();
                 Prepared::prepare(gpu, &cfg, opts).map(|p| (p, t.elapsed()))
             });
-            let loaded = load_to_gpu(&source, None, gpu, load, None);
+            let loaded = load_to_gpu(source, None, gpu, load, None);
             let prepared = prep.join().unwrap_or_else(|_| {
                 Err(EngineError::Invalid(
                     "preparing the GPU engine panicked".into(),

@@ -55,6 +55,7 @@ export PYTHONUNBUFFERED=1
 FLASH=${FLASH:-$ROOT/.carry/flash}
 read -r -a PEERS <<<"${PEERS:-st_load_file st_safe_open fastsafetensors runai instanttensor}"
 STAGES=${STAGES:-check load engine ttft sdk daemon}
+: >"$RESULTS.cold"
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
 PEER_TIMEOUT=${PEER_TIMEOUT:-150}
 
@@ -157,6 +158,33 @@ for line in sys.stdin:
 ' "$1" "$2" "$3" "$CARD"
 }
 
+json_lines() { # json_lines: keep stdout lines that are JSON objects, tag the card
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    line = line.strip()
+    if not line.startswith("{"):
+        if line: print(line, file=sys.stderr)
+        continue
+    try: d = json.loads(line)
+    except ValueError:
+        print(line, file=sys.stderr); continue
+    d.setdefault("card", sys.argv[1]); d.setdefault("stage", sys.argv[2])
+    print(json.dumps(d), flush=True)' "$CARD" "$1" | tee -a "$RESULTS"
+}
+evict_all() { # evict_all DIR: every file of DIR out of the page cache (and drop_caches as root)
+    python3 - "$1" <<'PY'
+import os, sys
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        fd = os.open(os.path.join(root, f), os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+    sync
+    [ -w /proc/sys/vm/drop_caches ] && echo 3 >/proc/sys/vm/drop_caches
+    log "evicted $1 from the page cache"
+}
 run_peer() { # run_peer LOADER DIR MODEL SCENARIO
     local line
     line=$(timeout "$PEER_TIMEOUT" python3 bench/peers.py --loader "$1" --model-dir "$2" \
@@ -209,6 +237,111 @@ for size in $SIZES; do
 done
 df -h "$SCRATCH" | tail -1
 
+# Disk: what the disk rewards (issue 12). The block device's settings, then
+# cold reads of the 8B checkpoint's shards with every read pattern
+# (flash bench-disk: DISK_PATTERNS, or the doctor's candidates), the order
+# rotated each round, first DISK_LIMIT bytes of each shard.
+if stage disk && [ -n "${DIRS[qwen3-8b]:-}" ]; then
+    log "== disk: block devices"
+    for q in /sys/block/*/queue; do
+        dev=$(basename "$(dirname "$q")")
+        case $dev in loop*|ram*) continue ;; esac
+        printf '%s:' "$dev"
+        for k in max_sectors_kb max_hw_sectors_kb nr_requests read_ahead_kb scheduler rotational logical_block_size nomerges; do
+            printf ' %s=%s' "$k" "$(cat "$q/$k" 2>/dev/null | tr -d '\n')"
+        done
+        printf ' hw_queues=%s\n' "$(ls "/sys/block/$dev/mq" 2>/dev/null | wc -l)"
+    done
+    findmnt -no SOURCE,FSTYPE,OPTIONS -T "$SCRATCH" || true
+    pat_args=()
+    for p in ${DISK_PATTERNS:-}; do pat_args+=(--pattern "$p"); done
+    log "== disk: read patterns, ${DISK_ROUNDS:-3} rounds, first ${DISK_LIMIT:-2G} of each shard"
+    timeout 400 "$FLASH" bench-disk "${DIRS[qwen3-8b]}" "${pat_args[@]}" --rounds "${DISK_ROUNDS:-3}" \
+        --limit "${DISK_LIMIT:-2G}" --json | json_lines disk
+    # The best two by median go on to the full cold comparison below.
+    BEST_PATTERNS=$(python3 - "$RESULTS" <<'PY'
+import json, sys, collections
+by = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    try: d = json.loads(line)
+    except ValueError: continue
+    if d.get("stage") == "disk" and "pattern" in d and "round" in d:
+        by[d["pattern"]].append(d["gbps"])
+med = sorted(((sorted(v)[len(v)//2], p) for p, v in by.items()), reverse=True)
+print(" ".join(p for _, p in med[:2]))
+PY
+)
+    log "best patterns by median: $BEST_PATTERNS"
+fi
+
+# Cold: the fastest peer against flash, whole checkpoints, fresh processes,
+# COLD_ROUNDS rounds (default 5) with the order rotated each round: the
+# safetensors folder and the flash format with the loader's defaults, plus
+# the safetensors folder with each of COLD_PATTERNS (default: the disk
+# stage's best two). Per-round times and the median ratio at the end.
+if stage cold; then
+    for model in ${COLD_MODELS:-qwen3-8b}; do
+        dir=${DIRS[$model]:-}
+        [ -n "$dir" ] || continue
+        contenders=("peer:fastsafetensors" "flash:$dir" )
+        [ -n "${STORE[$model]:-}" ] && contenders+=("flash:${STORE[$model]}")
+        for p in ${COLD_PATTERNS:-${BEST_PATTERNS:-}}; do contenders+=("flash:$dir:$p"); done
+        n=${#contenders[@]}
+        for round in $(seq 1 "${COLD_ROUNDS:-5}"); do
+            if ! in_budget; then skip "cold $model round $round"; continue; fi
+            log "== cold $model round $round"
+            for k in $(seq 0 $((n - 1))); do
+                c=${contenders[$(((round + k) % n))]}
+                IFS=: read -r kind target pattern <<<"$c"
+                if [ "$kind" = peer ]; then
+                    run_peer "$target" "$dir" "$model" cold | python3 -c '
+import json, sys
+for l in sys.stdin:
+    d = json.loads(l); d["round"] = int(sys.argv[1]); d["stage"] = "cold"; print(json.dumps(d))' "$round" >>"$RESULTS.cold"
+                    tail -1 "$RESULTS.cold"
+                else
+                    label=flash-safetensors
+                    [ "$target" != "$dir" ] && label=flash-format
+                    extra=()
+                    if [ -n "$pattern" ]; then extra=(--pattern "$pattern"); label="$label@$pattern"; fi
+                    python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
+                    timeout "$PEER_TIMEOUT" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
+                        --loader flash "${extra[@]}" --json 2>"$OUT/flash.err" | tag "$label" "$model" cold |
+                        python3 -c '
+import json, sys
+for l in sys.stdin:
+    d = json.loads(l); d["round"] = int(sys.argv[1]); d["stage"] = "cold"; d["loader"] = d["target"]; print(json.dumps(d))' "$round" >>"$RESULTS.cold"
+                    tail -1 "$RESULTS.cold"
+                fi
+            done
+        done
+    done
+    cat "$RESULTS.cold" >>"$RESULTS" 2>/dev/null
+    python3 - "$RESULTS.cold" <<'PY' | tee "$OUT/cold-table.txt"
+import json, sys, collections, statistics
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = collections.defaultdict(dict)
+for d in rows:
+    if d.get("seconds") is not None and not d.get("error"):
+        by[(d["model"], d["round"])][d["loader"]] = d["seconds"]
+for model in sorted({m for m, _ in by}):
+    rounds = sorted(r for m, r in by if m == model)
+    loaders = sorted({l for (m, _), v in by.items() if m == model for l in v})
+    print(f"cold {model}: seconds per round (fresh processes, page cache dropped before each)")
+    print("round " + " ".join(f"{l[:34]:>34}" for l in loaders))
+    for r in rounds:
+        print(f"{r:>5} " + " ".join(f'{by[(model, r)].get(l, float("nan")):>34.2f}' for l in loaders))
+    peer = "fastsafetensors"
+    med = {l: statistics.median([by[(model, r)][l] for r in rounds if l in by[(model, r)]]) for l in loaders}
+    print("median " + " ".join(f"{med[l]:>33.2f}" for l in loaders))
+    if peer in med:
+        for l in loaders:
+            if l == peer: continue
+            worst = max((by[(model, r)][l] / by[(model, r)][peer] for r in rounds if l in by[(model, r)] and peer in by[(model, r)]), default=float("nan"))
+            print(f"  {l}: median ratio to {peer} {med[l] / med[peer]:.3f}, worst round {worst:.3f}")
+PY
+fi
+
 # 4. Loads.
 LOAD_MODELS="qwen3-8b qwen3-0.6b"
 stage load || LOAD_MODELS=""
@@ -239,33 +372,6 @@ done
 
 # 6. The engine (issue 6): GPU forward vs transformers, speed vs roofline,
 #    time to first token of `flash run` and of transformers.
-json_lines() { # json_lines: keep stdout lines that are JSON objects, tag the card
-    python3 -c '
-import json, sys
-for line in sys.stdin:
-    line = line.strip()
-    if not line.startswith("{"):
-        if line: print(line, file=sys.stderr)
-        continue
-    try: d = json.loads(line)
-    except ValueError:
-        print(line, file=sys.stderr); continue
-    d.setdefault("card", sys.argv[1]); d.setdefault("stage", sys.argv[2])
-    print(json.dumps(d), flush=True)' "$CARD" "$1" | tee -a "$RESULTS"
-}
-evict_all() { # evict_all DIR: every file of DIR out of the page cache (and drop_caches as root)
-    python3 - "$1" <<'PY'
-import os, sys
-for root, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        fd = os.open(os.path.join(root, f), os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-PY
-    sync
-    [ -w /proc/sys/vm/drop_caches ] && echo 3 >/proc/sys/vm/drop_caches
-    log "evicted $1 from the page cache"
-}
 M8=${STORE[qwen3-8b]:-}
 D8=${DIRS[qwen3-8b]:-}
 if stage engine; then

@@ -66,6 +66,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Measure load speed against a baseline and the hardware's limits
     Bench(BenchArgs),
+    /// Compare ways of reading files cold (O_DIRECT or buffered, readers,
+    /// request size, order, readahead, io_uring), alternating round by round
+    BenchDisk(BenchDiskArgs),
     /// Report the machine's limits: GPUs, PCIe and disk bandwidth, io_uring
     Doctor {
         #[arg(long)]
@@ -313,6 +316,20 @@ pub struct BenchArgs {
     /// the file), direct, or buffered
     #[arg(long, default_value = "auto")]
     pub io: String,
+    /// How the readers walk the files: shared (one queue in file order) or
+    /// per-file (readers spread over the files, each read front to back)
+    /// [default: the loader's]
+    #[arg(long)]
+    pub order: Option<String>,
+    /// Kernel hint for files read through the page cache: sequential,
+    /// willneed (ask for the next window ahead), none [default: the loader's]
+    #[arg(long)]
+    pub advice: Option<String>,
+    /// A whole read pattern, IO:ORDER:THREADSxREQUEST[:ADVICE] (e.g.
+    /// buffered:per-file:4x16M), instead of --io, --order, --threads,
+    /// --chunk-size and --advice
+    #[arg(long, conflicts_with_all = ["io", "order", "threads", "chunk_size", "advice"])]
+    pub pattern: Option<String>,
     /// Bytes of one pinned staging buffer on the way to a GPU (suffixes K, M, G)
     #[arg(long, default_value = "32M", value_parser = parse_size)]
     pub staging_size: u64,
@@ -329,6 +346,28 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
     /// One JSON object per measurement, one per line
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchDiskArgs {
+    /// Files to read, or folders (their *.safetensors, or a flash model's
+    /// data files)
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// A read pattern IO:ORDER:THREADSxREQUEST[:ADVICE][:qdN], repeatable
+    /// (e.g. direct:shared:16x32M, buffered:per-file:4x16M:willneed,
+    /// direct:per-file:4x8M:qd8 for io_uring) [default: the doctor's candidates]
+    #[arg(long)]
+    pub pattern: Vec<String>,
+    /// Rounds; each round reads with every pattern, the order rotated by one
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Read only the first SIZE bytes of each file (suffixes K, M, G)
+    #[arg(long, value_parser = parse_size)]
+    pub limit: Option<u64>,
+    /// One JSON object per read, then one with the medians
     #[arg(long)]
     pub json: bool,
 }

@@ -18,8 +18,8 @@ use crate::args::BenchArgs;
 use crate::commands::{model_name, Ctx};
 use anyhow::{anyhow, bail, Context, Result};
 use flash_load::{
-    default_threads, execute, gpu::upload_pinned, load_to_gpu, load_to_host, HostSink, IoMode,
-    LoadOptions, LoadPlan, LoadStats, ModelSource, ScanSink,
+    execute, gpu::upload_pinned, load_to_gpu, load_to_host, HostSink, IoMode, LoadOptions,
+    LoadPlan, LoadStats, ModelSource, ScanSink,
 };
 use flash_sys::cuda::{self, Direction, Gpu};
 use flash_sys::os;
@@ -68,34 +68,7 @@ fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Drops the files from the page cache; returns the share still resident
-/// (not every file system lets pages go; tmpfs never does).
-pub fn evict(files: &[PathBuf]) -> Result<f64> {
-    for f in files {
-        let file = File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
-        os::evict_page_cache(&file).with_context(|| format!("{}: cannot evict", f.display()))?;
-    }
-    let left = residency(files)?;
-    if left > 0.0 {
-        // Some file systems ignore the per-file hint; as root, drop the whole
-        // page cache (best effort: it needs root and a writable /proc).
-        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
-        return residency(files);
-    }
-    Ok(left)
-}
-
-/// Share of the files' bytes in the page cache.
-pub fn residency(files: &[PathBuf]) -> Result<f64> {
-    let (mut resident, mut total) = (0.0, 0.0);
-    for f in files {
-        let file = File::open(f).with_context(|| format!("{}: cannot open", f.display()))?;
-        let len = file.metadata()?.len() as f64;
-        resident += os::page_cache_residency(&file).unwrap_or(0.0) * len;
-        total += len;
-    }
-    Ok(if total > 0.0 { resident / total } else { 1.0 })
-}
+pub use flash_load::disk::{evict, residency};
 
 /// Reads every file into the page cache.
 fn warm(files: &[PathBuf]) -> Result<()> {
@@ -314,13 +287,26 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
     let target = resolve(ctx, &a)?;
     let source = ModelSource::open(&target.dir)?;
     let files: Vec<PathBuf> = source.files.iter().map(|f| f.path.clone()).collect();
-    let opts = LoadOptions {
-        threads: a.threads.unwrap_or_else(default_threads).max(1),
+    let defaults = LoadOptions::default();
+    let mut opts = LoadOptions {
+        threads: a.threads.unwrap_or(defaults.threads).max(1),
         chunk_bytes: a.chunk_size,
         io: a.io.parse().map_err(anyhow::Error::msg)?,
+        order: match &a.order {
+            Some(o) => o.parse().map_err(anyhow::Error::msg)?,
+            None => defaults.order,
+        },
+        advice: match &a.advice {
+            Some(o) => o.parse().map_err(anyhow::Error::msg)?,
+            None => defaults.advice,
+        },
         staging_bytes: a.staging_size,
         staging_buffers: a.staging_buffers,
     };
+    if let Some(p) = &a.pattern {
+        let p: flash_load::ReadPattern = p.parse().map_err(anyhow::Error::msg)?;
+        opts = p.apply(&opts);
+    }
     for l in &a.loader {
         if !["disk", "flash", "mmap"].contains(&l.as_str()) {
             bail!("unknown loader {l:?} (disk, flash, mmap)");
@@ -451,4 +437,121 @@ fn print_table(rows: &[Measurement]) {
             100.0 * r.resident_before
         );
     }
+}
+
+/// The files `flash bench-disk` reads for a path: a file itself; a folder's
+/// safetensors shards, or its flash data files, or else all its files.
+fn disk_files(paths: &[PathBuf]) -> Result<Vec<flash_load::SourceFile>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
+        let mut found: Vec<PathBuf> = if meta.is_dir() {
+            let entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("{}: cannot list", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file())
+                .collect();
+            let pick = |want: &dyn Fn(&str) -> bool| -> Vec<PathBuf> {
+                entries
+                    .iter()
+                    .filter(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(want))
+                    .cloned()
+                    .collect()
+            };
+            let shards = pick(&|n: &str| n.ends_with(".safetensors"));
+            let data = pick(&|n: &str| n.starts_with("data-") && n.ends_with(".bin"));
+            if !shards.is_empty() {
+                shards
+            } else if !data.is_empty() {
+                data
+            } else {
+                entries
+            }
+        } else {
+            vec![p.clone()]
+        };
+        found.sort();
+        for f in found {
+            let len = std::fs::metadata(&f)?.len();
+            out.push(flash_load::SourceFile { path: f, len });
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no files to read in {paths:?}");
+    Ok(out)
+}
+
+/// `flash bench-disk`: cold reads of the same files with several patterns,
+/// alternating, and the median of each.
+pub fn disk(a: crate::args::BenchDiskArgs) -> Result<ExitCode> {
+    use flash_load::disk;
+    let files = disk_files(&a.paths)?;
+    let patterns: Vec<flash_load::ReadPattern> = if a.pattern.is_empty() {
+        disk::candidates()
+    } else {
+        a.pattern
+            .iter()
+            .map(|p| p.parse().map_err(anyhow::Error::msg))
+            .collect::<Result<_>>()?
+    };
+    let total: u64 = files
+        .iter()
+        .map(|f| a.limit.map_or(f.len, |l| f.len.min(l)))
+        .sum();
+    if !a.json {
+        eprintln!(
+            "reading {} in {} files cold, {} patterns x {} rounds",
+            human(total),
+            files.len(),
+            patterns.len(),
+            a.rounds
+        );
+    }
+    let results = disk::compare(&files, &patterns, a.rounds.max(1), a.limit, |round, r| {
+        if a.json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["round"] = round.into();
+            v["loader"] = "disk".into();
+            v["scenario"] = "cold".into();
+            println!("{v}");
+        } else {
+            println!(
+                "round {round}  {:<36} {:>6.2} GB/s  {:>6.2} s",
+                r.pattern, r.gbps, r.seconds
+            );
+        }
+    })?;
+    let mut medians: Vec<(String, f64)> = Vec::new();
+    for p in &patterns {
+        let name = p.to_string();
+        let mut v: Vec<f64> = results
+            .iter()
+            .filter(|(_, r)| r.pattern == name)
+            .map(|(_, r)| r.gbps)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        medians.push((name, v[v.len() / 2]));
+    }
+    let best = disk::best_by_median(&results);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"medians": medians.iter().map(|(p, g)| serde_json::json!({"pattern": p, "gbps": g})).collect::<Vec<_>>(),
+                               "best": best.as_ref().map(|b| &b.0)})
+        );
+    } else {
+        println!("median over {} rounds:", a.rounds.max(1));
+        for (p, g) in &medians {
+            let mark = if best.as_ref().is_some_and(|b| &b.0 == p) {
+                "  <- best"
+            } else {
+                ""
+            };
+            println!("  {p:<36} {g:>6.2} GB/s{mark}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn human(b: u64) -> String {
+    format!("{:.2} GB", b as f64 / 1e9)
 }

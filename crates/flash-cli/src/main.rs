@@ -79,6 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => commands::export(&ctx, &model, &to, shard_size),
         Command::Synth(a) => commands::synth(&ctx, a),
         Command::Bench(a) => bench::run(&ctx, a),
+        Command::BenchDisk(a) => bench::disk(a),
         Command::Doctor { json } => {
             let store = ctx.store()?;
             doctor::run(store.root(), json).map(|_| ExitCode::SUCCESS)

@@ -177,6 +177,7 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool, engine_only: bool) -> R
                             // Tiny models: several staging pieces per read.
                             staging_bytes: if size == "tiny" { 4096 } else { 2 << 20 },
                             staging_buffers: 3,
+                            ..LoadOptions::default()
                         };
                         let t = Instant::now();
                         let (tensors, bytes, wrong) = check_one(dir, &want, gpu, &lopts, subset)?;

@@ -9,6 +9,7 @@
 //!    to a [`Sink`]: [`HostSink`] (host memory, in place), [`ScanSink`]
 //!    (streamed to a function) or [`CudaSink`] (pinned staging, async copies).
 
+pub mod disk;
 pub mod error;
 pub mod gpu;
 pub mod host;
@@ -17,12 +18,13 @@ pub mod placement;
 pub mod plan;
 pub mod source;
 
+pub use disk::{ProbeResult, ReadPattern};
 pub use error::LoadError;
 pub use gpu::{load_to_gpu, CudaSink, GpuModel, StagingPool};
 pub use host::{load_to_host, HostModel, HostSink, ScanSink};
 pub use pipeline::{
-    default_threads, execute, IoMode, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker,
-    STAGING_LIMIT,
+    default_threads, execute, Advice, IoMode, LoadOptions, LoadStats, ReadFn, ReadOrder, Sink,
+    SinkWorker, STAGING_LIMIT,
 };
 pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
 pub use plan::{Job, LoadPlan, Segment, TensorTable, TensorView};

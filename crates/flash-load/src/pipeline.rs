@@ -3,9 +3,10 @@
 //! memory, or a GPU through pinned staging buffers).
 //!
 //! Threads: `LoadOptions::threads` workers, each with its own sink worker
-//! (its own staging buffers and CUDA stream on a GPU). Jobs are taken in file
-//! order from a shared counter, so the disk sees a few sequential streams.
-//! The first error stops every worker and is returned.
+//! (its own staging buffers and CUDA stream on a GPU). How the workers walk
+//! the files is the [`ReadOrder`]: one queue in file order shared by all, or
+//! one queue per file with the workers spread over the files. The first
+//! error stops every worker and is returned.
 
 use crate::error::LoadError;
 use crate::plan::{Job, LoadPlan, ALIGN};
@@ -42,6 +43,80 @@ impl std::str::FromStr for IoMode {
     }
 }
 
+/// How the reader threads walk the files of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadOrder {
+    /// One queue of windows in file order, shared by every reader: the disk
+    /// sees one region of one file at a time, read by all readers at once.
+    #[default]
+    Shared,
+    /// One queue per file: the readers are spread evenly over the files and
+    /// each file is read front to back by its own readers, every file at
+    /// once; a reader whose file is done helps the file with most left.
+    PerFile,
+}
+
+impl std::str::FromStr for ReadOrder {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "shared" => Ok(ReadOrder::Shared),
+            "per-file" => Ok(ReadOrder::PerFile),
+            _ => Err(format!("unknown read order {s:?} (shared, per-file)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReadOrder::Shared => "shared",
+            ReadOrder::PerFile => "per-file",
+        })
+    }
+}
+
+/// A hint given to the kernel for files read through the page cache
+/// (O_DIRECT reads bypass the page cache and its readahead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Advice {
+    /// `POSIX_FADV_SEQUENTIAL` on the whole file: a larger readahead window.
+    #[default]
+    Sequential,
+    /// As `Sequential`, and before each read `POSIX_FADV_WILLNEED` on the
+    /// next window of the same file, so the kernel fetches it while this
+    /// one is copied out.
+    WillNeed,
+    /// No hint.
+    None,
+}
+
+impl std::str::FromStr for Advice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sequential" | "seq" => Ok(Advice::Sequential),
+            "willneed" => Ok(Advice::WillNeed),
+            "none" => Ok(Advice::None),
+            _ => Err(format!(
+                "unknown read advice {s:?} (sequential, willneed, none)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Advice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Advice::Sequential => "sequential",
+            Advice::WillNeed => "willneed",
+            Advice::None => "none",
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     /// Reader threads (each with its own sink worker).
@@ -49,6 +124,10 @@ pub struct LoadOptions {
     /// Bytes per read (rounded up to 4 KiB).
     pub chunk_bytes: u64,
     pub io: IoMode,
+    /// How the readers walk the files.
+    pub order: ReadOrder,
+    /// Kernel hint for files read through the page cache.
+    pub advice: Advice,
     /// Bytes of one pinned staging buffer of the GPU sink (ignored by host
     /// sinks): as large as a read, so that each read lands in pinned memory
     /// whole. Buffers are pinned lazily (pinning runs at ~2 GB/s) and never
@@ -85,6 +164,8 @@ impl Default for LoadOptions {
             threads: default_threads(),
             chunk_bytes: 32 << 20,
             io: IoMode::Auto,
+            order: ReadOrder::Shared,
+            advice: Advice::Sequential,
             staging_bytes: 32 << 20,
             staging_buffers: 2,
         }
@@ -152,7 +233,7 @@ struct OpenFile {
     direct: Option<File>,
 }
 
-fn open_files(plan: &LoadPlan, mode: IoMode) -> Result<Vec<OpenFile>, LoadError> {
+fn open_files(plan: &LoadPlan, mode: IoMode, advice: Advice) -> Result<Vec<OpenFile>, LoadError> {
     plan.files
         .iter()
         .map(|f| {
@@ -167,7 +248,7 @@ fn open_files(plan: &LoadPlan, mode: IoMode) -> Result<Vec<OpenFile>, LoadError>
             } else {
                 None
             };
-            if direct.is_none() {
+            if direct.is_none() && advice != Advice::None {
                 // Best effort: a hint, not a requirement.
                 let _ = os::advise_sequential(&buffered);
             }
@@ -190,6 +271,82 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize>
     Ok(done)
 }
 
+/// The plan's jobs and the queues readers take them from.
+struct Queues {
+    jobs: Vec<Job>,
+    /// Per queue: the range of its jobs in `jobs`, and the next to hand out.
+    queues: Vec<(std::ops::Range<usize>, AtomicUsize)>,
+}
+
+impl Queues {
+    fn new(plan: &LoadPlan, opts: &LoadOptions, fixed_windows: bool) -> Self {
+        let per_file = opts.order == ReadOrder::PerFile && plan.files.len() > 1;
+        let readers = |n: usize| (!fixed_windows).then_some(n.max(1));
+        if !per_file {
+            let jobs = plan.jobs(opts.chunk_bytes, readers(opts.threads));
+            let all = 0..jobs.len();
+            return Queues {
+                jobs,
+                queues: vec![(all, AtomicUsize::new(0))],
+            };
+        }
+        // Each file's jobs sized for the readers it gets, so that every
+        // file's last reads shrink together.
+        let files_with_bytes = plan
+            .segments
+            .iter()
+            .map(|s| s.file)
+            .collect::<std::collections::BTreeSet<_>>();
+        let per_queue = opts.threads / files_with_bytes.len().max(1);
+        let mut jobs = Vec::new();
+        let mut queues = Vec::new();
+        for file in files_with_bytes {
+            let start = jobs.len();
+            jobs.extend(plan.jobs_of_file(file, opts.chunk_bytes, readers(per_queue)));
+            queues.push((start..jobs.len(), AtomicUsize::new(start)));
+        }
+        Queues { jobs, queues }
+    }
+
+    /// The next job for a reader whose own queue is `home`: from that queue,
+    /// else from the queue with the most jobs left. Also returns the job
+    /// that follows it in its queue, if any.
+    fn next(&self, home: usize) -> Option<(&Job, Option<&Job>)> {
+        let take = |q: usize| {
+            let (range, next) = &self.queues[q];
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            (i < range.end).then(|| {
+                let after = (i + 1 < range.end).then(|| &self.jobs[i + 1]);
+                (&self.jobs[i], after)
+            })
+        };
+        if let Some(j) = take(home % self.queues.len()) {
+            return Some(j);
+        }
+        loop {
+            let fullest = self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(q, (range, next))| {
+                    let at = next.load(Ordering::Relaxed).min(range.end);
+                    (range.end - at, q)
+                })
+                .max()?;
+            if fullest.0 == 0 {
+                return None;
+            }
+            if let Some(j) = take(fullest.1) {
+                return Some(j);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+}
+
 /// Runs `plan` into `sink` and returns what it did.
 pub fn execute<S: Sink>(
     plan: &LoadPlan,
@@ -197,11 +354,9 @@ pub fn execute<S: Sink>(
     opts: &LoadOptions,
 ) -> Result<LoadStats, LoadError> {
     let start = Instant::now();
-    let files = open_files(plan, opts.io)?;
-    let readers = (!sink.fixed_windows()).then_some(opts.threads);
-    let jobs = plan.jobs(opts.chunk_bytes, readers);
-    let threads = opts.threads.clamp(1, jobs.len().max(1));
-    let next = AtomicUsize::new(0);
+    let files = open_files(plan, opts.io, opts.advice)?;
+    let queues = Queues::new(plan, opts, sink.fixed_windows());
+    let threads = opts.threads.clamp(1, queues.len().max(1));
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<LoadError>> = Mutex::new(None);
     let bytes_read = AtomicU64::new(0);
@@ -215,8 +370,10 @@ pub fn execute<S: Sink>(
     };
 
     std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
+        for home in 0..threads {
+            let (queues, files, failed, fail) = (&queues, &files, &failed, &fail);
+            let (bytes_read, read_ns, sink_ns) = (&bytes_read, &read_ns, &sink_ns);
+            scope.spawn(move || {
                 let mut worker = match sink.worker() {
                     Ok(w) => w,
                     Err(e) => return fail(e),
@@ -224,10 +381,17 @@ pub fn execute<S: Sink>(
                 let mut worker_read_ns = 0u64;
                 let t_worker = Instant::now();
                 while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(i) else { break };
+                    let Some((job, after)) = queues.next(home) else {
+                        break;
+                    };
                     let src = &plan.files[job.file];
                     let file = &files[job.file];
+                    if let (Advice::WillNeed, None, Some(after)) =
+                        (opts.advice, &file.direct, after)
+                    {
+                        // Best effort: the kernel reads it in while this one is copied out.
+                        let _ = os::advise_willneed(&file.buffered, after.file_offset, after.len);
+                    }
                     let job = Job {
                         buffered: file.direct.is_none(),
                         ..*job

@@ -297,19 +297,36 @@ impl LoadPlan {
     /// the GPU machine: 36 reads of 32 MiB on 32 readers left the disk
     /// 10-20 % below its rate for a 1.2 GB model).
     pub fn jobs(&self, chunk: u64, readers: Option<usize>) -> Vec<Job> {
+        Self::jobs_of(self.segments.iter(), chunk, readers)
+    }
+
+    /// As [`jobs`](Self::jobs), for the segments of file `file` alone (the
+    /// guided sizes shrink towards the end of that file).
+    pub fn jobs_of_file(&self, file: usize, chunk: u64, readers: Option<usize>) -> Vec<Job> {
+        Self::jobs_of(
+            self.segments.iter().filter(|s| s.file == file),
+            chunk,
+            readers,
+        )
+    }
+
+    fn jobs_of<'a>(
+        segments: impl Iterator<Item = &'a Segment> + Clone,
+        chunk: u64,
+        readers: Option<usize>,
+    ) -> Vec<Job> {
         let chunk = align_up(chunk.max(ALIGN), ALIGN);
         let floor = match readers {
             Some(_) => MIN_JOB.min(chunk),
             None => chunk,
         };
         let divisor = 2 * readers.unwrap_or(1).max(1) as u64;
-        let mut remaining: u64 = self
-            .segments
-            .iter()
+        let mut remaining: u64 = segments
+            .clone()
             .map(|s| align_up(s.file_offset + s.len, ALIGN) - align_down(s.file_offset))
             .sum();
         let mut jobs = Vec::new();
-        for s in &self.segments {
+        for s in segments {
             let start = align_down(s.file_offset);
             let end = align_up(s.file_offset + s.len, ALIGN);
             let dest_start = s.dest_offset - (s.file_offset - start);

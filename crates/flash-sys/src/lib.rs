@@ -3,6 +3,8 @@
 //!
 //! - [`os`]: memory aligned for O_DIRECT, O_DIRECT opens, page-cache residency
 //!   (`mincore`) and eviction (`posix_fadvise`), io_uring availability.
+//! - [`uring`]: many reads of one file in flight from one thread (io_uring,
+//!   registered buffers), for the disk probe.
 //! - [`cuda`]: the CUDA driver, loaded at run time through cudarc. A machine
 //!   without a driver gets [`cuda::probe`] returning why, never a panic.
 //! - [`shm`]: the daemon's host pool (shared memory, pinned once), clients'
@@ -13,3 +15,4 @@
 pub mod cuda;
 pub mod os;
 pub mod shm;
+pub mod uring;

@@ -219,6 +219,25 @@ pub fn advise_sequential(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel to start reading `len` bytes at `offset` into the page
+/// cache now (`POSIX_FADV_WILLNEED`): asynchronous readahead of a window a
+/// reader will ask for next.
+pub fn advise_willneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: as in evict_page_cache.
+    let rc = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_WILLNEED,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// Fraction (0.0..=1.0) of the file's pages that are in the page cache, from
 /// `mincore` over a read-only mapping. An empty file counts as fully resident.
 pub fn page_cache_residency(file: &File) -> io::Result<f64> {

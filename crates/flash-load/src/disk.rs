@@ -1,0 +1,458 @@
+//! Read patterns and the disk probe: how fast a disk delivers files under a
+//! given way of reading them, measured with the same pipeline the loads use.
+//!
+//! A [`ReadPattern`] is the part of [`LoadOptions`] that decides what the
+//! disk sees: O_DIRECT or the page cache, how many readers, how they walk the
+//! files ([`ReadOrder`]), the size of each read, a readahead hint, and
+//! optionally io_uring (each reader keeping several reads in flight). The
+//! probe ([`read_files`]) reads files with a pattern and drops the bytes;
+//! `flash doctor` probes [`candidates`] and reports the best as the disk's
+//! limit, and `flash bench-disk` compares patterns round by round.
+
+use crate::error::LoadError;
+use crate::pipeline::{
+    execute, Advice, IoMode, LoadOptions, LoadStats, ReadFn, ReadOrder, Sink, SinkWorker,
+};
+use crate::plan::{Job, LoadPlan};
+use crate::source::SourceFile;
+use flash_sys::os::{self, AlignedBuf};
+use flash_sys::uring::{ReadRange, UringReader};
+use std::fmt;
+use std::fs::File;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// One way of reading files; written `IO:ORDER:THREADSxREQUEST[:ADVICE][:qdN]`,
+/// e.g. `direct:shared:16x32M`, `buffered:per-file:4x16M:willneed`,
+/// `direct:per-file:4x8M:qd8` (io_uring, 8 reads in flight per reader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadPattern {
+    /// `Direct` or `Buffered` (`Auto` is a load-time choice, not a pattern).
+    pub io: IoMode,
+    pub order: ReadOrder,
+    pub threads: usize,
+    /// Bytes per read (a multiple of 4 KiB).
+    pub request: u64,
+    pub advice: Advice,
+    /// io_uring with this many reads in flight per reader; `None`: one
+    /// blocking `pread` at a time per reader.
+    pub queue_depth: Option<usize>,
+}
+
+impl ReadPattern {
+    /// The load options that read this way (other options as in `base`).
+    pub fn apply(&self, base: &LoadOptions) -> LoadOptions {
+        LoadOptions {
+            threads: self.threads,
+            chunk_bytes: self.request,
+            io: self.io,
+            order: self.order,
+            advice: self.advice,
+            ..base.clone()
+        }
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn size_str(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
+impl FromStr for ReadPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            format!("read pattern {s:?}: {why} (IO:ORDER:THREADSxREQUEST[:ADVICE][:qdN], e.g. direct:shared:16x32M)")
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() < 3 {
+            return Err(bad("too few parts"));
+        }
+        let io = match parts[0] {
+            "direct" => IoMode::Direct,
+            "buffered" => IoMode::Buffered,
+            other => return Err(bad(&format!("I/O {other:?} is not direct or buffered"))),
+        };
+        let order = parts[1].parse().map_err(|e: String| bad(&e))?;
+        let (threads, request) = parts[2]
+            .split_once('x')
+            .ok_or_else(|| bad("THREADSxREQUEST expected"))?;
+        let threads: usize = threads
+            .parse()
+            .ok()
+            .filter(|&t| (1..=256).contains(&t))
+            .ok_or_else(|| bad("threads must be 1 to 256"))?;
+        let request = parse_size(request)
+            .filter(|&r| r >= 4096 && r % 4096 == 0 && r <= 1 << 30)
+            .ok_or_else(|| bad("request must be a multiple of 4K up to 1G"))?;
+        let mut p = ReadPattern {
+            io,
+            order,
+            threads,
+            request,
+            advice: Advice::Sequential,
+            queue_depth: None,
+        };
+        for extra in &parts[3..] {
+            if let Some(qd) = extra.strip_prefix("qd") {
+                p.queue_depth = Some(
+                    qd.parse()
+                        .ok()
+                        .filter(|&q| (1..=256).contains(&q))
+                        .ok_or_else(|| bad("qdN: N must be 1 to 256"))?,
+                );
+            } else {
+                p.advice = extra.parse().map_err(|e: String| bad(&e))?;
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl fmt::Display for ReadPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let io = match self.io {
+            IoMode::Buffered => "buffered",
+            _ => "direct",
+        };
+        write!(
+            f,
+            "{io}:{}:{}x{}",
+            self.order,
+            self.threads,
+            size_str(self.request)
+        )?;
+        if self.advice != Advice::Sequential {
+            write!(f, ":{}", self.advice)?;
+        }
+        if let Some(qd) = self.queue_depth {
+            write!(f, ":qd{qd}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The patterns `flash doctor` probes: the loader's default, the way of the
+/// fastest peer measured on the GPU machine (one buffered stream per file),
+/// and their neighbours in queue depth, request size and readahead.
+pub fn candidates() -> Vec<ReadPattern> {
+    [
+        "direct:shared:16x32M",
+        "direct:per-file:16x32M",
+        "buffered:per-file:4x16M",
+        "buffered:per-file:8x16M",
+        "buffered:per-file:4x16M:willneed",
+        "direct:per-file:4x8M:qd8",
+    ]
+    .iter()
+    .map(|s| s.parse().expect("built-in patterns parse"))
+    .collect()
+}
+
+/// What one probe read measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProbeResult {
+    pub pattern: String,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub gbps: f64,
+    /// Files read through the page cache because O_DIRECT was refused.
+    pub fallback_buffered: usize,
+}
+
+/// Drops the files from the page cache and returns the share of their bytes
+/// still resident (not every file system lets pages go; tmpfs never does).
+/// When some stay, and this process may, the whole page cache is dropped
+/// (`/proc/sys/vm/drop_caches`, root only), as a cold-start benchmark needs.
+pub fn evict(files: &[std::path::PathBuf]) -> Result<f64, LoadError> {
+    for f in files {
+        let file = File::open(f).map_err(|e| LoadError::io(f, e))?;
+        os::evict_page_cache(&file).map_err(|e| LoadError::io(f, e))?;
+    }
+    let left = residency(files)?;
+    if left > 0.0 {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+        return residency(files);
+    }
+    Ok(left)
+}
+
+/// Share of the files' bytes in the page cache (mincore).
+pub fn residency(files: &[std::path::PathBuf]) -> Result<f64, LoadError> {
+    let (mut resident, mut total) = (0.0, 0.0);
+    for f in files {
+        let file = File::open(f).map_err(|e| LoadError::io(f, e))?;
+        let len = file.metadata().map_err(|e| LoadError::io(f, e))?.len() as f64;
+        resident += os::page_cache_residency(&file).unwrap_or(0.0) * len;
+        total += len;
+    }
+    Ok(if total > 0.0 { resident / total } else { 1.0 })
+}
+
+/// Reads the files cold with every pattern, `rounds` times, the order of the
+/// patterns rotated by one each round (the disk's speed drifts between
+/// runs: neighbours in time compare fairly, and every pattern takes every
+/// place in the order). `each(round, result)` sees every read as it ends.
+pub fn compare(
+    files: &[SourceFile],
+    patterns: &[ReadPattern],
+    rounds: usize,
+    limit: Option<u64>,
+    mut each: impl FnMut(usize, &ProbeResult),
+) -> Result<Vec<(usize, ProbeResult)>, LoadError> {
+    let paths: Vec<std::path::PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+    let mut out = Vec::new();
+    for round in 0..rounds {
+        for k in 0..patterns.len() {
+            let p = &patterns[(round + k) % patterns.len()];
+            evict(&paths)?;
+            let r = read_files(files, limit, p)?;
+            each(round, &r);
+            out.push((round, r));
+        }
+    }
+    Ok(out)
+}
+
+/// The pattern with the highest median rate over the rounds of [`compare`].
+pub fn best_by_median(results: &[(usize, ProbeResult)]) -> Option<(String, f64)> {
+    let mut by: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for (_, r) in results {
+        by.entry(&r.pattern).or_default().push(r.gbps);
+    }
+    by.into_iter()
+        .map(|(p, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (p.to_string(), v[v.len() / 2])
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// Drops every job's bytes after reading them into a per-reader buffer.
+struct DiscardSink {
+    request: usize,
+}
+
+struct DiscardWorker {
+    buf: AlignedBuf,
+}
+
+impl Sink for DiscardSink {
+    type Worker<'s> = DiscardWorker;
+    fn worker(&self) -> Result<DiscardWorker, LoadError> {
+        let buf = AlignedBuf::new(self.request)
+            .map_err(|e| LoadError::Device(format!("read buffer: {e}")))?;
+        Ok(DiscardWorker { buf })
+    }
+}
+
+impl SinkWorker for DiscardWorker {
+    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+        let mut at = 0;
+        while at < job.len {
+            let want = (self.buf.len() as u64).min(job.len - at) as usize;
+            let n = read(&mut self.buf[..want], at)?;
+            std::hint::black_box(&self.buf[..n]);
+            if n < want {
+                break;
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
+    fn finish(self) -> Result<(), LoadError> {
+        Ok(())
+    }
+}
+
+/// Reads the first `limit` bytes (all when `None`) of each file with
+/// `pattern` and drops them. The caller decides what the page cache holds
+/// beforehand (evict for a cold read).
+pub fn read_files(
+    files: &[SourceFile],
+    limit: Option<u64>,
+    pattern: &ReadPattern,
+) -> Result<ProbeResult, LoadError> {
+    let files: Vec<SourceFile> = files
+        .iter()
+        .map(|f| SourceFile {
+            path: f.path.clone(),
+            len: limit.map_or(f.len, |l| f.len.min(l)),
+        })
+        .collect();
+    let plan = LoadPlan::whole_files(&files);
+    let opts = pattern.apply(&LoadOptions::default());
+    let stats = match pattern.queue_depth {
+        None => execute(
+            &plan,
+            &DiscardSink {
+                request: pattern.request as usize,
+            },
+            &opts,
+        )?,
+        Some(depth) => read_uring(&plan, &opts, depth)?,
+    };
+    let fallback_buffered = if pattern.io == IoMode::Direct {
+        stats.files_buffered
+    } else {
+        0
+    };
+    Ok(ProbeResult {
+        pattern: pattern.to_string(),
+        bytes: stats.bytes_read,
+        seconds: stats.seconds,
+        gbps: stats.gbps(),
+        fallback_buffered,
+    })
+}
+
+/// The io_uring reader: each thread takes the next file not yet started and
+/// keeps `depth` reads of it in flight (whatever the pattern's order: one
+/// reader per file at a time).
+fn read_uring(plan: &LoadPlan, opts: &LoadOptions, depth: usize) -> Result<LoadStats, LoadError> {
+    let start = Instant::now();
+    let bytes = AtomicU64::new(0);
+    let next_file = std::sync::atomic::AtomicUsize::new(0);
+    let threads = opts.threads.clamp(1, plan.files.len().max(1));
+    let direct = opts.io != IoMode::Buffered;
+    let mut buffered_files = 0;
+    let mut handles = Vec::new();
+    for f in &plan.files {
+        let file = match direct {
+            true => os::open_direct(&f.path).map_err(|e| LoadError::io(&f.path, e))?,
+            false => None,
+        };
+        let file = match file {
+            Some(file) => file,
+            None => {
+                buffered_files += usize::from(direct);
+                File::open(&f.path).map_err(|e| LoadError::io(&f.path, e))?
+            }
+        };
+        handles.push(file);
+    }
+    let request = opts.chunk_bytes as usize;
+    std::thread::scope(|s| -> Result<(), LoadError> {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<(), LoadError> {
+                    let mut ring = UringReader::new(depth, request, true)
+                        .map_err(|e| LoadError::Device(format!("io_uring: {e}")))?;
+                    loop {
+                        let i = next_file.fetch_add(1, Ordering::Relaxed);
+                        let Some(f) = plan.files.get(i) else {
+                            return Ok(());
+                        };
+                        let ranges: Vec<ReadRange> = (0..f.len)
+                            .step_by(request)
+                            .map(|offset| ReadRange {
+                                offset,
+                                len: request.min((f.len - offset).div_ceil(4096) as usize * 4096),
+                            })
+                            .collect();
+                        ring.read_all(&handles[i], &ranges, |_, b| {
+                            bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                            std::hint::black_box(b);
+                            Ok(())
+                        })
+                        .map_err(|e| LoadError::io(&f.path, e))?;
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| LoadError::Device("an io_uring reader panicked".into()))??;
+        }
+        Ok(())
+    })?;
+    Ok(LoadStats {
+        bytes_read: bytes.into_inner(),
+        seconds: start.elapsed().as_secs_f64(),
+        files_direct: if direct {
+            plan.files.len() - buffered_files
+        } else {
+            0
+        },
+        files_buffered: if direct {
+            buffered_files
+        } else {
+            plan.files.len()
+        },
+        threads,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn patterns_round_trip_through_their_names() {
+        for p in candidates() {
+            let back: ReadPattern = p.to_string().parse().unwrap();
+            assert_eq!(back, p);
+        }
+        let p: ReadPattern = "buffered:per-file:4x16M:willneed:qd4".parse().unwrap();
+        assert_eq!(p.threads, 4);
+        assert_eq!(p.request, 16 << 20);
+        assert_eq!(p.advice, Advice::WillNeed);
+        assert_eq!(p.queue_depth, Some(4));
+        for bad in [
+            "direct",
+            "direct:shared",
+            "fast:shared:4x1M",
+            "direct:round:4x1M",
+            "direct:shared:0x1M",
+            "direct:shared:4x1000",
+            "direct:shared:4x1M:qd0",
+            "direct:shared:4x1M:soon",
+        ] {
+            let e = bad.parse::<ReadPattern>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_pattern_reads_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for (i, len) in [300_000u64, 1 << 20, 5000].iter().enumerate() {
+            let path = dir.path().join(format!("f{i}"));
+            let data: Vec<u8> = (0..*len).map(|x| (x % 253) as u8).collect();
+            File::create(&path).unwrap().write_all(&data).unwrap();
+            files.push(SourceFile { path, len: *len });
+        }
+        let total: u64 = files.iter().map(|f| f.len).sum();
+        let mut patterns = candidates();
+        patterns.push("direct:shared:3x64K".parse().unwrap());
+        patterns.push("buffered:shared:2x4K:none".parse().unwrap());
+        for p in patterns {
+            if p.queue_depth.is_some() && !os::io_uring_allowed() {
+                continue;
+            }
+            let r = read_files(&files, None, &p).unwrap();
+            // Reads are whole 4 KiB blocks; the files' tails are short reads.
+            assert_eq!(r.bytes, total, "{p}");
+            let r = read_files(&files, Some(8192), &p).unwrap();
+            assert_eq!(r.bytes, 8192 + 8192 + 5000, "{p}");
+        }
+    }
+}

@@ -64,6 +64,15 @@ pub enum Command {
     },
     /// Write a Hugging Face style checkpoint with random weights and real shapes
     Synth(SynthArgs),
+    /// Show or change the store's defaults: `flash config`, `flash config compress on`
+    Config {
+        /// A setting: compress
+        key: Option<String>,
+        /// Its new value: on or off
+        value: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure load speed against a baseline and the hardware's limits
     Bench(BenchArgs),
     /// Compare ways of reading files cold (O_DIRECT or buffered, readers,
@@ -270,8 +279,29 @@ pub struct PullArgs {
     /// Replace the model if the store has it
     #[arg(long)]
     pub force: bool,
+    /// Store floating-point tensors compressed (lossless: exponents
+    /// entropy-coded, decoded on the GPU while loading) [default: the
+    /// store's setting, see `flash config`]
+    #[arg(long, overrides_with = "no_compress")]
+    pub compress: bool,
+    /// Store tensors verbatim, whatever the store's setting
+    #[arg(long)]
+    pub no_compress: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+impl PullArgs {
+    /// Whether to compress: the flag given, else the store's default.
+    pub fn compress_or(&self, default: bool) -> bool {
+        if self.compress {
+            true
+        } else if self.no_compress {
+            false
+        } else {
+            default
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -74,6 +74,7 @@ fn default_local_name(dir: &Path) -> Result<ModelName> {
 pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let store = ctx.store()?;
     let dtype: DtypeChoice = a.dtype.parse().map_err(anyhow::Error::msg)?;
+    let compress = a.compress_or(store.settings()?.compress);
     let bar = bytes_bar("import", ctx.quiet);
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -97,6 +98,7 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
                     ..Default::default()
                 },
                 progress: Some(&progress),
+                compress,
             };
             store.import(&abs, &name, &opts)?
         }
@@ -113,6 +115,7 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
                 dtype,
                 force: a.force,
                 progress: Some(&progress),
+                compress,
                 ..Default::default()
             };
             store.pull(&hub, &name, &opts)?
@@ -122,12 +125,21 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     if a.json {
         print_json(&report)?;
     } else {
+        let stored = if report.compressed {
+            format!(
+                "{} compressed to {} ({:.3})",
+                human_bytes(report.tensor_bytes),
+                human_bytes(report.bytes),
+                report.bytes as f64 / report.tensor_bytes.max(1) as f64
+            )
+        } else {
+            human_bytes(report.bytes)
+        };
         println!(
-            "{}: {} tensors ({} identical to another, stored once), {} in {:.1}s -> {}",
+            "{}: {} tensors ({} identical to another, stored once), {stored} in {:.1}s -> {}",
             report.model_id,
             report.tensors + report.aliases,
             report.aliases,
-            human_bytes(report.bytes),
             report.seconds,
             report.path.display()
         );
@@ -152,14 +164,16 @@ pub fn list(ctx: &Ctx, json: bool) -> Result<ExitCode> {
         .unwrap_or(5)
         .max(5);
     println!(
-        "{:<w$}  {:>10}  {:<6}  {:<24}  SOURCE",
-        "MODEL", "SIZE", "DTYPE", "ARCHITECTURE"
+        "{:<w$}  {:>10}  {:>10}  {:>6}  {:<6}  {:<24}  SOURCE",
+        "MODEL", "SIZE", "ON DISK", "RATIO", "DTYPE", "ARCHITECTURE"
     );
     for m in &models {
         println!(
-            "{:<w$}  {:>10}  {:<6}  {:<24}  {}",
+            "{:<w$}  {:>10}  {:>10}  {:>6.3}  {:<6}  {:<24}  {}",
             m.model_id,
             human_bytes(m.size),
+            human_bytes(m.stored_bytes),
+            m.stored_bytes as f64 / m.size.max(1) as f64,
             m.dtype.map(|d| d.to_string()).unwrap_or_default(),
             m.architecture.as_deref().unwrap_or("-"),
             m.source
@@ -176,6 +190,13 @@ pub fn info(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
         println!("model_id      {}", i.model_id);
         println!("size          {} ({} bytes)", human_bytes(i.size), i.size);
         println!(
+            "on disk       {} ({} bytes, {:.3} of the size{})",
+            human_bytes(i.stored_bytes),
+            i.stored_bytes,
+            i.stored_bytes as f64 / i.size.max(1) as f64,
+            if i.compressed { ", compressed" } else { "" }
+        );
+        println!(
             "dtype         {}",
             i.dtype.map(|d| d.to_string()).unwrap_or_default()
         );
@@ -185,6 +206,34 @@ pub fn info(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
         println!("source        {}", i.source);
         println!("revision      {}", i.revision.as_deref().unwrap_or("-"));
         println!("path          {}", i.path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flash config [KEY [VALUE]]`: the store's defaults.
+pub fn config(ctx: &Ctx, key: Option<&str>, value: Option<&str>, json: bool) -> Result<ExitCode> {
+    let store = ctx.store()?;
+    let mut settings = store.settings()?;
+    match (key, value) {
+        (None, _) => {}
+        (Some("compress"), None) => {}
+        (Some("compress"), Some(v)) => {
+            settings.compress = match v {
+                "on" | "true" | "1" | "yes" => true,
+                "off" | "false" | "0" | "no" => false,
+                other => bail!("compress takes on or off, not {other:?}"),
+            };
+            store.set_settings(&settings)?;
+        }
+        (Some(other), _) => bail!("unknown setting {other:?} (settings: compress)"),
+    }
+    if json {
+        print_json(&settings)?;
+    } else {
+        println!(
+            "compress  {}   (imports store float tensors compressed; `flash pull --compress` / `--no-compress` override)",
+            if settings.compress { "on" } else { "off" }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -78,6 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             shard_size,
         } => commands::export(&ctx, &model, &to, shard_size),
         Command::Synth(a) => commands::synth(&ctx, a),
+        Command::Config { key, value, json } => {
+            commands::config(&ctx, key.as_deref(), value.as_deref(), json)
+        }
         Command::Bench(a) => bench::run(&ctx, a),
         Command::BenchDisk(a) => bench::disk(a),
         Command::Doctor { json } => {

@@ -199,6 +199,8 @@ pub struct PullSpec {
     /// `auto` (default), `bf16`, `fp16`, `fp32`.
     pub dtype: Option<String>,
     pub force: bool,
+    /// Store floating-point tensors compressed; `None`: the store's setting.
+    pub compress: Option<bool>,
 }
 
 /// Where a leased copy's bytes are.
@@ -535,6 +537,7 @@ impl Client {
             revision: spec.revision.clone().unwrap_or_default(),
             dtype: spec.dtype.clone().unwrap_or_default(),
             force: spec.force,
+            compress: spec.compress,
         });
         self.call(|mut c| async move { c.pull(req).await })
     }

@@ -970,6 +970,10 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
         name.revision = Some(r.revision.clone());
     }
     let id = ModelId::new(name.to_string());
+    let compress = match r.compress {
+        Some(c) => c,
+        None => d.store.settings().map_err(store_status)?.compress,
+    };
     if r.force && d.store.contains(&name) {
         // The old bytes must leave the tiers first; refused while leased.
         d.tiers.unload(&id, None).map_err(|e| status_of(&e))?;
@@ -979,6 +983,7 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
         let opts = ImportOptions {
             dtype,
             force: r.force,
+            compress,
             ..Default::default()
         };
         d.store.pull(&hub, &name, &opts).map_err(store_status)?
@@ -996,6 +1001,7 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
                 ..Default::default()
             },
             progress: None,
+            compress,
         };
         d.store.import(&abs, &name, &opts).map_err(store_status)?
     };

@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 
 pub const MANIFEST_FILE: &str = "model.flash.json";
 pub const FORMAT_NAME: &str = "flash";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest version this build reads and writes. Version 2 adds encoded
+/// (compressed) tensors; a model without any is written as version 1, which
+/// older readers accept.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of manifests without encoded tensors.
+pub const PLAIN_FORMAT_VERSION: u32 = 1;
+/// Encoded chunks start at multiples of this many bytes of their tensor's
+/// stored bytes (GPU decoders read them with 16-byte loads).
+pub const CHUNK_ALIGN: u64 = 16;
 /// Every tensor starts at a multiple of this in its data file: enough for
 /// O_DIRECT on 4 KiB-sector disks and for any GPU load instruction.
 pub const ALIGNMENT: u64 = 4096;
@@ -75,6 +83,151 @@ pub struct TensorRecord {
     /// Lowercase hex XXH3-64 of the tensor's bytes, so a bad chunk can be
     /// narrowed to the tensors that are actually wrong.
     pub checksum: String,
+    /// How the tensor's bytes are stored when not verbatim (version 2):
+    /// `length` and `checksum` still describe the decoded bytes, and the
+    /// stored bytes are `encoding.stored_length` bytes at `offset`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<TensorEncoding>,
+}
+
+/// How the fields of each element are split for coding (see flash-codec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElementLayout {
+    /// bf16: the 8 exponent bits coded, sign and 7 mantissa bits raw.
+    Bf16,
+    /// f16: the high byte coded, the low byte raw.
+    F16,
+    /// f32: the 8 exponent bits coded, sign and 23 mantissa bits raw.
+    F32,
+}
+
+impl ElementLayout {
+    /// The dtype whose elements this layout splits.
+    pub fn dtype(self) -> DType {
+        match self {
+            ElementLayout::Bf16 => DType::BF16,
+            ElementLayout::F16 => DType::F16,
+            ElementLayout::F32 => DType::F32,
+        }
+    }
+
+    /// The layout for elements of `dtype`, if it has one.
+    pub fn for_dtype(dtype: DType) -> Option<Self> {
+        match dtype {
+            DType::BF16 => Some(ElementLayout::Bf16),
+            DType::F16 => Some(ElementLayout::F16),
+            DType::F32 => Some(ElementLayout::F32),
+            _ => None,
+        }
+    }
+}
+
+/// How one chunk is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkCodec {
+    /// The decoded bytes verbatim.
+    Raw,
+    /// flash-codec's interleaved rANS stream (exponents coded, the rest raw).
+    Rans,
+}
+
+/// One chunk of an encoded tensor: its codec, its stored length in bytes,
+/// and the XXH3-64 of its decoded bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRecord(pub ChunkCodec, pub u64, pub String);
+
+/// An encoded tensor's chunks. Chunk `i` holds elements
+/// `[i * chunk_elems, min(n, (i + 1) * chunk_elems))`; its stored bytes start
+/// at the tensor's `offset` for the first chunk and at the next multiple of
+/// [`CHUNK_ALIGN`] after the previous chunk for the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorEncoding {
+    pub layout: ElementLayout,
+    pub chunk_elems: u64,
+    /// Bytes from `offset` to the end of the last chunk.
+    pub stored_length: u64,
+    pub chunks: Vec<ChunkRecord>,
+}
+
+impl TensorEncoding {
+    /// `(offset from the tensor's first stored byte, stored length,
+    /// decoded offset, decoded length)` of every chunk, for a tensor of
+    /// `elems` elements of `elem_bytes` bytes.
+    pub fn spans(&self, elems: u64, elem_bytes: u64) -> Vec<(u64, u64, u64, u64)> {
+        let mut at = 0u64;
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for (i, c) in self.chunks.iter().enumerate() {
+            let first = i as u64 * self.chunk_elems;
+            let n = self.chunk_elems.min(elems.saturating_sub(first));
+            out.push((at, c.1, first * elem_bytes, n * elem_bytes));
+            at = align_up(at + c.1, CHUNK_ALIGN);
+        }
+        out
+    }
+
+    /// Checks the chunk table against a tensor of `dtype` and `length`
+    /// decoded bytes; returns why not.
+    fn validate(&self, dtype: DType, length: u64) -> Result<(), String> {
+        if self.layout.dtype() != dtype {
+            return Err(format!(
+                "layout {:?} does not split {dtype} elements",
+                self.layout
+            ));
+        }
+        if self.chunk_elems == 0 || self.chunk_elems > 1 << 24 {
+            return Err(format!(
+                "chunk_elems {} is not in 1..=16777216",
+                self.chunk_elems
+            ));
+        }
+        let elem_bytes = dtype.bits() / 8;
+        let elems = length / elem_bytes;
+        let want = elems.div_ceil(self.chunk_elems);
+        if self.chunks.len() as u64 != want {
+            return Err(format!(
+                "{} chunks listed, {elems} elements in chunks of {} need {want}",
+                self.chunks.len(),
+                self.chunk_elems
+            ));
+        }
+        let spans = self.spans(elems, elem_bytes);
+        for (i, (c, &(_, stored, _, decoded))) in self.chunks.iter().zip(&spans).enumerate() {
+            if c.2.len() != 16 || u64::from_str_radix(&c.2, 16).is_err() {
+                return Err(format!("chunk {i} has a malformed checksum"));
+            }
+            let ok = match c.0 {
+                ChunkCodec::Raw => stored == decoded,
+                // A coded chunk never needs more than its decoded size plus
+                // its header, table and padding.
+                ChunkCodec::Rans => stored > 0 && stored <= decoded + 4096,
+            };
+            if !ok {
+                return Err(format!(
+                    "chunk {i}: {stored} stored bytes do not fit a {:?} chunk of {decoded} bytes",
+                    c.0
+                ));
+            }
+        }
+        let end = spans.last().map_or(0, |&(at, stored, _, _)| at + stored);
+        if end != self.stored_length {
+            return Err(format!(
+                "stored_length {} but the chunks end at {end}",
+                self.stored_length
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TensorRecord {
+    /// Bytes the tensor occupies in its data file.
+    pub fn stored_length(&self) -> u64 {
+        self.encoding
+            .as_ref()
+            .map_or(self.length, |e| e.stored_length)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,9 +274,29 @@ pub fn is_plain_file_name(name: &str) -> bool {
 }
 
 impl Manifest {
-    /// Total bytes of the data files.
+    /// Total bytes of the data files (what the model takes on disk).
     pub fn data_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Bytes of the stored tensors once decoded (aliases not counted).
+    pub fn tensor_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.length).sum()
+    }
+
+    /// Whether any tensor is stored encoded.
+    pub fn is_encoded(&self) -> bool {
+        self.tensors.iter().any(|t| t.encoding.is_some())
+    }
+
+    /// The version this manifest must be written as: 1 unless a tensor is
+    /// encoded, so that plain models stay readable by older builds.
+    pub fn required_version(&self) -> u32 {
+        if self.is_encoded() {
+            FORMAT_VERSION
+        } else {
+            PLAIN_FORMAT_VERSION
+        }
     }
 
     /// Number of tensor-parallel ranks.
@@ -175,9 +348,15 @@ impl Manifest {
                 self.format
             ));
         }
-        if self.version != FORMAT_VERSION {
+        if !(PLAIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.version) {
             return Err(format!(
-                "format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                "format version {} is not supported (this build reads versions {PLAIN_FORMAT_VERSION} to {FORMAT_VERSION})",
+                self.version
+            ));
+        }
+        if self.version < FORMAT_VERSION && self.is_encoded() {
+            return Err(format!(
+                "version {} cannot hold encoded tensors (version {FORMAT_VERSION} can)",
                 self.version
             ));
         }
@@ -248,21 +427,32 @@ impl Manifest {
                     t.name, t.length, t.shape, t.dtype
                 ));
             }
+            if let Some(e) = &t.encoding {
+                e.validate(t.dtype, t.length)
+                    .map_err(|why| format!("tensor {:?}: encoding: {why}", t.name))?;
+            }
             if t.offset
-                .checked_add(t.length)
+                .checked_add(t.stored_length())
                 .is_none_or(|end| end > file.size)
             {
                 return Err(format!(
                     "tensor {:?}: bytes [{}, +{}) run past the end of {:?} ({} bytes)",
-                    t.name, t.offset, t.length, file.name, file.size
+                    t.name,
+                    t.offset,
+                    t.stored_length(),
+                    file.name,
+                    file.size
                 ));
             }
             by_file[t.file as usize].push(t);
         }
         for list in &mut by_file {
-            list.sort_by_key(|t| (t.offset, t.length));
+            list.sort_by_key(|t| (t.offset, t.stored_length()));
             for w in list.windows(2) {
-                if w[0].length > 0 && w[1].length > 0 && w[0].offset + w[0].length > w[1].offset {
+                if w[0].stored_length() > 0
+                    && w[1].stored_length() > 0
+                    && w[0].offset + w[0].stored_length() > w[1].offset
+                {
                     return Err(format!(
                         "tensors {:?} and {:?} overlap",
                         w[0].name, w[1].name

@@ -2,7 +2,11 @@
 //! offset, padding zeroed, one checksum per chunk computed on the way.
 
 use crate::dtype::DType;
-use crate::manifest::{align_up, checksum_hex, DataFile, ManifestError, TensorRecord, ALIGNMENT};
+use crate::safetensors::TensorSpec;
+use crate::manifest::{
+    align_up, checksum_hex, ChunkCodec, ChunkRecord, DataFile, ElementLayout, ManifestError,
+    TensorEncoding, TensorRecord, ALIGNMENT, CHUNK_ALIGN,
+};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -132,6 +136,32 @@ impl DataWriter {
         Ok(())
     }
 
+    fn byte_len(&self, name: &str, dtype: DType, shape: &[u64]) -> Result<u64, ManifestError> {
+        dtype.byte_len(shape).ok_or_else(|| ManifestError::Invalid {
+            path: self.dir.clone(),
+            why: format!(
+                "tensor {name:?}: shape {shape:?} of {dtype} is not a whole number of bytes"
+            ),
+        })
+    }
+
+    /// Moves to the aligned offset where a tensor of `stored` bytes starts
+    /// (in a new file when it would take the current one past the limit)
+    /// and returns it.
+    fn place(&mut self, stored: u64) -> Result<u64, ManifestError> {
+        let size = self.open.as_ref().map(|f| f.record.size);
+        match size {
+            None => self.start_file()?,
+            Some(s) if s > 0 && align_up(s, ALIGNMENT) + stored > self.max_file_size => {
+                self.start_file()?
+            }
+            Some(_) => {}
+        }
+        let offset = align_up(self.open.as_ref().expect("open").record.size, ALIGNMENT);
+        self.pad_to(offset)?;
+        Ok(offset)
+    }
+
     /// Starts a tensor; its bytes follow through [`DataWriter::write`].
     pub fn begin_tensor(
         &mut self,
@@ -140,24 +170,8 @@ impl DataWriter {
         shape: &[u64],
     ) -> Result<(), ManifestError> {
         assert_eq!(self.pending, 0, "previous tensor incomplete");
-        let length = dtype
-            .byte_len(shape)
-            .ok_or_else(|| ManifestError::Invalid {
-                path: self.dir.clone(),
-                why: format!(
-                    "tensor {name:?}: shape {shape:?} of {dtype} is not a whole number of bytes"
-                ),
-            })?;
-        let size = self.open.as_ref().map(|f| f.record.size);
-        match size {
-            None => self.start_file()?,
-            Some(s) if s > 0 && align_up(s, ALIGNMENT) + length > self.max_file_size => {
-                self.start_file()?
-            }
-            Some(_) => {}
-        }
-        let offset = align_up(self.open.as_ref().expect("open").record.size, ALIGNMENT);
-        self.pad_to(offset)?;
+        let length = self.byte_len(name, dtype, shape)?;
+        let offset = self.place(length)?;
         self.tensors.push(TensorRecord {
             name: name.to_string(),
             dtype,
@@ -166,10 +180,67 @@ impl DataWriter {
             offset,
             length,
             checksum: String::new(),
+            encoding: None,
         });
         self.pending = length;
         self.tensor_hasher.reset();
         self.seal_if_complete();
+        Ok(())
+    }
+
+    /// Writes a whole encoded tensor: its chunks' stored bytes in order,
+    /// each at the next multiple of [`CHUNK_ALIGN`], with the codec and the
+    /// checksum of the decoded bytes of each, and `checksum`, that of the
+    /// tensor's decoded bytes.
+    pub fn encoded_tensor(
+        &mut self,
+        spec: &TensorSpec,
+        layout: ElementLayout,
+        chunk_elems: u64,
+        chunks: &[(ChunkCodec, &[u8], u64)],
+        checksum: u64,
+    ) -> Result<(), ManifestError> {
+        assert_eq!(self.pending, 0, "previous tensor incomplete");
+        let TensorSpec { name, dtype, shape } = spec;
+        let length = self.byte_len(name, *dtype, shape)?;
+        let mut stored_length = 0u64;
+        for (i, (_, bytes, _)) in chunks.iter().enumerate() {
+            if i > 0 {
+                stored_length = align_up(stored_length, CHUNK_ALIGN);
+            }
+            stored_length += bytes.len() as u64;
+        }
+        let offset = self.place(stored_length)?;
+        let mut at = 0u64;
+        for (i, (_, bytes, _)) in chunks.iter().enumerate() {
+            if i > 0 {
+                let next = align_up(at, CHUNK_ALIGN);
+                self.pad_to(offset + next)?;
+                at = next;
+            }
+            self.emit(bytes)?;
+            at += bytes.len() as u64;
+        }
+        self.tensors.push(TensorRecord {
+            name: name.to_string(),
+            dtype: *dtype,
+            shape: shape.to_vec(),
+            file: self.files.len() as u32,
+            offset,
+            length,
+            checksum: checksum_hex(checksum),
+            encoding: Some(TensorEncoding {
+                layout,
+                chunk_elems,
+                stored_length,
+                chunks: chunks
+                    .iter()
+                    .map(|&(codec, bytes, sum)| {
+                        ChunkRecord(codec, bytes.len() as u64, checksum_hex(sum))
+                    })
+                    .collect(),
+            }),
+        });
         Ok(())
     }
 

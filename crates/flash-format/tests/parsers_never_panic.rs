@@ -363,6 +363,7 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
                     offset,
                     length,
                     checksum: manifest::checksum_hex(i as u64 * 0x9e37_79b9),
+                    encoding: None,
                 });
                 offset = manifest::align_up(offset + length, ALIGNMENT);
             }

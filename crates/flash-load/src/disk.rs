@@ -243,6 +243,154 @@ pub fn best_by_median(results: &[(usize, ProbeResult)]) -> Option<(String, f64)>
         .max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
+/// One pattern's rates over the rounds of a probe.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PatternRates {
+    pub pattern: String,
+    pub gbps: Vec<f64>,
+}
+
+impl PatternRates {
+    pub fn median(&self) -> f64 {
+        let mut v = self.gbps.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
+/// What [`probe_dir`] measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskProbe {
+    /// Bytes of the scratch files, together.
+    pub test_bytes: u64,
+    pub files: usize,
+    /// Whether O_DIRECT was allowed (else the "direct" patterns read
+    /// through the page cache after eviction).
+    pub direct_io: bool,
+    /// Page-cache residency of the scratch files after eviction (should be ~0).
+    pub residency_after_evict: f64,
+    pub patterns: Vec<PatternRates>,
+    /// The pattern with the best median rate.
+    pub best_pattern: String,
+    /// The disk's read limit: the fastest read of any pattern.
+    pub read_gbps: f64,
+    /// The files read again from the page cache (the best pattern, buffered).
+    pub page_cache_gbps: f64,
+}
+
+/// Removes scratch files however the probe ends.
+struct Scratch(Vec<std::path::PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Fills `buf` with xorshift noise (incompressible, never all zeros).
+fn fill_noise(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+/// Measures the disk under `dir`: writes `files` scratch files of `bytes`
+/// together (incompressible, synced), reads them cold with every pattern of
+/// `patterns`, `rounds` times with the order rotated, then once from the
+/// page cache, and removes them. The disk's limit is the fastest read seen;
+/// the best pattern is the one with the best median.
+pub fn probe_dir(
+    dir: &std::path::Path,
+    bytes: u64,
+    files: usize,
+    patterns: &[ReadPattern],
+    rounds: usize,
+) -> Result<DiskProbe, LoadError> {
+    use std::io::Write;
+    const PIECE: usize = 8 << 20;
+    let files = files.max(1);
+    let per_file = (bytes / files as u64) / PIECE as u64 * PIECE as u64;
+    if per_file == 0 || patterns.is_empty() {
+        return Err(LoadError::model(dir, "nothing to measure the disk with"));
+    }
+    let paths: Vec<std::path::PathBuf> = (0..files)
+        .map(|i| dir.join(format!(".flash-disk-probe-{}-{i}.tmp", std::process::id())))
+        .collect();
+    let scratch = Scratch(paths.clone());
+    let mut block = vec![0u8; PIECE];
+    for (i, p) in paths.iter().enumerate() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p)
+            .map_err(|e| LoadError::io(p, e))?;
+        for k in 0..per_file / PIECE as u64 {
+            fill_noise(&mut block, (i as u64) << 32 | k);
+            f.write_all(&block).map_err(|e| LoadError::io(p, e))?;
+        }
+        f.sync_all().map_err(|e| LoadError::io(p, e))?;
+    }
+    let sources: Vec<SourceFile> = paths
+        .iter()
+        .map(|p| SourceFile {
+            path: p.clone(),
+            len: per_file,
+        })
+        .collect();
+    let direct_io = os::open_direct(&paths[0])
+        .map_err(|e| LoadError::io(&paths[0], e))?
+        .is_some();
+    let residency_after_evict = evict(&paths)?;
+    let results = compare(&sources, patterns, rounds.max(1), None, |_, _| {})?;
+    let rates: Vec<PatternRates> = patterns
+        .iter()
+        .map(|p| {
+            let name = p.to_string();
+            PatternRates {
+                gbps: results
+                    .iter()
+                    .filter(|(_, r)| r.pattern == name)
+                    .map(|(_, r)| r.gbps)
+                    .collect(),
+                pattern: name,
+            }
+        })
+        .collect();
+    let best = rates
+        .iter()
+        .max_by(|a, b| a.median().total_cmp(&b.median()))
+        .expect("at least one pattern");
+    let read_gbps = rates
+        .iter()
+        .flat_map(|r| r.gbps.iter().copied())
+        .fold(0.0, f64::max);
+    // The page cache: fill it, then read again through it.
+    let mut buffered: ReadPattern = best.pattern.parse().expect("a pattern's own name");
+    buffered.io = IoMode::Buffered;
+    buffered.queue_depth = None;
+    read_files(&sources, None, &buffered)?;
+    let warm = read_files(&sources, None, &buffered)?;
+    let probe = DiskProbe {
+        test_bytes: per_file * files as u64,
+        files,
+        direct_io,
+        residency_after_evict,
+        best_pattern: best.pattern.clone(),
+        patterns: rates,
+        read_gbps,
+        page_cache_gbps: warm.gbps,
+    };
+    drop(scratch);
+    Ok(probe)
+}
+
 /// Drops every job's bytes after reading them into a per-reader buffer.
 struct DiscardSink {
     request: usize,
@@ -262,7 +410,12 @@ impl Sink for DiscardSink {
 }
 
 impl SinkWorker for DiscardWorker {
-    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+    fn transfer(
+        &mut self,
+        job: &Job,
+        _plan: &LoadPlan,
+        read: &mut ReadFn,
+    ) -> Result<(), LoadError> {
         let mut at = 0;
         while at < job.len {
             let want = (self.buf.len() as u64).min(job.len - at) as usize;
@@ -454,5 +607,28 @@ mod tests {
             let r = read_files(&files, Some(8192), &p).unwrap();
             assert_eq!(r.bytes, 8192 + 8192 + 5000, "{p}");
         }
+    }
+
+    #[test]
+    fn the_probe_names_the_best_pattern_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let patterns: Vec<ReadPattern> = ["direct:shared:2x1M", "buffered:per-file:2x1M"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let p = probe_dir(dir.path(), 6 << 20 << 3, 3, &patterns, 2).unwrap();
+        assert_eq!(p.files, 3);
+        assert_eq!(p.test_bytes, 3 * (16 << 20));
+        assert_eq!(p.patterns.len(), 2);
+        assert!(p.patterns.iter().all(|r| r.gbps.len() == 2));
+        assert!(patterns.iter().any(|q| q.to_string() == p.best_pattern));
+        let fastest = p
+            .patterns
+            .iter()
+            .flat_map(|r| r.gbps.clone())
+            .fold(0.0, f64::max);
+        assert_eq!(p.read_gbps, fastest);
+        assert!(p.page_cache_gbps > 0.0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -22,6 +22,13 @@ pub enum LoadError {
         expected: u64,
         got: u64,
     },
+    #[error("{}: tensor {tensor:?}, chunk {chunk}: {why}", path.display())]
+    Decode {
+        path: PathBuf,
+        tensor: String,
+        chunk: u32,
+        why: String,
+    },
     #[error("device: {0}")]
     Device(String),
 }

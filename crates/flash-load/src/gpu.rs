@@ -17,11 +17,13 @@
 //! staging path with synchronous copies was tried and was no faster cold
 //! and slower for small models (first-touch faults of fresh buffers).
 
+use crate::decode;
 use crate::error::LoadError;
 use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker, STAGING_LIMIT};
 use crate::plan::{Job, LoadPlan, TensorTable, TensorView};
 use crate::source::ModelSource;
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stream};
+use flash_sys::os::AlignedBuf;
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -107,6 +109,10 @@ pub struct CudaWorker<'s, 'd> {
     free: Vec<PinnedBuffer>,
     in_flight: VecDeque<InFlight>,
     pinned: usize,
+    /// Encoded windows as read, and their decoded bytes (made on the first
+    /// encoded window).
+    window: Option<AlignedBuf>,
+    decoded: Option<AlignedBuf>,
 }
 
 impl<'d> Sink for CudaSink<'d> {
@@ -122,6 +128,8 @@ impl<'d> Sink for CudaSink<'d> {
             free: Vec::new(),
             in_flight: VecDeque::new(),
             pinned: 0,
+            window: None,
+            decoded: None,
         })
     }
 }
@@ -159,8 +167,60 @@ impl CudaWorker<'_, '_> {
     }
 }
 
+impl CudaWorker<'_, '_> {
+    /// Copies `bytes` to `dest_offset` of the destination through pinned
+    /// buffers, asynchronously.
+    fn upload(&mut self, bytes: &[u8], dest_offset: u64) -> Result<(), LoadError> {
+        for (k, piece) in bytes.chunks(self.sink.piece).enumerate() {
+            let mut buf = self.pinned_buffer()?;
+            buf[..piece.len()].copy_from_slice(piece);
+            let at = dest_offset as usize + k * self.sink.piece;
+            let t = self
+                .sink
+                .dest
+                .copy_from_host_async(at, buf, 0..piece.len(), &self.stream)
+                .map_err(dev)?;
+            self.in_flight.push_back(t);
+        }
+        Ok(())
+    }
+
+    /// An encoded window decoded on the CPU, then uploaded.
+    fn decode_on_cpu(
+        &mut self,
+        job: &Job,
+        plan: &LoadPlan,
+        read: &mut ReadFn,
+    ) -> Result<(), LoadError> {
+        let range = decode::job_dest_range(plan, job);
+        let mut window = self.window.take();
+        let mut decoded = self.decoded.take();
+        let result = (|| {
+            let w = decode::at_least(&mut window, job.len as usize)?;
+            let n = read(&mut w[..job.len as usize], 0)?;
+            let d = decode::at_least(&mut decoded, (range.end - range.start) as usize)?;
+            for c in decode::job_chunks(plan, job) {
+                let stored = decode::stored_bytes(plan, job, c, &w[..n])?;
+                let at = (c.dest_offset - range.start) as usize;
+                decode::decode_chunk(plan, c, stored, &mut d[at..at + c.decoded_len as usize])?;
+            }
+            Ok::<_, LoadError>(())
+        })();
+        let uploaded = result.and_then(|_| {
+            let d = decoded.as_ref().expect("made above");
+            self.upload(&d[..(range.end - range.start) as usize], range.start)
+        });
+        self.window = window;
+        self.decoded = decoded;
+        uploaded
+    }
+}
+
 impl SinkWorker for CudaWorker<'_, '_> {
-    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+    fn transfer(&mut self, job: &Job, plan: &LoadPlan, read: &mut ReadFn) -> Result<(), LoadError> {
+        if job.decodes() {
+            return self.decode_on_cpu(job, plan, read);
+        }
         let piece = self.sink.piece as u64;
         let mut at = 0u64;
         while at < job.len {

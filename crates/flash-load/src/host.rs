@@ -2,6 +2,7 @@
 //! each read handed to a function and dropped ([`ScanSink`], for verify and
 //! export, which must not hold a whole model in memory).
 
+use crate::decode;
 use crate::error::LoadError;
 use crate::pipeline::{execute, LoadOptions, LoadStats, ReadFn, Sink, SinkWorker};
 use crate::plan::{Job, LoadPlan, TensorTable, TensorView};
@@ -27,6 +28,9 @@ impl<'a> HostSink<'a> {
 
 pub struct HostWorker<'s, 'a> {
     sink: &'s HostSink<'a>,
+    /// Where encoded windows are read before they are decoded into place
+    /// (made on the first one).
+    staging: Option<AlignedBuf>,
 }
 
 impl<'a> Sink for HostSink<'a> {
@@ -35,12 +39,18 @@ impl<'a> Sink for HostSink<'a> {
     where
         Self: 's;
     fn worker(&self) -> Result<HostWorker<'_, 'a>, LoadError> {
-        Ok(HostWorker { sink: self })
+        Ok(HostWorker {
+            sink: self,
+            staging: None,
+        })
     }
 }
 
 impl SinkWorker for HostWorker<'_, '_> {
-    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+    fn transfer(&mut self, job: &Job, plan: &LoadPlan, read: &mut ReadFn) -> Result<(), LoadError> {
+        if job.decodes() {
+            return self.decode(job, plan, read);
+        }
         let mut window = self
             .sink
             .region
@@ -50,6 +60,27 @@ impl SinkWorker for HostWorker<'_, '_> {
         Ok(())
     }
     fn finish(self) -> Result<(), LoadError> {
+        Ok(())
+    }
+}
+
+impl HostWorker<'_, '_> {
+    /// Reads an encoded window into the staging buffer and decodes each of
+    /// its chunks into the destination.
+    fn decode(&mut self, job: &Job, plan: &LoadPlan, read: &mut ReadFn) -> Result<(), LoadError> {
+        let need = job.len as usize;
+        let buf = decode::at_least(&mut self.staging, need)?;
+        let n = read(&mut buf[..need], 0)?;
+        let window = &buf[..n];
+        for c in decode::job_chunks(plan, job) {
+            let stored = decode::stored_bytes(plan, job, c, window)?;
+            let mut out = self
+                .sink
+                .region
+                .claim(c.dest_offset as usize, c.decoded_len as usize)
+                .map_err(|e| LoadError::Device(format!("host destination: {e}")))?;
+            decode::decode_chunk(plan, c, stored, &mut out)?;
+        }
         Ok(())
     }
 }
@@ -102,7 +133,12 @@ impl<F> SinkWorker for ScanWorker<'_, F>
 where
     F: Fn(&Job, &[u8]) -> Result<(), LoadError> + Sync,
 {
-    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError> {
+    fn transfer(
+        &mut self,
+        job: &Job,
+        _plan: &LoadPlan,
+        read: &mut ReadFn,
+    ) -> Result<(), LoadError> {
         if job.len as usize > self.buf.len() {
             return Err(LoadError::Device(format!(
                 "job of {} bytes exceeds the {}-byte staging buffer",

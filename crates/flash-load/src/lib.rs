@@ -9,6 +9,8 @@
 //!    to a [`Sink`]: [`HostSink`] (host memory, in place), [`ScanSink`]
 //!    (streamed to a function) or [`CudaSink`] (pinned staging, async copies).
 
+pub mod codec_ref;
+pub mod decode;
 pub mod disk;
 pub mod error;
 pub mod gpu;
@@ -27,5 +29,5 @@ pub use pipeline::{
     SinkWorker, STAGING_LIMIT,
 };
 pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
-pub use plan::{Job, LoadPlan, Segment, TensorTable, TensorView};
-pub use source::{ModelSource, SourceFile, SourceKind, StoredTensor};
+pub use plan::{EncodedTensor, Job, LoadPlan, PlannedChunk, Segment, TensorTable, TensorView};
+pub use source::{ModelSource, SourceFile, SourceKind, StoredChunk, StoredEncoding, StoredTensor};

@@ -196,8 +196,10 @@ pub type ReadFn<'a> = dyn FnMut(&mut [u8], u64) -> Result<usize, LoadError> + 'a
 
 pub trait SinkWorker {
     /// Moves the bytes of `job` to the destination through `read`, in one
-    /// read or in pieces. The transfer may complete asynchronously.
-    fn transfer(&mut self, job: &Job, read: &mut ReadFn) -> Result<(), LoadError>;
+    /// read or in pieces: verbatim to `job.dest_offset`, or, when
+    /// [`Job::decodes`], by decoding `plan.chunks[job.chunks]` from the
+    /// window into the destination. The transfer may complete asynchronously.
+    fn transfer(&mut self, job: &Job, plan: &LoadPlan, read: &mut ReadFn) -> Result<(), LoadError>;
 
     /// Waits until every transfer of this worker has landed.
     fn finish(self) -> Result<(), LoadError>;
@@ -420,7 +422,7 @@ pub fn execute<S: Sink>(
                         bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                         Ok(n)
                     };
-                    if let Err(e) = worker.transfer(&job, &mut read) {
+                    if let Err(e) = worker.transfer(&job, plan, &mut read) {
                         return fail(e);
                     }
                 }

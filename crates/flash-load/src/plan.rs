@@ -1,17 +1,28 @@
 //! The read planner: which byte ranges of which files go where in the
 //! destination memory.
 //!
+//! A plan has two kinds of stored ranges: verbatim [`Segment`]s, copied as
+//! they are, and [`EncodedTensor`]s, whose chunks ([`PlannedChunk`]) are
+//! decoded into the destination. Two layouts are planned: the destination
+//! (decoded tensors, where the caller's tensors live) and a stored image
+//! (the stored bytes themselves, congruent with the files: the daemon's
+//! memory tier keeps a compressed model that way and decodes on upload).
+//! Without encoded tensors both layouts are the same.
+//!
 //! Invariants of a [`LoadPlan`] (the pipeline and the sinks rely on them):
-//! - each segment's destination offset equals its file offset modulo
-//!   [`ALIGN`], so an aligned window of the file maps to an aligned window of
-//!   the destination, and O_DIRECT can read straight into either;
+//! - each segment's destination and image offsets equal its file offset
+//!   modulo [`ALIGN`], so an aligned window of the file maps to an aligned
+//!   window of either, and O_DIRECT can read straight into them (device
+//!   plans, [`LoadPlan::aligned_for_device`], drop this for the
+//!   destination);
 //! - the aligned windows of different segments never overlap in the
-//!   destination, so workers can fill them concurrently;
-//! - every selected tensor lies inside one segment.
+//!   destination or the image, and neither do decoded tensors, so workers
+//!   can fill them concurrently;
+//! - every selected tensor lies inside one segment or is one encoded tensor.
 
 use crate::error::LoadError;
 use crate::source::{ModelSource, SourceFile};
-use flash_format::manifest::align_up;
+use flash_format::manifest::{align_up, ChunkCodec, ElementLayout};
 use flash_format::DType;
 use std::collections::HashMap;
 
@@ -67,37 +78,109 @@ impl TensorTable {
     }
 }
 
-/// A contiguous byte range of one file and where it lands.
+/// A contiguous byte range of one file, copied verbatim: where its bytes lie
+/// in a stored image and in the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
     pub file: usize,
     pub file_offset: u64,
     pub len: u64,
+    /// Where the bytes lie in an image of the stored bytes (congruent with
+    /// the file modulo [`ALIGN`]).
+    pub image_offset: u64,
+    /// Where the bytes land in the destination.
     pub dest_offset: u64,
 }
 
-/// One read of the pipeline: an aligned window of a file and the aligned
-/// destination window it fills.
+/// An encoded tensor of a plan: its stored bytes are decoded chunk by chunk
+/// into `[dest_offset, dest_offset + length)` of the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedTensor {
+    pub name: String,
+    pub layout: ElementLayout,
+    pub file: usize,
+    /// The stored bytes: `[file_offset, file_offset + stored_length)`.
+    pub file_offset: u64,
+    pub stored_length: u64,
+    /// Where the stored bytes lie in a stored image.
+    pub image_offset: u64,
+    /// Where the decoded bytes go.
+    pub dest_offset: u64,
+    pub length: u64,
+    /// Its chunks: `chunks[first_chunk..first_chunk + chunk_count]` of the plan.
+    pub first_chunk: usize,
+    pub chunk_count: usize,
+}
+
+/// One chunk of an encoded tensor, with its positions in the file, the
+/// stored image and the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannedChunk {
+    /// Index of its tensor in [`LoadPlan::encoded`].
+    pub tensor: u32,
+    /// Index of the chunk within its tensor.
+    pub index: u32,
+    pub codec: ChunkCodec,
+    pub file_offset: u64,
+    pub stored_len: u64,
+    pub image_offset: u64,
+    pub dest_offset: u64,
+    pub decoded_len: u64,
+}
+
+/// One read of the pipeline: an aligned window of a file, where it lies in a
+/// stored image, and either the aligned destination window it fills (a
+/// verbatim read) or the encoded chunks it holds (`chunks`, a range of
+/// [`LoadPlan::chunks`]), which the sink decodes into the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Job {
     pub file: usize,
     pub file_offset: u64,
     /// Bytes to read; the file may end sooner (last window of a file).
     pub len: u64,
+    pub image_offset: u64,
+    /// Destination of a verbatim read (unused when `chunks` is not empty).
     pub dest_offset: u64,
     /// Set by the pipeline: the file is read through the page cache (it was
     /// found there), not with O_DIRECT.
     pub buffered: bool,
+    /// Encoded chunks whose stored bytes lie in this window.
+    pub chunks: (u32, u32),
+}
+
+impl Job {
+    /// Whether the window holds encoded chunks to decode (else its bytes
+    /// are copied verbatim).
+    pub fn decodes(&self) -> bool {
+        self.chunks.0 < self.chunks.1
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct LoadPlan {
     pub files: Vec<SourceFile>,
+    /// Verbatim ranges, in file order.
     pub segments: Vec<Segment>,
+    /// Encoded tensors, in file order.
+    pub encoded: Vec<EncodedTensor>,
+    /// Their chunks, in file order.
+    pub chunks: Vec<PlannedChunk>,
     /// Selected tensors and aliases, in the order of the source.
     pub tensors: Vec<TensorView>,
     /// Size of the destination memory.
     pub dest_len: u64,
+    /// Size of an image of the stored bytes (the memory tier's copy of a
+    /// model): equal to `dest_len` for a plan without encoded tensors.
+    pub image_len: u64,
+}
+
+/// Lays out aligned windows one after the other: the offset where a range
+/// starting at `file_offset` lands, given the window cursor.
+fn place(cursor: &mut u64, file_offset: u64, len: u64) -> u64 {
+    let window_start = align_down(file_offset);
+    let at = *cursor + (file_offset - window_start);
+    *cursor += align_up(file_offset + len, ALIGN) - window_start;
+    at
 }
 
 impl LoadPlan {
@@ -132,16 +215,52 @@ impl LoadPlan {
             }
         }
 
-        // Stored tensors with bytes, in file order.
+        // Stored tensors with bytes, in file order: verbatim ones merge into
+        // segments, encoded ones stand alone.
         let mut order: Vec<usize> = (0..source.tensors.len())
             .filter(|&i| chosen[i] && source.tensors[i].length > 0)
             .collect();
         order.sort_by_key(|&i| (source.tensors[i].file, source.tensors[i].offset));
 
         let mut segments: Vec<Segment> = Vec::new();
-        let mut seg_of = vec![usize::MAX; source.tensors.len()];
+        let mut encoded: Vec<EncodedTensor> = Vec::new();
+        let mut chunks: Vec<PlannedChunk> = Vec::new();
+        // Where each chosen tensor went: a segment, or an encoded tensor.
+        enum Went {
+            Nowhere,
+            Segment(usize),
+            Encoded(usize),
+        }
+        let mut went: Vec<Went> = (0..source.tensors.len()).map(|_| Went::Nowhere).collect();
         for &i in &order {
             let t = &source.tensors[i];
+            if let Some(e) = &t.encoding {
+                let index = encoded.len();
+                encoded.push(EncodedTensor {
+                    name: t.name.clone(),
+                    layout: e.layout,
+                    file: t.file,
+                    file_offset: t.offset,
+                    stored_length: e.stored_length,
+                    image_offset: 0,
+                    dest_offset: 0,
+                    length: t.length,
+                    first_chunk: chunks.len(),
+                    chunk_count: e.chunks.len(),
+                });
+                chunks.extend(e.chunks.iter().enumerate().map(|(k, c)| PlannedChunk {
+                    tensor: index as u32,
+                    index: k as u32,
+                    codec: c.codec,
+                    file_offset: t.offset + c.stored_at,
+                    stored_len: c.stored_len,
+                    image_offset: c.stored_at,
+                    dest_offset: c.decoded_at,
+                    decoded_len: c.decoded_len,
+                }));
+                went[i] = Went::Encoded(index);
+                continue;
+            }
             let end = t.offset + t.length;
             match segments.last_mut() {
                 Some(s) if s.file == t.file && t.offset <= s.file_offset + s.len + MERGE_GAP => {
@@ -151,18 +270,46 @@ impl LoadPlan {
                     file: t.file,
                     file_offset: t.offset,
                     len: t.length,
+                    image_offset: 0,
                     dest_offset: 0,
                 }),
             }
-            seg_of[i] = segments.len() - 1;
+            went[i] = Went::Segment(segments.len() - 1);
         }
-        // Destination: each segment's aligned window after the previous one,
-        // keeping file and destination congruent modulo ALIGN.
-        let mut cursor = 0u64;
-        for s in &mut segments {
-            let window_start = align_down(s.file_offset);
-            s.dest_offset = cursor + (s.file_offset - window_start);
-            cursor += align_up(s.file_offset + s.len, ALIGN) - window_start;
+
+        // The stored image: every stored range's aligned window in file
+        // order, congruent with the file.
+        let mut image = 0u64;
+        let (mut s, mut e) = (0, 0);
+        while s < segments.len() || e < encoded.len() {
+            let seg_first = e == encoded.len()
+                || (s < segments.len()
+                    && (segments[s].file, segments[s].file_offset)
+                        < (encoded[e].file, encoded[e].file_offset));
+            if seg_first {
+                let g = &mut segments[s];
+                g.image_offset = place(&mut image, g.file_offset, g.len);
+                s += 1;
+            } else {
+                let t = &mut encoded[e];
+                t.image_offset = place(&mut image, t.file_offset, t.stored_length);
+                e += 1;
+            }
+        }
+        // The destination: verbatim segments congruent with the files (so
+        // O_DIRECT reads land in place), then the decoded tensors.
+        let mut dest = 0u64;
+        for g in &mut segments {
+            g.dest_offset = place(&mut dest, g.file_offset, g.len);
+        }
+        for t in &mut encoded {
+            t.dest_offset = dest;
+            dest = align_up(dest + t.length, ALIGN);
+        }
+        for c in &mut chunks {
+            let t = &encoded[c.tensor as usize];
+            c.image_offset += t.image_offset;
+            c.dest_offset += t.dest_offset;
         }
 
         let mut tensors = Vec::new();
@@ -171,9 +318,10 @@ impl LoadPlan {
             if !chosen[i] {
                 continue;
             }
-            let offset = match seg_of[i] {
-                usize::MAX => 0, // zero-size tensor: no bytes anywhere
-                s => segments[s].dest_offset + (t.offset - segments[s].file_offset),
+            let offset = match went[i] {
+                Went::Nowhere => 0, // zero-size tensor: no bytes anywhere
+                Went::Segment(s) => segments[s].dest_offset + (t.offset - segments[s].file_offset),
+                Went::Encoded(e) => encoded[e].dest_offset,
             };
             view_of[i] = Some(offset);
             if wanted(&t.name) {
@@ -199,23 +347,32 @@ impl LoadPlan {
         Ok(LoadPlan {
             files: source.files.clone(),
             segments,
+            encoded,
+            chunks,
             tensors,
-            dest_len: cursor,
+            dest_len: dest,
+            image_len: image,
         })
     }
 
-    /// The same reads with each segment's first byte at a multiple of
-    /// `align` (a power of two, at most [`ALIGN`]) in the destination, and
-    /// the tensors moved with their segments. For device destinations only:
-    /// their copies take any address, and the GPU kernels want tensors on
-    /// 16-byte (better 256-byte) boundaries, which a safetensors header of
-    /// arbitrary length does not give. It breaks the first invariant of the
-    /// module (destination and file congruent modulo `ALIGN`), which only
-    /// sinks reading O_DIRECT straight into the destination need.
+    /// Whether the plan decodes encoded tensors.
+    pub fn is_encoded(&self) -> bool {
+        !self.encoded.is_empty()
+    }
+
+    /// The same reads with each segment's and decoded tensor's first byte at
+    /// a multiple of `align` (a power of two, at most [`ALIGN`]) in the
+    /// destination, and the tensors moved with them. For device
+    /// destinations only: their copies take any address, and the GPU
+    /// kernels want tensors on 16-byte (better 256-byte) boundaries, which a
+    /// safetensors header of arbitrary length does not give. It breaks the
+    /// first invariant of the module (destination and file congruent modulo
+    /// `ALIGN`), which only sinks reading O_DIRECT straight into the
+    /// destination need. The stored image's layout does not change.
     pub fn aligned_for_device(mut self, align: u64) -> Self {
         debug_assert!(align.is_power_of_two() && align <= ALIGN);
-        // (old start, new start) of each segment, in destination order.
-        let mut moved = Vec::with_capacity(self.segments.len());
+        // (old start, new start) of each region, in destination order.
+        let mut moved = Vec::with_capacity(self.segments.len() + self.encoded.len());
         let mut cursor = 0u64;
         for s in &mut self.segments {
             let window_start = align_down(s.file_offset);
@@ -229,13 +386,22 @@ impl LoadPlan {
                 ALIGN,
             );
         }
+        for t in &mut self.encoded {
+            let new = align_up(cursor, align);
+            moved.push((t.dest_offset, new));
+            for c in &mut self.chunks[t.first_chunk..t.first_chunk + t.chunk_count] {
+                c.dest_offset = c.dest_offset - t.dest_offset + new;
+            }
+            t.dest_offset = new;
+            cursor = align_up(new + t.length, ALIGN);
+        }
         moved.sort_unstable();
         for t in &mut self.tensors {
             if t.length == 0 {
                 continue;
             }
-            // The segment holding the tensor: the last one starting at or
-            // before it (segments never overlap).
+            // The region holding the tensor: the last one starting at or
+            // before it (regions never overlap).
             let i = moved.partition_point(|&(old, _)| old <= t.offset);
             if let Some(&(old, new)) = i.checked_sub(1).and_then(|i| moved.get(i)) {
                 t.offset = t.offset - old + new;
@@ -243,6 +409,57 @@ impl LoadPlan {
         }
         self.dest_len = cursor;
         self
+    }
+
+    /// The plan that copies the stored bytes verbatim into an image of
+    /// `image_len` bytes (the memory tier's copy of a model): the encoded
+    /// tensors' stored ranges become segments, nothing is decoded, and only
+    /// the verbatim tensors keep a view (at their image offsets).
+    pub fn stored_image(&self) -> LoadPlan {
+        let mut segments: Vec<Segment> = self
+            .segments
+            .iter()
+            .map(|s| Segment {
+                dest_offset: s.image_offset,
+                ..*s
+            })
+            .chain(self.encoded.iter().map(|t| Segment {
+                file: t.file,
+                file_offset: t.file_offset,
+                len: t.stored_length,
+                image_offset: t.image_offset,
+                dest_offset: t.image_offset,
+            }))
+            .collect();
+        segments.sort_by_key(|s| (s.file, s.file_offset));
+        let encoded_at: std::collections::HashSet<u64> =
+            self.encoded.iter().map(|t| t.dest_offset).collect();
+        let tensors =
+            self.tensors
+                .iter()
+                .filter(|t| t.length == 0 || !encoded_at.contains(&t.offset))
+                .map(|t| {
+                    // A verbatim tensor: its segment's image offset plus its
+                    // distance from the segment's start.
+                    let s = self.segments.iter().find(|s| {
+                        (s.dest_offset..s.dest_offset + s.len.max(1)).contains(&t.offset)
+                    });
+                    let offset = s.map_or(t.offset, |s| t.offset - s.dest_offset + s.image_offset);
+                    TensorView {
+                        offset,
+                        ..t.clone()
+                    }
+                })
+                .collect();
+        LoadPlan {
+            files: self.files.clone(),
+            segments,
+            encoded: Vec::new(),
+            chunks: Vec::new(),
+            tensors,
+            dest_len: self.image_len,
+            image_len: self.image_len,
+        }
     }
 
     /// A plan that reads every byte of `files`, each file at the destination
@@ -259,6 +476,7 @@ impl LoadPlan {
                     file: i,
                     file_offset: 0,
                     len: f.len,
+                    image_offset: cursor,
                     dest_offset: cursor,
                 };
                 cursor += align_up(f.len, ALIGN);
@@ -268,8 +486,11 @@ impl LoadPlan {
         LoadPlan {
             files: files.to_vec(),
             segments,
+            encoded: Vec::new(),
+            chunks: Vec::new(),
             tensors: Vec::new(),
             dest_len: cursor,
+            image_len: cursor,
         }
     }
 
@@ -283,37 +504,39 @@ impl LoadPlan {
             .sum()
     }
 
-    /// Splits the segments into aligned reads of at most `chunk` bytes
-    /// (`chunk` is rounded up to [`ALIGN`]) for `readers` threads; with
-    /// `None`, every read is a whole window of `chunk` bytes from a multiple
-    /// of `chunk` (the last one of a segment may be shorter).
+    /// Splits the plan into aligned reads of at most `chunk` bytes
+    /// (`chunk` is rounded up to [`ALIGN`]) for `readers` threads, in file
+    /// order. With `None`, every verbatim read is a whole window of `chunk`
+    /// bytes from a multiple of `chunk` (the last one of a segment may be
+    /// shorter).
     ///
-    /// Guided sizes: each read is about the bytes still to be read divided
-    /// by `2 × readers`, at most `chunk` and at least [`MIN_JOB`] (or
+    /// Guided sizes: each verbatim read is about the bytes still to be read
+    /// divided by `2 × readers`, at most `chunk` and at least [`MIN_JOB`] (or
     /// `chunk` if smaller). Readers take jobs in order, so reads are large
     /// while there is much left and shrink near the end; the last round
     /// of reads then ends at about the same time for every reader instead
     /// of a few large reads finishing alone at a shallow queue (measured on
     /// the GPU machine: 36 reads of 32 MiB on 32 readers left the disk
     /// 10-20 % below its rate for a 1.2 GB model).
+    ///
+    /// Encoded tensors are read in windows of whole chunks, up to `chunk`
+    /// bytes each stored and decoded (more when a single chunk is larger),
+    /// so that a decoded window fits a staging buffer of `chunk` bytes.
     pub fn jobs(&self, chunk: u64, readers: Option<usize>) -> Vec<Job> {
-        Self::jobs_of(self.segments.iter(), chunk, readers)
+        self.jobs_where(chunk, readers, |_| true)
     }
 
-    /// As [`jobs`](Self::jobs), for the segments of file `file` alone (the
-    /// guided sizes shrink towards the end of that file).
+    /// As [`jobs`](Self::jobs), for file `file` alone (the guided sizes
+    /// shrink towards the end of that file).
     pub fn jobs_of_file(&self, file: usize, chunk: u64, readers: Option<usize>) -> Vec<Job> {
-        Self::jobs_of(
-            self.segments.iter().filter(|s| s.file == file),
-            chunk,
-            readers,
-        )
+        self.jobs_where(chunk, readers, |f| f == file)
     }
 
-    fn jobs_of<'a>(
-        segments: impl Iterator<Item = &'a Segment> + Clone,
+    fn jobs_where(
+        &self,
         chunk: u64,
         readers: Option<usize>,
+        in_file: impl Fn(usize) -> bool,
     ) -> Vec<Job> {
         let chunk = align_up(chunk.max(ALIGN), ALIGN);
         let floor = match readers {
@@ -321,15 +544,15 @@ impl LoadPlan {
             None => chunk,
         };
         let divisor = 2 * readers.unwrap_or(1).max(1) as u64;
-        let mut remaining: u64 = segments
-            .clone()
+        let segments = || self.segments.iter().filter(|s| in_file(s.file));
+        let mut remaining: u64 = segments()
             .map(|s| align_up(s.file_offset + s.len, ALIGN) - align_down(s.file_offset))
             .sum();
         let mut jobs = Vec::new();
-        for s in segments {
+        for s in segments() {
             let start = align_down(s.file_offset);
             let end = align_up(s.file_offset + s.len, ALIGN);
-            let dest_start = s.dest_offset - (s.file_offset - start);
+            let lead = s.file_offset - start;
             let mut off = start;
             while off < end {
                 let guided = align_up(remaining / divisor, ALIGN).clamp(floor, chunk);
@@ -338,12 +561,48 @@ impl LoadPlan {
                     file: s.file,
                     file_offset: off,
                     len,
-                    dest_offset: dest_start + (off - start),
+                    image_offset: s.image_offset - lead + (off - start),
+                    dest_offset: s.dest_offset - lead + (off - start),
                     buffered: false,
+                    chunks: (0, 0),
                 });
                 off += len;
                 remaining -= len;
             }
+        }
+        for t in self.encoded.iter().filter(|t| in_file(t.file)) {
+            let end = t.first_chunk + t.chunk_count;
+            let mut first = t.first_chunk;
+            while first < end {
+                let start = align_down(self.chunks[first].file_offset);
+                let mut last = first + 1;
+                let decoded_start = self.chunks[first].dest_offset;
+                while last < end {
+                    let c = &self.chunks[last];
+                    if align_up(c.file_offset + c.stored_len, ALIGN) - start > chunk
+                        || c.dest_offset + c.decoded_len - decoded_start > chunk
+                    {
+                        break;
+                    }
+                    last += 1;
+                }
+                let c = &self.chunks[last - 1];
+                let len = align_up(c.file_offset + c.stored_len, ALIGN) - start;
+                let f = &self.chunks[first];
+                jobs.push(Job {
+                    file: t.file,
+                    file_offset: start,
+                    len,
+                    image_offset: f.image_offset - (f.file_offset - start),
+                    dest_offset: 0,
+                    buffered: false,
+                    chunks: (first as u32, last as u32),
+                });
+                first = last;
+            }
+        }
+        if !self.encoded.is_empty() {
+            jobs.sort_by_key(|j| (j.file, j.file_offset));
         }
         jobs
     }
@@ -440,6 +699,7 @@ mod tests {
             file,
             file_offset,
             len,
+            image_offset: dest_offset,
             dest_offset,
         };
         let view = |name: &str, offset, length| TensorView {
@@ -463,6 +723,9 @@ mod tests {
                 view("empty", 0, 0),
             ],
             dest_len: b0 - 85 + align_up(85 + mib, ALIGN),
+            image_len: b0 - 85 + align_up(85 + mib, ALIGN),
+            encoded: Vec::new(),
+            chunks: Vec::new(),
         };
         let before = p.clone();
         let q = p.aligned_for_device(256);

@@ -2,7 +2,7 @@
 //! and validated, as one list of stored tensors.
 
 use crate::error::LoadError;
-use flash_format::manifest::{Manifest, MANIFEST_FILE};
+use flash_format::manifest::{ChunkCodec, ElementLayout, Manifest, MANIFEST_FILE};
 use flash_format::safetensors::{self, ShardIndex, INDEX_FILE};
 use flash_format::DType;
 use std::collections::{BTreeMap, HashMap};
@@ -24,7 +24,39 @@ pub struct StoredTensor {
     pub file: usize,
     /// Absolute byte offset in the file.
     pub offset: u64,
+    /// Bytes of the tensor (decoded, when it is stored encoded).
     pub length: u64,
+    /// How the tensor is stored when not verbatim (flash format version 2).
+    pub encoding: Option<StoredEncoding>,
+}
+
+/// An encoded tensor's chunks, as the planner needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEncoding {
+    pub layout: ElementLayout,
+    /// Bytes from `offset` to the end of the last chunk in the file.
+    pub stored_length: u64,
+    /// Per chunk: codec, offset of its stored bytes from the tensor's
+    /// `offset`, stored length, decoded offset in the tensor, decoded length.
+    pub chunks: Vec<StoredChunk>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub codec: ChunkCodec,
+    pub stored_at: u64,
+    pub stored_len: u64,
+    pub decoded_at: u64,
+    pub decoded_len: u64,
+}
+
+impl StoredTensor {
+    /// Bytes the tensor occupies in its file.
+    pub fn stored_length(&self) -> u64 {
+        self.encoding
+            .as_ref()
+            .map_or(self.length, |e| e.stored_length)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +121,27 @@ impl ModelSource {
                 file: t.file as usize,
                 offset: t.offset,
                 length: t.length,
+                encoding: t.encoding.as_ref().map(|e| {
+                    let elem = t.dtype.bits() / 8;
+                    StoredEncoding {
+                        layout: e.layout,
+                        stored_length: e.stored_length,
+                        chunks: e
+                            .spans(t.length / elem, elem)
+                            .into_iter()
+                            .zip(&e.chunks)
+                            .map(|((stored_at, stored_len, decoded_at, decoded_len), c)| {
+                                StoredChunk {
+                                    codec: c.0,
+                                    stored_at,
+                                    stored_len,
+                                    decoded_at,
+                                    decoded_len,
+                                }
+                            })
+                            .collect(),
+                    }
+                }),
             })
             .collect();
         Ok(ModelSource {
@@ -173,6 +226,7 @@ impl ModelSource {
                     dtype: t.dtype,
                     shape: t.shape,
                     file: i,
+                    encoding: None,
                 });
             }
             files.push(SourceFile { path, len });
@@ -199,8 +253,13 @@ impl ModelSource {
         })
     }
 
-    /// Bytes of tensor data (aliases counted once).
+    /// Bytes of tensor data (aliases counted once; decoded sizes).
     pub fn tensor_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.length).sum()
+    }
+
+    /// Whether any tensor is stored encoded.
+    pub fn is_encoded(&self) -> bool {
+        self.tensors.iter().any(|t| t.encoding.is_some())
     }
 }

@@ -161,7 +161,8 @@ impl PyClient {
             .transpose()
     }
 
-    #[pyo3(signature = (model, from_dir=None, revision=None, dtype=None, force=false))]
+    #[pyo3(signature = (model, from_dir=None, revision=None, dtype=None, force=false, compress=None))]
+    #[allow(clippy::too_many_arguments)]
     fn pull(
         &self,
         py: Python<'_>,
@@ -170,6 +171,7 @@ impl PyClient {
         revision: Option<String>,
         dtype: Option<String>,
         force: bool,
+        compress: Option<bool>,
     ) -> PyResult<String> {
         let spec = PullSpec {
             model,
@@ -177,6 +179,7 @@ impl PyClient {
             revision,
             dtype,
             force,
+            compress,
         };
         json(&self.with(py, move |c| c.pull(&spec))?)
     }

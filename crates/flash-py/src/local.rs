@@ -4,7 +4,7 @@ use crate::block::{Block, Memory};
 use crate::errors::{device, flash, invalid, load_err};
 use flash_format::manifest::{
     ChecksumSpec, Manifest, Source, ALIGNMENT, CHECKSUM_ALGORITHM, DEFAULT_CHECKSUM_CHUNK,
-    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
+    FORMAT_NAME, MANIFEST_FILE, PLAIN_FORMAT_VERSION,
 };
 use flash_format::safetensors::{self as st, TensorSpec};
 use flash_format::writer::DataWriter;
@@ -41,6 +41,7 @@ pub fn open_source(path: &Path) -> Result<ModelSource, flash_load::LoadError> {
             dtype: t.dtype,
             shape: t.shape,
             file: 0,
+            encoding: None,
         })
         .collect();
     Ok(ModelSource {
@@ -213,7 +214,7 @@ fn dir_sync(path: &Path) -> std::io::Result<()> {
 /// `dir`, then moved in; the manifest last, so a reader never sees a manifest
 /// naming missing data.
 #[pyfunction]
-#[pyo3(signature = (dir, entries, aliases, metadata=None, model_id=None))]
+#[pyo3(signature = (dir, entries, aliases, metadata=None, model_id=None, compress=false))]
 pub fn save_flash(
     py: Python<'_>,
     dir: PathBuf,
@@ -221,6 +222,7 @@ pub fn save_flash(
     aliases: BTreeMap<String, String>,
     metadata: Option<BTreeMap<String, String>>,
     model_id: Option<String>,
+    compress: bool,
 ) -> PyResult<u64> {
     let items = check(entries)?;
     let names: HashMap<&str, usize> = items
@@ -252,11 +254,14 @@ pub fn save_flash(
         .unwrap_or(0);
     let tmp = dir.join(format!(".flash-save-{}-{nanos}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
-    let result = write_flash(py, &dir, &tmp, &items, &aliases, metadata, model_id);
+    let result = write_flash(
+        py, &dir, &tmp, &items, &aliases, metadata, model_id, compress,
+    );
     let _ = std::fs::remove_dir_all(&tmp);
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_flash(
     py: Python<'_>,
     dir: &Path,
@@ -265,6 +270,7 @@ fn write_flash(
     aliases: &BTreeMap<String, String>,
     metadata: Option<BTreeMap<String, String>>,
     model_id: Option<String>,
+    compress: bool,
 ) -> PyResult<u64> {
     let mf = |e: flash_format::ManifestError| flash(e.to_string());
     let mut writer = DataWriter::new(tmp, DEFAULT_CHECKSUM_CHUNK, MAX_DATA_FILE);
@@ -273,12 +279,10 @@ fn write_flash(
     for c in items {
         copy_out(py, c, &mut scratch)?;
         *dtype_bytes.entry(c.dtype).or_default() += c.len;
-        writer
-            .begin_tensor(&c.name, c.dtype, &c.shape)
-            .map_err(mf)?;
-        let w = &mut writer;
-        let bytes = &scratch;
-        py.detach(|| w.write(bytes)).map_err(mf)?;
+        let (w, bytes) = (&mut writer, &scratch);
+        let (name, dtype, shape) = (c.name.as_str(), c.dtype, c.shape.as_slice());
+        py.detach(|| flash_store::encode::write_tensor(w, name, dtype, shape, bytes, compress))
+            .map_err(|e| flash(e.to_string()))?;
     }
     let (files, tensors) = py.detach(|| writer.finish()).map_err(mf)?;
     let model_id = model_id.unwrap_or_else(|| {
@@ -286,9 +290,9 @@ fn write_flash(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "dict".into())
     });
-    let m = Manifest {
+    let mut m = Manifest {
         format: FORMAT_NAME.into(),
-        version: FORMAT_VERSION,
+        version: PLAIN_FORMAT_VERSION,
         model_id,
         source: Source {
             kind: "dict".into(),
@@ -307,6 +311,7 @@ fn write_flash(
         metadata: metadata.unwrap_or_default(),
         extra_files: Vec::new(),
     };
+    m.version = m.required_version();
     m.validate()
         .map_err(|why| flash(format!("{}: manifest invalid: {why}", dir.display())))?;
     let io = |p: &Path, e: std::io::Error| flash(format!("{}: {e}", p.display()));

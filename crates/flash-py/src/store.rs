@@ -47,7 +47,7 @@ pub fn store_model_dir(root: PathBuf, model: &str) -> PyResult<Option<PathBuf>> 
 
 /// Imports a local Hugging Face style folder as `model` (in-process).
 #[pyfunction]
-#[pyo3(signature = (root, src_dir, model, dtype="auto", force=false))]
+#[pyo3(signature = (root, src_dir, model, dtype="auto", force=false, compress=None))]
 pub fn store_import(
     py: Python<'_>,
     root: PathBuf,
@@ -55,12 +55,18 @@ pub fn store_import(
     model: &str,
     dtype: &str,
     force: bool,
+    compress: Option<bool>,
 ) -> PyResult<String> {
     let n = name(model)?;
     let dtype: DtypeChoice = dtype.parse().map_err(invalid)?;
     let report = py.detach(|| {
         let store = open(&root)?;
+        let compress = match compress {
+            Some(c) => c,
+            None => store.settings().map_err(store_err)?.compress,
+        };
         let opts = ImportOptions {
+            compress,
             dtype,
             force,
             source: flash_format::manifest::Source {

@@ -3,11 +3,13 @@
 //! - [`name`]: `org/name[:revision]` names, refused when they could escape the store;
 //! - [`store`]: import (safetensors folder -> flash format, with dtype
 //!   conversion and tied-weight dedup), list, info, remove, verify, export;
-//! - [`convert`]: bf16/fp16/fp32 conversion.
+//! - [`convert`]: bf16/fp16/fp32 conversion;
+//! - [`encode`]: which tensors are stored compressed, and writing them.
 //!
 //! Crash safety: all writes go to `tmp/` and are renamed into `models/`.
 
 pub mod convert;
+pub mod encode;
 pub mod error;
 pub mod name;
 pub mod pull;
@@ -16,4 +18,4 @@ pub mod store;
 pub use convert::DtypeChoice;
 pub use error::StoreError;
 pub use name::ModelName;
-pub use store::{ImportOptions, ImportReport, ModelInfo, Store, VerifyReport};
+pub use store::{ImportOptions, ImportReport, ModelInfo, Store, StoreSettings, VerifyReport};

@@ -12,15 +12,17 @@
 //! `tmp/`, synced, then renamed into place.
 
 use crate::convert::{convert, DtypeChoice};
+use crate::encode;
 use crate::error::{Result, StoreError};
 use crate::name::ModelName;
 use flash_format::manifest::{
     self, ChecksumSpec, Manifest, Source, ALIGNMENT, CHECKSUM_ALGORITHM, FORMAT_NAME,
-    FORMAT_VERSION, MANIFEST_FILE,
+    MANIFEST_FILE, PLAIN_FORMAT_VERSION,
 };
 use flash_format::safetensors::{self as st, TensorSpec, INDEX_FILE};
 use flash_format::writer::DataWriter;
 use flash_format::DType;
+use flash_load::decode::DecodedChunks;
 use flash_load::{execute, LoadOptions, LoadPlan, ModelSource, ScanSink};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -49,6 +51,9 @@ pub struct ImportOptions<'a> {
     pub force: bool,
     pub source: Source,
     pub progress: Option<Progress<'a>>,
+    /// Store floating-point tensors compressed (exponents entropy-coded,
+    /// lossless; see `encode`).
+    pub compress: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,7 +62,11 @@ pub struct ImportReport {
     pub path: PathBuf,
     pub tensors: usize,
     pub aliases: usize,
+    /// Bytes of the data files.
     pub bytes: u64,
+    /// Bytes of the tensors, decoded.
+    pub tensor_bytes: u64,
+    pub compressed: bool,
     pub seconds: f64,
 }
 
@@ -65,8 +74,13 @@ pub struct ImportReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     pub model_id: String,
-    /// Bytes of the data files.
+    /// Bytes of the tensors (decoded): what a load puts in memory.
     pub size: u64,
+    /// Bytes of the data files: what the model takes on disk (less than
+    /// `size` when compressed).
+    pub stored_bytes: u64,
+    /// Whether some tensors are stored compressed.
+    pub compressed: bool,
     pub dtype: Option<DType>,
     pub architecture: Option<String>,
     pub tensor_count: usize,
@@ -84,6 +98,12 @@ pub struct BadChunk {
     pub len: u64,
     /// Tensors whose bytes lie in the chunk (padding alone names none).
     pub tensors: Vec<String>,
+    /// For a compressed chunk whose decoded bytes are wrong: its index in
+    /// its tensor, and what is wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoded_chunk: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -104,6 +124,17 @@ impl VerifyReport {
 pub struct Store {
     root: PathBuf,
 }
+
+/// Store-wide defaults, kept in `<store>/settings.json` (`flash config`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StoreSettings {
+    /// Imports store floating-point tensors compressed unless told otherwise.
+    #[serde(default)]
+    pub compress: bool,
+}
+
+/// The settings file under a store's root.
+pub const SETTINGS_FILE: &str = "settings.json";
 
 fn dir_sync(path: &Path) -> Result<()> {
     File::open(path)
@@ -142,6 +173,29 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The store-wide defaults (the built-in ones when none were set).
+    pub fn settings(&self) -> Result<StoreSettings> {
+        let path = self.root.join(SETTINGS_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::invalid(&path, format!("not valid store settings: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreSettings::default()),
+            Err(e) => Err(StoreError::io(&path, e)),
+        }
+    }
+
+    /// Saves the store-wide defaults (written aside, then renamed).
+    pub fn set_settings(&self, settings: &StoreSettings) -> Result<()> {
+        let path = self.root.join(SETTINGS_FILE);
+        let tmp = self
+            .root
+            .join(format!(".{SETTINGS_FILE}.{}", std::process::id()));
+        let text = serde_json::to_vec_pretty(settings).expect("plain data");
+        fs::write(&tmp, text)
+            .and_then(|_| fs::rename(&tmp, &path))
+            .map_err(|e| StoreError::io(&path, e))
     }
 
     /// Removes temporary folders of dead processes and anything in trash/.
@@ -272,6 +326,8 @@ impl Store {
                 tensors: m.tensors.len(),
                 aliases: m.aliases.len(),
                 bytes: m.data_bytes(),
+                tensor_bytes: m.tensor_bytes(),
+                compressed: m.is_encoded(),
                 seconds: start.elapsed().as_secs_f64(),
             }),
             Err(e) => {
@@ -313,11 +369,10 @@ impl Store {
             scope.spawn(move || {
                 for &i in order {
                     let t = &src.tensors[i];
-                    let mut bytes = vec![0u8; t.length as usize];
-                    let read = files[t.file]
-                        .read_exact_at(&mut bytes, t.offset)
-                        .map(|_| (i, bytes))
-                        .map_err(|e| StoreError::io(&src.files[t.file].path, e));
+                    // A compressed flash folder as the source is decoded.
+                    let read = flash_load::decode::read_tensor(src, &files[t.file], t)
+                        .map(|bytes| (i, bytes))
+                        .map_err(StoreError::from);
                     let failed = read.is_err();
                     // A send fails when the writer gave up: stop reading.
                     if tx.send(read).is_err() || failed {
@@ -343,11 +398,19 @@ impl Store {
                     seen.insert(key, t.name.clone());
                 }
                 *dtype_bytes.entry(dtype).or_default() += bytes.len() as u64;
-                writer.begin_tensor(&t.name, dtype, &t.shape)?;
-                writer.write(&bytes)?;
+                encode::write_tensor(&mut writer, &t.name, dtype, &t.shape, &bytes, opts.compress)?;
             }
             Ok(())
         })?;
+        // A flash-format source's own aliases (tied weights stored once
+        // there) stay aliases, of whatever now holds their target's bytes.
+        for (alias, target) in &src.aliases {
+            let to = aliases
+                .get(target)
+                .cloned()
+                .unwrap_or_else(|| target.clone());
+            aliases.insert(alias.clone(), to);
+        }
         let (data_files, tensors) = writer.finish()?;
         let extra_files = copy_extra_files(&src.dir, tmp, opts.dtype)?;
         let config = read_config(tmp);
@@ -357,9 +420,9 @@ impl Store {
             .and_then(|a| a.get(0))
             .and_then(|a| a.as_str())
             .map(str::to_string);
-        let m = Manifest {
+        let mut m = Manifest {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: PLAIN_FORMAT_VERSION,
             model_id: name.to_string(),
             source: opts.source.clone(),
             architecture,
@@ -375,6 +438,7 @@ impl Store {
             metadata: src.metadata.clone(),
             extra_files,
         };
+        m.version = m.required_version();
         m.validate().map_err(|why| {
             StoreError::invalid(tmp, format!("internal error, manifest invalid: {why}"))
         })?;
@@ -423,7 +487,9 @@ impl Store {
         let m = Manifest::read(&path)?;
         Ok(ModelInfo {
             model_id: name.to_string(),
-            size: m.data_bytes(),
+            size: m.tensor_bytes(),
+            stored_bytes: m.data_bytes(),
+            compressed: m.is_encoded(),
             dtype: m.dtype,
             architecture: m.architecture.clone(),
             tensor_count: m.tensor_count(),
@@ -453,6 +519,8 @@ impl Store {
 
     /// Re-reads every chunk of the model's data files and compares it with
     /// the manifest's checksum; a bad chunk names the tensors in it.
+    /// For compressed tensors, every chunk is also decoded and its decoded
+    /// bytes compared with their checksum.
     pub fn verify(
         &self,
         name: &ModelName,
@@ -503,9 +571,13 @@ impl Store {
                     offset,
                     len,
                     tensors: bad_tensors_in(m, &src.files[file].path, file as u32, offset, len)?,
+                    encoded_chunk: None,
+                    why: None,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let mut bad = bad;
+        bad.extend(verify_decoded(&src, m, &opts)?);
         Ok(VerifyReport {
             model_id: name.to_string(),
             bytes: total,
@@ -561,6 +633,51 @@ impl Store {
     }
 }
 
+/// Decodes every chunk of the model's compressed tensors and compares its
+/// decoded bytes with their checksum; returns the chunks that differ or do
+/// not decode.
+fn verify_decoded(src: &ModelSource, m: &Manifest, opts: &LoadOptions) -> Result<Vec<BadChunk>> {
+    if !m.is_encoded() {
+        return Ok(Vec::new());
+    }
+    let encodings: HashMap<&str, &manifest::TensorEncoding> = m
+        .tensors
+        .iter()
+        .filter_map(|t| Some((t.name.as_str(), t.encoding.as_ref()?)))
+        .collect();
+    let plan = LoadPlan::new(src, Some(&|n: &str| encodings.contains_key(n)))?;
+    let bad = Mutex::new(Vec::new());
+    let sink = DecodedChunks::new(|c, decoded| {
+        let t = &plan.encoded[c.tensor as usize];
+        let want = &encodings[t.name.as_str()].chunks[c.index as usize].2;
+        let why = match decoded {
+            Ok(bytes) => {
+                let got = manifest::checksum_hex(manifest::chunk_checksum(bytes));
+                (&got != want)
+                    .then(|| format!("decoded bytes have checksum {got}, the manifest says {want}"))
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            bad.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(BadChunk {
+                    file: m.files[t.file].name.clone(),
+                    offset: c.file_offset,
+                    len: c.stored_len,
+                    tensors: vec![t.name.clone()],
+                    encoded_chunk: Some(c.index),
+                    why: Some(why),
+                });
+        }
+        Ok(())
+    });
+    execute(&plan, &sink, opts)?;
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    bad.sort_by(|a, b| (&a.file, a.offset).cmp(&(&b.file, b.offset)));
+    Ok(bad)
+}
+
 /// Removes `.flash-export-<pid>` folders of exports whose process died, so
 /// an export killed half-way leaves nothing behind after the next one.
 fn remove_dead_exports(parent: &Path) {
@@ -588,8 +705,11 @@ fn bad_tensors_in(
     let f = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let mut names = Vec::new();
     for t in &m.tensors {
+        // Compressed tensors are checked chunk by chunk once decoded
+        // (`verify_decoded`), which names the chunk.
         if t.file != file
             || t.length == 0
+            || t.encoding.is_some()
             || t.offset >= offset + len
             || offset >= t.offset + t.length
         {
@@ -695,17 +815,29 @@ fn export_into(
             .map_err(|e| StoreError::io(&path, e))?;
         out_files.push((path, f));
     }
-    // Stored tensors of each data file, by offset, to map reads to tensors.
+    // Verbatim tensors of each data file, by offset, to map reads to
+    // tensors; compressed ones are decoded below.
     let mut per_file: Vec<Vec<usize>> = vec![Vec::new(); m.files.len()];
     for (i, t) in m.tensors.iter().enumerate() {
-        if t.length > 0 {
+        if t.length > 0 && t.encoding.is_none() {
             per_file[t.file as usize].push(i);
         }
     }
     for list in &mut per_file {
         list.sort_by_key(|&i| m.tensors[i].offset);
     }
-    let plan = LoadPlan::whole_files(&src.files);
+    // Only the verbatim tensors' bytes are scanned.
+    let verbatim: std::collections::HashSet<&str> = m
+        .tensors
+        .iter()
+        .filter(|t| t.encoding.is_none())
+        .map(|t| t.name.as_str())
+        .collect();
+    let plan = if m.is_encoded() {
+        LoadPlan::new(src, Some(&|n: &str| verbatim.contains(n)))?
+    } else {
+        LoadPlan::whole_files(&src.files)
+    };
     let sink = ScanSink::new(opts.chunk_bytes, |job, bytes| {
         let (lo, hi) = (job.file_offset, job.file_offset + bytes.len() as u64);
         let list = &per_file[job.file];
@@ -727,6 +859,28 @@ fn export_into(
         Ok(())
     });
     execute(&plan, &sink, opts)?;
+    if m.is_encoded() {
+        let by_name: HashMap<&str, usize> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.encoding.is_some())
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let plan = LoadPlan::new(src, Some(&|n: &str| by_name.contains_key(n)))?;
+        let sink = DecodedChunks::new(|c, decoded| {
+            let bytes = decoded?;
+            let t = &plan.encoded[c.tensor as usize];
+            let within = c.dest_offset - t.dest_offset;
+            for &(s, base) in &targets[by_name[t.name.as_str()]] {
+                let (path, f) = &out_files[s];
+                f.write_all_at(bytes, base + within)
+                    .map_err(|e| flash_load::LoadError::io(path, e))?;
+            }
+            Ok(())
+        });
+        execute(&plan, &sink, opts)?;
+    }
     for (path, f) in &out_files {
         f.sync_all().map_err(|e| StoreError::io(path, e))?;
     }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::cache::CacheMiss;
+
 /// Everything [`crate::HubClient`] can fail with.
 ///
 /// `NotFound` and `Gated` are the two a user can act on, so their messages say what to do.
@@ -61,6 +63,39 @@ pub enum HubError {
     /// Refused before any request: empty, `..`, absolute, or odd characters.
     #[error("invalid revision `{revision}`: {why}")]
     InvalidRevision { revision: String, why: String },
+
+    /// Offline mode (`HF_HUB_OFFLINE`) is on, so the Hub was not asked, and the cache cannot
+    /// serve `repo@revision`: `missing` says what it lacks.
+    #[error(
+        "offline ({setting}): {repo}@{revision} is not in the Hugging Face cache at {}: {missing}. \
+         Pull it once with network access (HF_HUB_OFFLINE unset) into this cache",
+        .cache.display()
+    )]
+    NotCachedOffline {
+        /// What turned offline mode on, e.g. `HF_HUB_OFFLINE=1`.
+        setting: String,
+        repo: String,
+        revision: String,
+        /// The cache folder (the one holding `models--*`).
+        cache: PathBuf,
+        missing: Box<CacheMiss>,
+    },
+
+    /// The Hub could not be reached (`source`: the network error, or a 5xx after retries) and
+    /// the cache cannot serve `repo@revision` either.
+    #[error(
+        "the Hub could not be reached ({source}), and {repo}@{revision} is not in the Hugging Face \
+         cache at {}: {missing}",
+        .cache.display()
+    )]
+    UnreachableNotCached {
+        #[source]
+        source: Box<HubError>,
+        repo: String,
+        revision: String,
+        cache: PathBuf,
+        missing: Box<CacheMiss>,
+    },
 }
 
 impl HubError {
@@ -68,6 +103,18 @@ impl HubError {
         HubError::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// True when the Hub could not be reached: a network error (connection refused, DNS,
+    /// timeout, TLS, a read that failed), or an HTTP status that says the Hub is down or
+    /// overloaded (5xx, 429, 408) after the retries. A cached snapshot may stand in then;
+    /// not for an answer about the repo itself (not found, gated).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            HubError::Network { .. } => true,
+            HubError::Http { status, .. } => crate::http::retryable_status(*status),
+            _ => false,
         }
     }
 

@@ -80,7 +80,7 @@ fn transport_error<T>(url: &str, err: ureq::Error) -> Try<T> {
     }
 }
 
-fn retryable_status(status: u16) -> bool {
+pub(crate) fn retryable_status(status: u16) -> bool {
     status >= 500 || status == 429 || status == 408
 }
 
@@ -107,7 +107,8 @@ fn status_error(ctx: &Ctx, url: &str, resp: &Response<Body>, route: Route) -> Hu
         repo: ctx.repo.to_string(),
     };
     match header(resp, "x-error-code") {
-        Some("RepositoryNotFound" | "RevisionNotFound") => return not_found(),
+        // The Hub sends `RepoNotFound` (with 401 when no token is sent); `RepositoryNotFound` too.
+        Some("RepoNotFound" | "RepositoryNotFound" | "RevisionNotFound") => return not_found(),
         Some("GatedRepo") => return gated(),
         _ => {}
     }
@@ -199,10 +200,17 @@ impl HubClient {
     }
 
     /// Runs `op` until it is done, fails for good, or `max_attempts` tries are used up.
-    pub(crate) fn retrying<T>(
+    pub(crate) fn retrying<T>(&self, url: &str, op: impl FnMut() -> Try<T>) -> Result<T, HubError> {
+        self.retrying_unless(url, op, &|_| false)
+    }
+
+    /// [`HubClient::retrying`], which also stops at a retryable error for which `give_up` is
+    /// true.
+    pub(crate) fn retrying_unless<T>(
         &self,
         url: &str,
         mut op: impl FnMut() -> Try<T>,
+        give_up: &dyn Fn(&HubError) -> bool,
     ) -> Result<T, HubError> {
         let mut attempt = 1;
         loop {
@@ -210,7 +218,7 @@ impl HubClient {
                 Try::Done(v) => return Ok(v),
                 Try::Fail(e) => return Err(e),
                 Try::Again(mut e, hint) => {
-                    if attempt >= self.max_attempts {
+                    if attempt >= self.max_attempts || give_up(&e) {
                         if let HubError::Network { attempts, .. } = &mut e {
                             *attempts = attempt;
                         }
@@ -225,42 +233,51 @@ impl HubClient {
         }
     }
 
-    /// `GET /api/models/{repo}/revision/{revision}`: the commit and the file list.
-    pub(crate) fn revision_info(&self, ctx: &Ctx) -> Result<(String, Vec<String>), HubError> {
+    /// `GET /api/models/{repo}/revision/{revision}`: the commit and the file list. Retries stop
+    /// early at an error for which `give_up` is true.
+    pub(crate) fn revision_info(
+        &self,
+        ctx: &Ctx,
+        give_up: &dyn Fn(&HubError) -> bool,
+    ) -> Result<(String, Vec<String>), HubError> {
         let url = format!(
             "{}/api/models/{}/revision/{}",
             self.endpoint,
             ctx.repo,
             names::encode(ctx.revision, false)
         );
-        let body = self.retrying(&url, || {
-            let mut resp = match self.send(Method::Get, &url, None) {
-                Ok(r) => r,
-                Err(e) => return transport_error(&url, e),
-            };
-            let status = resp.status().as_u16();
-            if retryable_status(status) {
-                return Try::Again(
-                    status_error(ctx, &url, &resp, Route::Api),
-                    retry_after(&resp),
-                );
-            }
-            if !(200..300).contains(&status) {
-                return Try::Fail(status_error(ctx, &url, &resp, Route::Api));
-            }
-            match resp
-                .body_mut()
-                .with_config()
-                .limit(MAX_JSON)
-                .read_to_string()
-            {
-                Ok(s) => Try::Done(s),
-                Err(ureq::Error::BodyExceedsLimit(n)) => {
-                    Try::Fail(HubError::bad(&url, format!("JSON larger than {n} bytes")))
+        let body = self.retrying_unless(
+            &url,
+            || {
+                let mut resp = match self.send(Method::Get, &url, None) {
+                    Ok(r) => r,
+                    Err(e) => return transport_error(&url, e),
+                };
+                let status = resp.status().as_u16();
+                if retryable_status(status) {
+                    return Try::Again(
+                        status_error(ctx, &url, &resp, Route::Api),
+                        retry_after(&resp),
+                    );
                 }
-                Err(e) => transport_error(&url, e),
-            }
-        })?;
+                if !(200..300).contains(&status) {
+                    return Try::Fail(status_error(ctx, &url, &resp, Route::Api));
+                }
+                match resp
+                    .body_mut()
+                    .with_config()
+                    .limit(MAX_JSON)
+                    .read_to_string()
+                {
+                    Ok(s) => Try::Done(s),
+                    Err(ureq::Error::BodyExceedsLimit(n)) => {
+                        Try::Fail(HubError::bad(&url, format!("JSON larger than {n} bytes")))
+                    }
+                    Err(e) => transport_error(&url, e),
+                }
+            },
+            give_up,
+        )?;
         let info: RevisionInfo = serde_json::from_str(&body)
             .map_err(|e| HubError::bad(&url, format!("invalid revision JSON: {e}")))?;
         let sha = info

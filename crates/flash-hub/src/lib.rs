@@ -14,6 +14,9 @@
 //!     blobs/<etag>.incomplete         a download in progress (resumed with Range next time)
 //!     refs/<revision>                 the commit the branch/tag pointed to at the last pull
 //!     snapshots/<commit>/<path>       relative symlink to ../../blobs/<etag>
+//!     trees/<commit>.json             the commit's file listing (recent huggingface_hub writes
+//!                                     it; read here, never written: ours would list files
+//!                                     this client does not fetch)
 //! ```
 //! A file whose `snapshots/<commit>/<path>` exists is not requested again; a file whose blob is
 //! already there (same content in another commit) is linked, not downloaded.
@@ -30,6 +33,24 @@
 //! - `HF_HUB_CACHE` (or the older `HUGGINGFACE_HUB_CACHE`), else `$HF_HOME/hub`; `HF_HOME`
 //!   defaults to `$XDG_CACHE_HOME/huggingface`, else `~/.cache/huggingface`.
 //! - `HF_HUB_DISABLE_PROGRESS_BARS=1` turns the progress bars off.
+//! - `HF_HUB_OFFLINE` (else `TRANSFORMERS_OFFLINE`) set to `1`, `ON`, `YES` or `TRUE` (any
+//!   case, as huggingface_hub reads it): offline mode, see below.
+//!
+//! # Without the Hub
+//! In offline mode [`HubClient::snapshot`] makes no request: the revision resolves through
+//! `refs/<revision>` (a 40-hex commit hash resolves to itself), and that commit's snapshot
+//! must be complete: every wanted file of `trees/<commit>.json` when the cache has it, of the
+//! listed size; `config.json`; the shards that `model.safetensors.index.json` names, or
+//! without an index `model.safetensors` (any `*.safetensors`; a sharded set without its index
+//! is incomplete). Otherwise [`HubError::NotCachedOffline`] names the repo, the revision, the
+//! cache and what is missing ([`CacheMiss`]). The cache is only read.
+//!
+//! Online, when the Hub cannot be reached ([`HubError::is_unreachable`]: a network error, or
+//! a 5xx/429/408 after the retries), the same complete snapshot is used with a warning. On a
+//! network error that happens at once, without retries, when the cache has the snapshot (as
+//! huggingface_hub, which does not retry there either); otherwise the retries run and the
+//! error, [`HubError::UnreachableNotCached`], names the network failure and what the cache
+//! lacks. Answers about the repo (not found, gated) are never replaced by the cache.
 //!
 //! # HTTP
 //! `GET {endpoint}/api/models/{repo}/revision/{revision}` (JSON: `sha`, `siblings[].rfilename`),
@@ -48,10 +69,12 @@
 //! `unwrap`s and `assert!`s on server data; and it brings `ureq` 2 with `url`/`idna` (about 100
 //! crates against about 50 here). So this is a small client on `ureq` 3 (rustls + ring).
 
+mod cache;
 mod error;
 mod http;
 mod names;
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
@@ -61,8 +84,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+pub use cache::CacheMiss;
 pub use error::HubError;
 use http::Ctx;
 
@@ -75,6 +99,8 @@ pub struct HubClient {
     endpoint: String,
     token: Option<String>,
     cache_dir: PathBuf,
+    /// Set in offline mode: what turned it on (`HF_HUB_OFFLINE=1`), for messages.
+    offline: Option<String>,
     progress: bool,
     max_attempts: u32,
     retry_base: Duration,
@@ -91,6 +117,7 @@ impl std::fmt::Debug for HubClient {
             .field("endpoint", &self.endpoint)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
             .field("progress", &self.progress)
             .field("max_attempts", &self.max_attempts)
             .field("retry_base", &self.retry_base)
@@ -113,20 +140,24 @@ pub struct Snapshot {
     pub downloaded_bytes: u64,
     /// Wanted files that needed no download (already in the snapshot, or their blob was).
     pub cached_files: usize,
+    /// True when the snapshot came from the cache alone: offline mode, or the Hub could not be
+    /// reached (then a warning was logged).
+    pub cache_only: bool,
 }
 
 impl HubClient {
     /// Endpoint from `HF_ENDPOINT`, token from `HF_TOKEN` or the token file, cache from
-    /// `HF_HUB_CACHE` / `HF_HOME` (see the crate doc). Never fails: a missing home folder
-    /// leaves the cache relative to the working directory.
+    /// `HF_HUB_CACHE` / `HF_HOME`, offline mode from `HF_HUB_OFFLINE` (see the crate doc).
+    /// Never fails: a missing home folder leaves the cache relative to the working directory.
     pub fn from_env() -> Self {
-        Self::from_vars(
-            |k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()),
-            dirs::home_dir(),
-        )
+        Self::from_lookup(|k| std::env::var(k).ok(), dirs::home_dir())
     }
 
-    fn from_vars(var: impl Fn(&str) -> Option<String>, home: Option<PathBuf>) -> Self {
+    /// [`HubClient::from_env`] with the variables read through `var` and `home` as the home
+    /// folder (`~`): for tests and for programs that hold their own environment. Empty values
+    /// count as unset.
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>, home: Option<PathBuf>) -> Self {
+        let var = |k: &str| var(k).filter(|v| !v.trim().is_empty());
         let expand = |v: String| -> PathBuf {
             match (v.strip_prefix("~/"), &home) {
                 (Some(rest), Some(h)) => h.join(rest),
@@ -168,10 +199,18 @@ impl HubClient {
                 "1" | "true" | "yes" | "on"
             )
         });
+        // As huggingface_hub: `HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE`, true when one of
+        // 1/ON/YES/TRUE in any case (no trimming: " 1" is not true there either).
+        let offline = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"]
+            .into_iter()
+            .find_map(|k| var(k).map(|v| (k, v)))
+            .filter(|(_, v)| matches!(v.to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE"))
+            .map(|(k, v)| format!("{k}={v}"));
         Self {
             endpoint: DEFAULT_ENDPOINT.to_string(),
             token: None,
             cache_dir,
+            offline,
             progress,
             max_attempts: 5,
             retry_base: Duration::from_millis(500),
@@ -199,6 +238,18 @@ impl HubClient {
     pub fn with_token(mut self, token: Option<String>) -> Self {
         self.token = token.filter(|t| !t.trim().is_empty());
         self
+    }
+
+    /// Offline mode: [`HubClient::snapshot`] reads the cache only and never makes a request.
+    /// [`HubClient::from_env`] turns it on from `HF_HUB_OFFLINE`.
+    pub fn with_offline(mut self, on: bool) -> Self {
+        self.offline = on.then(|| "set by the caller".to_string());
+        self
+    }
+
+    /// Whether offline mode is on (see [`HubClient::with_offline`]).
+    pub fn is_offline(&self) -> bool {
+        self.offline.is_some()
     }
 
     /// Progress bars on stderr (indicatif hides them when stderr is not a terminal).
@@ -261,11 +312,43 @@ impl HubClient {
         Ok(dir.is_dir().then_some(dir))
     }
 
+    /// The complete snapshot of `revision` in the cache, without any request: `revision` is a
+    /// commit hash or names one through `refs/<revision>`, and the snapshot must hold every
+    /// wanted file of huggingface_hub's listing of the commit when there is one, `config.json`
+    /// and the weights (see the crate doc). `Ok(Err(miss))` says what the cache lacks.
+    pub fn snapshot_from_cache(
+        &self,
+        repo: &str,
+        revision: &str,
+        want: &dyn Fn(&str) -> bool,
+    ) -> Result<Result<Snapshot, CacheMiss>, HubError> {
+        let repo_dir = self.repo_dir(repo)?;
+        names::validate_revision(revision)?;
+        Ok(
+            cache::resolve(&repo_dir, revision, want)?.map(|c| Snapshot {
+                repo: repo.to_string(),
+                commit: c.commit,
+                dir: c.dir,
+                cached_files: c.files.len(),
+                files: c.files,
+                downloaded_bytes: 0,
+                cache_only: true,
+            }),
+        )
+    }
+
     /// Resolves `revision` (branch, tag or commit; the caller passes "main" by default) to a
     /// commit, lists the repo's files, and downloads those for which `want(path)` is true into
     /// the cache, skipping files already there. Writes `refs/<revision>` when `revision` is not
     /// the commit itself. Names are checked before any request; every file path the server
     /// lists is checked to stay inside the snapshot folder before anything is downloaded.
+    ///
+    /// In offline mode the snapshot comes from the cache ([`HubClient::snapshot_from_cache`])
+    /// and no request is made; [`HubError::NotCachedOffline`] says what the cache lacks.
+    /// When the Hub cannot be reached (see [`HubError::is_unreachable`]) a complete cached
+    /// snapshot of `revision` is used, with a warning: at once on a network error (no retries:
+    /// the cache answers), after the retries on a 5xx; with none complete, the error is
+    /// [`HubError::UnreachableNotCached`].
     pub fn snapshot(
         &self,
         repo: &str,
@@ -274,10 +357,41 @@ impl HubClient {
     ) -> Result<Snapshot, HubError> {
         names::validate_repo(repo)?;
         names::validate_revision(revision)?;
+        if let Some(setting) = &self.offline {
+            return match self.snapshot_from_cache(repo, revision, want)? {
+                Ok(snap) => {
+                    info!(
+                        repo, revision, commit = %snap.commit, files = snap.files.len(),
+                        "offline ({setting}): using the cached snapshot"
+                    );
+                    Ok(snap)
+                }
+                Err(missing) => Err(HubError::NotCachedOffline {
+                    setting: setting.clone(),
+                    repo: repo.to_string(),
+                    revision: revision.to_string(),
+                    cache: self.cache_dir.clone(),
+                    missing: Box::new(missing),
+                }),
+            };
+        }
         let ctx = Ctx { repo, revision };
         let repo_dir = self.cache_dir.join(names::repo_folder(repo));
 
-        let (commit, listed) = self.revision_info(&ctx)?;
+        // Whether the cache could serve this revision; looked at once, on the first network
+        // error, to stop retrying.
+        let cache_complete = OnceCell::new();
+        let give_up = |e: &HubError| {
+            matches!(e, HubError::Network { .. })
+                && *cache_complete.get_or_init(|| {
+                    matches!(self.snapshot_from_cache(repo, revision, want), Ok(Ok(_)))
+                })
+        };
+        let (commit, listed) = match self.revision_info(&ctx, &give_up) {
+            Ok(v) => v,
+            Err(e) if e.is_unreachable() => return self.fall_back(repo, revision, want, e),
+            Err(e) => return Err(e),
+        };
         let mut seen = HashSet::new();
         let files: Vec<String> = listed
             .into_iter()
@@ -287,6 +401,7 @@ impl HubClient {
         let blobs = repo_dir.join("blobs");
         create_dir(&dir)?;
         create_dir(&blobs)?;
+        tag_cache_dir(&self.cache_dir);
 
         let missing: Vec<&String> = files.iter().filter(|f| !dir.join(f).is_file()).collect();
         let mut cached_files = files.len() - missing.len();
@@ -348,7 +463,41 @@ impl HubClient {
             files,
             downloaded_bytes,
             cached_files,
+            cache_only: false,
         })
+    }
+
+    /// The Hub could not be reached (`error`): the cached snapshot of `revision`, if complete.
+    fn fall_back(
+        &self,
+        repo: &str,
+        revision: &str,
+        want: &dyn Fn(&str) -> bool,
+        error: HubError,
+    ) -> Result<Snapshot, HubError> {
+        match self.snapshot_from_cache(repo, revision, want) {
+            Ok(Ok(snap)) => {
+                warn!(
+                    "the Hub at {} could not be reached ({error}); using the cached snapshot {} \
+                     of {repo}@{revision} from {}",
+                    self.endpoint,
+                    snap.commit,
+                    self.cache_dir.display()
+                );
+                Ok(snap)
+            }
+            Ok(Err(missing)) => Err(HubError::UnreachableNotCached {
+                source: Box::new(error),
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                cache: self.cache_dir.clone(),
+                missing: Box::new(missing),
+            }),
+            Err(cache_error) => {
+                warn!(error = %cache_error, "cannot read the Hugging Face cache");
+                Err(error)
+            }
+        }
     }
 
     /// Fetches the blobs of `jobs`. Returns the bytes received and the etags of the blobs that
@@ -409,6 +558,25 @@ fn short_name(url: &str) -> String {
         s.push('…');
     }
     s
+}
+
+/// The first line of a `CACHEDIR.TAG` (the Cache Directory Tagging Specification).
+const CACHEDIR_SIGNATURE: &str = "Signature: 8a477f597d28d172789f06886806bc55";
+
+/// Writes `<cache>/CACHEDIR.TAG` when there is none, as huggingface_hub does, so that backup
+/// tools skip the cache. Best effort: a read-only cache is no error.
+fn tag_cache_dir(cache_dir: &Path) {
+    let path = cache_dir.join("CACHEDIR.TAG");
+    if fs::symlink_metadata(&path).is_ok() {
+        return;
+    }
+    let text = format!(
+        "{CACHEDIR_SIGNATURE}\n# This file is a cache directory tag created by flash-hub \
+         (the Hugging Face cache).\n"
+    );
+    if let Err(e) = fs::write(&path, text) {
+        debug!(path = %path.display(), error = %e, "cannot write the cache directory tag");
+    }
 }
 
 fn create_dir(dir: &Path) -> Result<(), HubError> {
@@ -549,7 +717,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        HubClient::from_vars(|k| vars.get(k).cloned(), home.map(PathBuf::from))
+        HubClient::from_lookup(|k| vars.get(k).cloned(), home.map(PathBuf::from))
     }
 
     #[test]

@@ -112,6 +112,13 @@ fn full_snapshot_has_the_hub_cache_layout() {
     );
     assert_eq!(snap.cached_files, 0);
 
+    // The cache is tagged for backup tools, as huggingface_hub tags it.
+    let tag = fs::read_to_string(e.cache.join("CACHEDIR.TAG")).expect("CACHEDIR.TAG");
+    assert!(
+        tag.starts_with("Signature: 8a477f597d28d172789f06886806bc55\n"),
+        "{tag}"
+    );
+
     // refs/main holds the commit, with no newline (as huggingface_hub writes it).
     assert_eq!(fs::read_to_string(repo.join("refs/main")).expect("ref"), C1);
 
@@ -397,8 +404,14 @@ fn retries_are_bounded() {
     let s = server();
     s.fail("/api/models/", 10, 502, &[]);
     let e = env();
+    // With nothing in the cache to fall back on, the error is the last answer.
     let err = client(&s, &e).snapshot(REPO, "main", &no_bin).unwrap_err();
-    assert!(matches!(err, HubError::Http { status: 502, .. }), "{err:?}");
+    assert!(
+        matches!(&err, HubError::UnreachableNotCached { source, .. }
+            if matches!(**source, HubError::Http { status: 502, .. })),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("HTTP 502"), "{err}");
     assert_eq!(s.requests().len(), 3, "with_retries(3, ..) means 3 tries");
 
     // Nobody listening: a network error, after the same number of tries.
@@ -411,7 +424,8 @@ fn retries_are_bounded() {
         .snapshot(REPO, "main", &no_bin)
         .unwrap_err();
     assert!(
-        matches!(&err, HubError::Network { attempts: 3, url, .. } if url.starts_with(&dead)),
+        matches!(&err, HubError::UnreachableNotCached { source, .. }
+            if matches!(&**source, HubError::Network { attempts: 3, url, .. } if url.starts_with(&dead))),
         "{err:?}"
     );
 }

@@ -22,6 +22,13 @@
 #           the cold load (TTFT_ROUNDS rounds, default 3); TTFT_DAEMON=0 runs
 #           only the in-process cold runs and the load, no daemon started;
 #   sdk     issue 5: the SDK's GPU tests and its timing targets;
+#   disk    what the disk rewards: block device settings, cold reads with
+#           every read pattern (flash bench-disk), alternating;
+#   cold    the fastest peer against flash (safetensors folder, flash
+#           format, compressed flash format), whole checkpoints, fresh
+#           processes, COLD_ROUNDS rounds in rotated order; median ratios;
+#   compress  decode speed alone (CPU core, all cores, GPU) and the pinned
+#           (memory tier) upload of the compressed model beside the plain;
 #   probe   measurements behind design choices (PROBES, default "ipc cold
 #           pin"): IPC vs VMM attach by size and what changes its cost, cold
 #           8B reads (direct, buffered, the best peer), the pinning method
@@ -101,27 +108,37 @@ df -h "$SCRATCH" | tail -1
 log "scratch $SCRATCH ($(stat -f -c %T "$SCRATCH")), store $FLASH_HOME"
 
 # 2. Doctor and self-test.
+# CHECKS picks the checks (default: all): doctor selftest daemon torch.
+CHECKS=${CHECKS:-doctor selftest daemon torch}
+check() { [[ " $CHECKS " == *" $1 "* ]]; }
 if stage check; then
-log "flash doctor --json"
-if "$FLASH" doctor --json >"$OUT/doctor.json"; then
-    cat "$OUT/doctor.json"
-    echo
-else
-    log "doctor failed (rc $?)"
+if check doctor; then
+    log "flash doctor --json"
+    if "$FLASH" doctor --json >"$OUT/doctor.json"; then
+        cat "$OUT/doctor.json"
+        echo
+    else
+        log "doctor failed (rc $?)"
+    fi
 fi
-log "flash selftest (loads, device_map, engine ops and forward)"
-"$FLASH" selftest --require-gpu 2>&1 | tail -25
-log "selftest rc ${PIPESTATUS[0]}"
-log "flash selftest --daemon"
-"$FLASH" selftest --daemon --require-gpu 2>&1 | tail -12
-log "selftest --daemon rc ${PIPESTATUS[0]}"
-
-log "transformers loads what flash synth writes (tests/gpu/test_synth_torch.py)"
-rm -rf "$SCRATCH/compat"
-"$FLASH" -q synth qwen3 tiny "$SCRATCH/compat/qwen3-tiny" --seed 1
-"$FLASH" -q synth llama tiny "$SCRATCH/compat/llama-tiny" --seed 1 --dtype fp32 --shard-size 60000
-FLASH_SYNTH_DIR="$SCRATCH/compat/qwen3-tiny:$SCRATCH/compat/llama-tiny" \
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_synth_torch.py 2>&1 | tail -3
+if check selftest; then
+    log "flash selftest (loads: plain, compressed, safetensors; device_map; corrupted chunks; engine ops and forward)"
+    "$FLASH" selftest --require-gpu 2>&1 | grep -v "^ok " | tail -25
+    log "selftest rc ${PIPESTATUS[0]}"
+fi
+if check daemon; then
+    log "flash selftest --daemon"
+    "$FLASH" selftest --daemon --require-gpu 2>&1 | tail -12
+    log "selftest --daemon rc ${PIPESTATUS[0]}"
+fi
+if check torch; then
+    log "transformers loads what flash synth writes (tests/gpu/test_synth_torch.py)"
+    rm -rf "$SCRATCH/compat"
+    "$FLASH" -q synth qwen3 tiny "$SCRATCH/compat/qwen3-tiny" --seed 1
+    "$FLASH" -q synth llama tiny "$SCRATCH/compat/llama-tiny" --seed 1 --dtype fp32 --shard-size 60000
+    FLASH_SYNTH_DIR="$SCRATCH/compat/qwen3-tiny:$SCRATCH/compat/llama-tiny" \
+        timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_synth_torch.py 2>&1 | tail -3
+fi
 fi
 
 # flash bench --device exists only in some versions of the CLI.
@@ -215,6 +232,8 @@ run_flash() { # run_flash LABEL MODEL SCENARIO TARGET
 # 3. Checkpoints: written once each (the stages after check need them).
 declare -A DIRS STORE
 SIZES=${SIZES-8b 0.6b}
+PACKED=${PACKED-1}
+[ "$PACKED" = 0 ] && PACKED=""
 [ "$STAGES" = check ] && SIZES=""
 for size in $SIZES; do
     model=qwen3-$size
@@ -226,13 +245,33 @@ for size in $SIZES; do
         "$FLASH" -q synth qwen3 "$size" "$dir" || { log "synth $model failed"; continue; }
     fi
     DIRS[$model]=$dir
-    log "flash pull --from $dir --name bench/$model"
-    if "$FLASH" -q info "bench/$model" >/dev/null 2>&1 ||
-        "$FLASH" -q pull --from "$dir" --name "bench/$model" --force; then
-        STORE[$model]=bench/$model
-    else
-        log "pull $model failed: the flash-format runs are skipped"
-    fi
+    # The import, timed, verbatim and (PACKED=1, the default) compressed:
+    # the compressed model is bench/$model-packed.
+    for kind in plain ${PACKED:+packed}; do
+        name=bench/$model
+        flags=(--no-compress)
+        if [ "$kind" = packed ]; then name=bench/$model-packed; flags=(--compress); fi
+        if "$FLASH" -q info "$name" >/dev/null 2>&1; then
+            STORE[$model-$kind]=$name
+            continue
+        fi
+        log "flash pull --from $dir --name $name ${flags[*]}"
+        t0=$(date +%s.%N)
+        if "$FLASH" -q pull --from "$dir" --name "$name" --force "${flags[@]}" --json >"$OUT/pull.json"; then
+            STORE[$model-$kind]=$name
+            python3 - "$OUT/pull.json" "$model" "$kind" "$t0" "$(date +%s.%N)" "$CARD" <<'PY' | tee -a "$RESULTS"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(json.dumps({"loader": "flash-import", "model": sys.argv[2], "scenario": sys.argv[3],
+                  "seconds": round(float(sys.argv[5]) - float(sys.argv[4]), 3),
+                  "stored_bytes": r["bytes"], "tensor_bytes": r["tensor_bytes"],
+                  "ratio": round(r["bytes"] / r["tensor_bytes"], 4), "card": sys.argv[6], "stage": "import"}))
+PY
+        else
+            log "pull $name failed: its runs are skipped"
+        fi
+    done
+    STORE[$model]=${STORE[$model-plain]:-}
     du -sh "$dir" "$FLASH_HOME" 2>/dev/null
 done
 df -h "$SCRATCH" | tail -1
@@ -279,12 +318,13 @@ fi
 # safetensors folder and the flash format with the loader's defaults, plus
 # the safetensors folder with each of COLD_PATTERNS (default: the disk
 # stage's best two). Per-round times and the median ratio at the end.
-if stage cold; then
-    for model in ${COLD_MODELS:-qwen3-8b}; do
+cold_stage() { # cold_stage MODEL...
+    for model in "$@"; do
         dir=${DIRS[$model]:-}
         [ -n "$dir" ] || continue
         contenders=("peer:fastsafetensors" "flash:$dir" )
         [ -n "${STORE[$model]:-}" ] && contenders+=("flash:${STORE[$model]}")
+        [ -n "${STORE[$model-packed]:-}" ] && contenders+=("flash:${STORE[$model-packed]}")
         for p in ${COLD_PATTERNS:-${BEST_PATTERNS:-}}; do contenders+=("flash:$dir:$p"); done
         n=${#contenders[@]}
         for round in $(seq 1 "${COLD_ROUNDS:-5}"); do
@@ -302,6 +342,7 @@ for l in sys.stdin:
                 else
                     label=flash-safetensors
                     [ "$target" != "$dir" ] && label=flash-format
+                    [[ "$target" == *-packed ]] && label=flash-compressed
                     extra=()
                     if [ -n "$pattern" ]; then extra=(--pattern "$pattern"); label="$label@$pattern"; fi
                     python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
@@ -316,6 +357,8 @@ for l in sys.stdin:
             done
         done
     done
+}
+cold_table() {
     cat "$RESULTS.cold" >>"$RESULTS" 2>/dev/null
     python3 - "$RESULTS.cold" <<'PY' | tee "$OUT/cold-table.txt"
 import json, sys, collections, statistics
@@ -340,6 +383,55 @@ for model in sorted({m for m, _ in by}):
             worst = max((by[(model, r)][l] / by[(model, r)][peer] for r in rounds if l in by[(model, r)] and peer in by[(model, r)]), default=float("nan"))
             print(f"  {l}: median ratio to {peer} {med[l] / med[peer]:.3f}, worst round {worst:.3f}")
 PY
+}
+# The 8B first (the headline), the smaller COLD_LATE_MODELS after the
+# compression stage.
+stage cold && cold_stage ${COLD_MODELS:-qwen3-8b}
+
+
+# Compression (issue 13): decoding alone (one CPU core, every core, the GPU
+# in one launch) and the memory-tier path (the stored image in pinned memory
+# uploaded, decoded on the GPU as it lands) for the compressed model, with
+# the plain model's upload beside it.
+if stage compress; then
+    for model in ${COMPRESS_MODELS:-qwen3-8b}; do
+        packed=${STORE[$model-packed]:-}
+        [ -n "$packed" ] || continue
+        if ! in_budget; then skip "compress $model"; continue; fi
+        log "== compress: $model stored size, decode speed, pinned upload"
+        "$FLASH" info "$packed" --json | python3 -c '
+import json, sys
+i = json.load(sys.stdin)
+print(json.dumps({"loader": "flash-info", "model": sys.argv[1], "scenario": "stored", "size": i["size"],
+                  "stored_bytes": i["stored_bytes"], "ratio": round(i["stored_bytes"] / i["size"], 4),
+                  "card": sys.argv[2], "stage": "compress"}))' "$model" "$CARD" | tee -a "$RESULTS"
+        timeout 150 "$FLASH" -q bench "$packed" "${DEVICE_FLAG[@]}" --scenario decode --json |
+            tag flash-compressed "$model" decode | json_lines compress
+        for target in "$packed" "${STORE[$model-plain]:-}"; do
+            [ -n "$target" ] && in_budget || continue
+            label=flash-format; [ "$target" = "$packed" ] && label=flash-compressed
+            timeout 150 "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario pinned --json |
+                tag "$label" "$model" pinned | json_lines compress
+        done
+        # The daemon's own path: the compressed model in its memory tier
+        # (the tier counts its stored bytes), uploaded to the GPU tier.
+        if [ "${DAEMON_UPLOAD:-1}" = 1 ] && in_budget; then
+            "$FLASH" start --mem-pool 12G --http off && {
+                timeout 120 "$FLASH" bench-daemon --scenario upload --model "$packed" --repeat 3 --json |
+                    json_lines compress
+                "$FLASH" ps --json | python3 -c '
+import json, sys
+for m in json.load(sys.stdin).get("models", []):
+    print(json.dumps({"loader": "daemon-ps", "model": m.get("model"), "tiers": m.get("tiers", m), "stage": "compress"}))' | tee -a "$RESULTS" || true
+                "$FLASH" stop
+            }
+        fi
+    done
+fi
+
+if stage cold; then
+    cold_stage ${COLD_LATE_MODELS-qwen3-0.6b}
+    cold_table
 fi
 
 # 4. Loads.

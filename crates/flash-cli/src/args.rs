@@ -107,6 +107,9 @@ pub enum Command {
     /// Time for a second process to map a large GPU allocation: CUDA IPC vs. VMM handles
     #[command(hide = true)]
     BenchIpc(crate::bench_ipc::BenchIpcArgs),
+    /// Compile every CUDA source the binary carries with NVRTC, without a GPU
+    #[command(hide = true)]
+    Kernels(crate::kernels_cli::KernelsArgs),
     /// Generate text with a model: streams to stdout, timings on stderr
     Run(crate::run::RunArgs),
     /// Start the daemon (in the background, unless --foreground)
@@ -320,6 +323,10 @@ pub struct SynthArgs {
     /// Largest shard, in bytes (suffixes K, M, G)
     #[arg(long, default_value = "5G", value_parser = parse_size)]
     pub shard_size: u64,
+    /// Another attention head size than the preset's (even; e.g. 64 for
+    /// runtimes whose attention takes only some sizes)
+    #[arg(long)]
+    pub head_dim: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }

@@ -18,8 +18,8 @@ use crate::args::BenchArgs;
 use crate::commands::{model_name, Ctx};
 use anyhow::{anyhow, bail, Context, Result};
 use flash_load::{
-    execute, gpu::upload_pinned, load_to_gpu, load_to_host, HostSink, IoMode, LoadOptions,
-    LoadPlan, LoadStats, ModelSource, ScanSink,
+    default_threads, execute, load_to_gpu, load_to_host, HostSink, IoMode, LoadOptions, LoadPlan,
+    LoadStats, ModelSource, ScanSink,
 };
 use flash_sys::cuda::{self, Direction, Gpu};
 use flash_sys::os;
@@ -108,7 +108,19 @@ fn pick_device(s: &str) -> Result<Device> {
     }
 }
 
-fn disk_read(source: &ModelSource, opts: &LoadOptions) -> Result<(u64, Option<LoadStats>)> {
+/// The raw read of every file of the model: with the best pattern the last
+/// `flash doctor` found on this store when there is one, else O_DIRECT with
+/// the loader's options.
+fn disk_read(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    best: Option<&str>,
+) -> Result<(u64, Option<LoadStats>)> {
+    if let Some(p) = best {
+        let pattern: flash_load::ReadPattern = p.parse().map_err(anyhow::Error::msg)?;
+        let r = flash_load::disk::read_files(&source.files, None, &pattern)?;
+        return Ok((r.bytes, None));
+    }
     let plan = LoadPlan::whole_files(&source.files);
     let sink = ScanSink::new(opts.chunk_bytes, |_, bytes| {
         std::hint::black_box(bytes);
@@ -176,18 +188,82 @@ fn mmap_copy(source: &ModelSource, device: &Device) -> Result<(u64, Option<LoadS
     Ok((total, None))
 }
 
-/// The model in pinned host memory (untimed), then timed: one device
-/// allocation and the upload.
+/// The model's stored image in pinned host memory (untimed; the daemon's
+/// memory tier), then timed: one device allocation and the upload, which
+/// decodes a compressed model on the GPU as it lands.
 fn pinned_run(source: &ModelSource, opts: &LoadOptions, gpu: &Gpu) -> Result<(f64, u64)> {
     let plan = LoadPlan::new(source, None)?;
-    let mut host = gpu.pinned(plan.dest_len.max(1) as usize)?;
-    execute(&plan, &HostSink::new(&mut host), opts)?;
-    let stream = gpu.stream()?;
+    let mut host = gpu.pinned(plan.image_len.max(1) as usize)?;
+    execute(&plan.stored_image(), &HostSink::new(&mut host), opts)?;
+    let decoder = if plan.is_encoded() {
+        flash_load::gpu::gpu_decoder(gpu)
+    } else {
+        None
+    };
     let t = Instant::now();
     let mem = gpu.alloc(plan.dest_len.max(1) as usize)?;
-    let _host = upload_pinned(host, &mem, &stream, 64 << 20)?;
+    flash_load::gpu::upload_image(&plan, &host, &mem, decoder.as_ref())?;
     gpu.synchronize()?;
     Ok((t.elapsed().as_secs_f64(), plan.tensor_bytes()))
+}
+
+/// Decoding alone (a compressed model): the stored image in memory, decoded
+/// on one CPU core, on every core, and on the GPU in one launch; each row's
+/// rate counts decoded bytes.
+fn decode_rows(
+    source: &ModelSource,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<Vec<(String, f64, u64)>> {
+    let plan = LoadPlan::new(source, None)?;
+    anyhow::ensure!(
+        plan.is_encoded(),
+        "the decode scenario needs a compressed model (flash pull --compress)"
+    );
+    let mut image = flash_sys::os::AlignedBuf::new(plan.image_len.max(1) as usize)?;
+    execute(&plan.stored_image(), &HostSink::new(&mut image), opts)?;
+    let decoded_bytes: u64 = plan.encoded.iter().map(|t| t.length).sum();
+    let mut rows = Vec::new();
+    let mut out = vec![0u8; plan.dest_len as usize];
+    for threads in [1, default_threads()] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?;
+        // One core decodes the first GiB of compressed tensors (a whole 8B
+        // model would take a quarter minute); all cores decode everything.
+        let budget = if threads == 1 { 1 << 30 } else { u64::MAX };
+        let (mut bytes, mut seconds) = (0u64, 0.0);
+        for t in &plan.encoded {
+            if bytes >= budget {
+                break;
+            }
+            let range = t.dest_offset..t.dest_offset + t.length;
+            let dst = &mut out[range.start as usize..range.end as usize];
+            let clock = Instant::now();
+            pool.install(|| flash_load::decode::decode_range(&plan, &image, range, dst))?;
+            seconds += clock.elapsed().as_secs_f64();
+            bytes += t.length;
+        }
+        let name = match threads {
+            1 => "cpu-decode-1-core".to_string(),
+            n => format!("cpu-decode-{n}-cores"),
+        };
+        rows.push((name, seconds, bytes));
+    }
+    if let Device::Cuda(gpu) = device {
+        let decoder = flash_kernels::decode::GpuDecoder::load(
+            gpu,
+            flash_kernels::default_kernel_cache(None).as_deref(),
+        )?;
+        let mut times = flash_load::gpu::time_gpu_decode(&plan, &image, gpu, &decoder, 5)?;
+        times.sort_by(f64::total_cmp);
+        rows.push((
+            "gpu-decode".to_string(),
+            times[times.len() / 2],
+            decoded_bytes,
+        ));
+    }
+    Ok(rows)
 }
 
 /// Pinned host-to-device bandwidth, the limit of the pinned scenario.
@@ -278,14 +354,20 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
     };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
         "all" => all.to_vec(),
+        "decode" => vec!["decode"],
         s if all.contains(&s) => vec![s],
         other => bail!(
-            "unknown scenario {other:?} on {device_name} ({}, all)",
+            "unknown scenario {other:?} on {device_name} ({}, decode, all)",
             all.join(", ")
         ),
     };
     let target = resolve(ctx, &a)?;
     let source = ModelSource::open(&target.dir)?;
+    // The disk's limit and best read pattern from `flash doctor` on this store.
+    let doctor = ctx
+        .store()
+        .ok()
+        .and_then(|s| crate::doctor::saved_disk_limit(s.root()));
     let files: Vec<PathBuf> = source.files.iter().map(|f| f.path.clone()).collect();
     let defaults = LoadOptions::default();
     let mut opts = LoadOptions {
@@ -339,7 +421,7 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
         } else {
             let t = Instant::now();
             let (bytes, stats) = match loader {
-                "disk" => disk_read(&source, &opts)?,
+                "disk" => disk_read(&source, &opts, doctor.as_ref().and_then(|d| d.1.as_deref()))?,
                 "flash" => flash_run(&source, &opts, &device)?,
                 _ => mmap_copy(&source, &device)?,
             };
@@ -361,7 +443,25 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
         })
     };
     let mut rows: Vec<Measurement> = Vec::new();
-    for scenario in &scenarios {
+    if scenarios == ["decode"] {
+        for (loader, seconds, bytes) in decode_rows(&source, &opts, &device)? {
+            rows.push(Measurement {
+                loader,
+                model: target.label.clone(),
+                scenario: "decode".into(),
+                seconds,
+                gbps: bytes as f64 / seconds / 1e9,
+                bytes,
+                card: card.clone(),
+                device: device_name.clone(),
+                resident_before: 1.0,
+                stats: None,
+                limit_gbps: None,
+                rss_peak_bytes: None,
+            });
+        }
+    }
+    for scenario in scenarios.iter().filter(|s| **s != "decode") {
         let loaders: &[&str] = match *scenario {
             "cold" => &["disk", "flash", "mmap"],
             "warm" => &["flash", "mmap"],
@@ -378,8 +478,14 @@ pub fn run(ctx: &Ctx, a: BenchArgs) -> Result<ExitCode> {
             rows.extend(best);
         }
     }
-    // Each run against the limit of its stage.
-    let disk = rows.iter().find(|r| r.loader == "disk").map(|r| r.gbps);
+    // Each run against the limit of its stage: the disk's, measured in this
+    // run, else by the last `flash doctor` (decoded bytes of a compressed
+    // model can arrive faster than the disk reads their stored bytes).
+    let disk = rows
+        .iter()
+        .find(|r| r.loader == "disk")
+        .map(|r| r.gbps)
+        .or(doctor.as_ref().map(|d| d.0));
     let h2d = match (&device, scenarios.contains(&"pinned")) {
         (Device::Cuda(g), true) => Some(h2d_limit(g)?),
         _ => None,

@@ -301,7 +301,11 @@ pub fn export(ctx: &Ctx, model: &str, to: &Path, shard_size: u64) -> Result<Exit
 
 pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<ExitCode> {
     let arch: flash_synth::Arch = a.arch.parse()?;
-    let spec = flash_synth::spec(arch, &a.size)?;
+    let mut spec = flash_synth::spec(arch, &a.size)?;
+    if let Some(h) = a.head_dim {
+        spec.head_dim = h;
+        spec.validate()?;
+    }
     let dtype = match a.dtype.parse::<DtypeChoice>().map_err(anyhow::Error::msg)? {
         DtypeChoice::To(d) => d,
         DtypeChoice::Auto => flash_format::DType::BF16,

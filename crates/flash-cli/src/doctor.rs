@@ -8,20 +8,20 @@
 //!   memory and PCIe link; on GPU 0, how fast host memory is pinned, pinned
 //!   host↔device copies (1 GiB in 64 MiB pieces over 2 streams, best of 3),
 //!   a device-to-device copy and pageable host-to-device copies;
-//! - the store's disk: a scratch file of about 4 GiB written into the store
-//!   folder, evicted from the page cache and read back with O_DIRECT from 32
-//!   threads in 32 MiB pieces (a deep queue: what the load path uses), then
-//!   read again from the page cache; deleted after.
+//! - the store's disk (`flash_load::disk::probe_dir`): four scratch files of
+//!   1 GiB each written into the store folder, evicted from the page cache
+//!   and read back cold with each of the loader's candidate read patterns
+//!   (O_DIRECT or buffered, readers, request size, order, io_uring), twice,
+//!   the order rotated; the disk's limit is the fastest read, the best
+//!   pattern the one with the best median; then read again from the page
+//!   cache; deleted after. The report is also saved as `<store>/doctor.json`,
+//!   where `flash bench` takes the disk's limit from.
 //!
 //! Without a GPU the CPU and disk parts are still measured and the report says
 //! in one line why the GPU parts are missing. Every measurement that fails is
 //! reported, never fatal.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -36,8 +36,10 @@ const COPY_PIECE: usize = 64 << 20;
 const COPY_STREAMS: usize = 2;
 const REPEATS: usize = 3;
 const DISK_BYTES: u64 = 4 << 30;
-const DISK_PIECE: usize = 32 << 20;
-const DISK_THREADS: usize = 32;
+const DISK_FILES: usize = 4;
+const DISK_ROUNDS: usize = 2;
+/// The report of the last `flash doctor`, in the store's folder.
+pub const REPORT_FILE: &str = "doctor.json";
 
 /// Everything `flash doctor` found. Bandwidths are in GB/s (10^9 bytes per
 /// second); `None` where the measurement could not be made (see the
@@ -79,15 +81,19 @@ pub struct DoctorReport {
     pub h2d_pageable_gbps: Option<f64>,
 
     pub store_dir: PathBuf,
-    /// Size of the scratch file the disk was measured with.
+    /// Size of the scratch files the disk was measured with, together.
     pub disk_test_bytes: u64,
-    /// Whether the cold read used O_DIRECT (else buffered, after eviction).
+    /// Whether O_DIRECT was allowed (else buffered reads, after eviction).
     pub disk_direct_io: Option<bool>,
-    /// Page-cache residency of the scratch file after eviction (should be ~0).
+    /// Page-cache residency of the scratch files after eviction (should be ~0).
     pub disk_residency_after_evict: Option<f64>,
-    /// Cold read of the scratch file: DISK_THREADS threads, DISK_PIECE pieces (a deep queue).
+    /// The disk's read limit: the fastest cold read of any pattern.
     pub disk_read_gbps: Option<f64>,
-    /// The same read with the file in the page cache (buffered).
+    /// The pattern with the best median cold rate (`IO:ORDER:THREADSxREQUEST...`).
+    pub disk_best_pattern: Option<String>,
+    /// Every pattern probed, with its rate in each round.
+    pub disk_patterns: Vec<flash_load::disk::PatternRates>,
+    /// The same files read again from the page cache.
     pub page_cache_read_gbps: Option<f64>,
     pub disk_error: Option<String>,
 }
@@ -133,6 +139,7 @@ pub fn run(store_dir: &Path, json: bool) -> Result<()> {
         eprintln!("flash doctor: measuring GPU copies and the store's disk (about 30 s)...");
     }
     let report = collect(store_dir);
+    save(store_dir, &report);
     if json {
         println!(
             "{}",
@@ -142,6 +149,32 @@ pub fn run(store_dir: &Path, json: bool) -> Result<()> {
         print!("{}", render(&report));
     }
     Ok(())
+}
+
+/// Saves the report as `<store>/doctor.json` (written aside, then renamed;
+/// best effort: a read-only store still gets its report printed).
+fn save(store_dir: &Path, r: &DoctorReport) {
+    let path = store_dir.join(REPORT_FILE);
+    let tmp = store_dir.join(format!(".{REPORT_FILE}.{}", std::process::id()));
+    let written = serde_json::to_vec_pretty(r)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|_| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!("cannot save {}: {e}", path.display());
+    }
+}
+
+/// The disk limit and best pattern of the last `flash doctor` on this store.
+pub fn saved_disk_limit(store_dir: &Path) -> Option<(f64, Option<String>)> {
+    let bytes = std::fs::read(store_dir.join(REPORT_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let gbps = v.get("disk_read_gbps")?.as_f64()?;
+    let best = v
+        .get("disk_best_pattern")
+        .and_then(|p| p.as_str())
+        .map(str::to_string);
+    Some((gbps, best))
 }
 
 /// Builds the report (the measurements take some seconds).
@@ -181,6 +214,8 @@ fn collect_sized(store_dir: &Path, disk_bytes: u64) -> DoctorReport {
         disk_direct_io: None,
         disk_residency_after_evict: None,
         disk_read_gbps: None,
+        disk_best_pattern: None,
+        disk_patterns: Vec::new(),
         page_cache_read_gbps: None,
         disk_error: None,
     };
@@ -308,98 +343,34 @@ fn copy_checks(r: &mut DoctorReport, gpu: &Gpu) -> Result<()> {
 // Disk
 // ---------------------------------------------------------------------------
 
-/// Removes the scratch file however the check ends.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn disk_checks(r: &mut DoctorReport, store_dir: &Path, max_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(store_dir)
         .with_context(|| format!("creating {}", store_dir.display()))?;
-    let piece = DISK_PIECE as u64;
+    let unit = (DISK_FILES as u64) << 24; // 16 MiB per file at least
     let size = match free_space(store_dir) {
-        Some(free) => max_bytes.min(free / 4 / piece * piece),
-        None => max_bytes / piece * piece,
+        Some(free) => max_bytes.min(free / 4 / unit * unit),
+        None => max_bytes / unit * unit,
     };
     anyhow::ensure!(
-        size >= 4 * piece,
+        size >= unit,
         "too little free space in {} for a disk test",
         store_dir.display()
     );
-    r.disk_test_bytes = size;
-    let path = store_dir.join(format!(".flash-doctor-{}.tmp", std::process::id()));
-    let scratch = Scratch(path.clone());
-
-    // Write incompressible bytes, then make them durable.
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
-        let mut block = vec![0u8; DISK_PIECE];
-        for i in 0..size / piece {
-            fill_noise(&mut block, i + 7);
-            f.write_all(&block)
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        f.sync_all().context("fsync of the scratch file")?;
-    }
-
-    // Cold: evict, then read with O_DIRECT (or buffered when refused).
-    let file = File::open(&path)?;
-    os::evict_page_cache(&file).context("evicting the scratch file")?;
-    r.disk_residency_after_evict = os::page_cache_residency(&file).ok().map(round2);
-    let (cold_file, direct) = match os::open_direct(&path)? {
-        Some(f) => (f, true),
-        None => (File::open(&path)?, false),
-    };
-    r.disk_direct_io = Some(direct);
-    let secs = parallel_read(&cold_file, size).context("cold read")?;
-    r.disk_read_gbps = Some(gbps(size as usize, secs));
-
-    // Warm: fill the page cache (untimed), then read it again.
-    let warm_file = File::open(&path)?;
-    parallel_read(&warm_file, size).context("filling the page cache")?;
-    let secs = parallel_read(&warm_file, size).context("page-cache read")?;
-    r.page_cache_read_gbps = Some(gbps(size as usize, secs));
-    drop(scratch);
+    let probe = flash_load::disk::probe_dir(
+        store_dir,
+        size,
+        DISK_FILES,
+        &flash_load::disk::candidates(),
+        DISK_ROUNDS,
+    )?;
+    r.disk_test_bytes = probe.test_bytes;
+    r.disk_direct_io = Some(probe.direct_io);
+    r.disk_residency_after_evict = Some(round2(probe.residency_after_evict));
+    r.disk_read_gbps = Some(round2(probe.read_gbps));
+    r.disk_best_pattern = Some(probe.best_pattern);
+    r.disk_patterns = probe.patterns;
+    r.page_cache_read_gbps = Some(round2(probe.page_cache_gbps));
     Ok(())
-}
-
-/// Reads `[0, size)` of `file` (size a multiple of DISK_PIECE) from
-/// DISK_THREADS threads, each claiming the next piece; returns the seconds.
-fn parallel_read(file: &File, size: u64) -> Result<f64> {
-    let pieces = (size / DISK_PIECE as u64) as usize;
-    let next = AtomicUsize::new(0);
-    let t = Instant::now();
-    std::thread::scope(|s| -> Result<()> {
-        let workers: Vec<_> = (0..DISK_THREADS.min(pieces))
-            .map(|_| {
-                s.spawn(|| -> Result<()> {
-                    let mut buf = os::AlignedBuf::new(DISK_PIECE)?;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= pieces {
-                            return Ok(());
-                        }
-                        file.read_exact_at(&mut buf, (i * DISK_PIECE) as u64)
-                            .with_context(|| format!("reading piece {i}"))?;
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join()
-                .map_err(|_| anyhow::anyhow!("a reader thread panicked"))??;
-        }
-        Ok(())
-    })?;
-    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Available bytes on the file system of `dir`, from `df` (None if unknown).
@@ -564,18 +535,26 @@ pub fn render(r: &DoctorReport) -> String {
     }
     if r.disk_read_gbps.is_some() {
         let how = match r.disk_direct_io {
-            Some(true) => "O_DIRECT",
-            _ => "buffered, evicted",
+            Some(true) => "",
+            _ => ", no O_DIRECT: buffered after eviction",
         };
         row(
             "disk read",
             format!(
-                "{}  ({how}, {}, {DISK_THREADS} threads x {} MiB)",
+                "{}  (fastest cold read of {} in {} files{how}; best pattern {})",
                 opt_gbps(r.disk_read_gbps),
                 human_bytes(r.disk_test_bytes),
-                DISK_PIECE >> 20
+                DISK_FILES,
+                r.disk_best_pattern.as_deref().unwrap_or("-")
             ),
         );
+        for p in &r.disk_patterns {
+            let rates: Vec<String> = p.gbps.iter().map(|g| format!("{g:.2}")).collect();
+            row(
+                "  pattern",
+                format!("{:<34} {} GB/s", p.pattern, rates.join(" / ")),
+            );
+        }
         row("page cache read", opt_gbps(r.page_cache_read_gbps));
     }
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -607,18 +586,24 @@ mod tests {
     #[test]
     fn report_renders_and_serialises() {
         let dir = tempfile::tempdir().unwrap();
-        let r = collect_sized(dir.path(), 4 * DISK_PIECE as u64);
+        let r = collect_sized(dir.path(), 4 << 24);
         assert!(r.cpu_count >= 1);
         assert!(r.gpu_available || r.gpu_reason.is_some());
         let text = render(&r);
         assert!(text.contains("cpus"));
-        assert_eq!(
-            r.disk_test_bytes,
-            4 * DISK_PIECE as u64,
-            "{:?}",
-            r.disk_error
-        );
+        assert_eq!(r.disk_test_bytes, 4 << 24, "{:?}", r.disk_error);
         assert!(r.disk_read_gbps.is_some() && r.page_cache_read_gbps.is_some());
+        // Every candidate pattern was read in every round, and the limit is
+        // the fastest of them.
+        assert_eq!(r.disk_patterns.len(), flash_load::disk::candidates().len());
+        assert!(r.disk_patterns.iter().all(|p| p.gbps.len() == DISK_ROUNDS));
+        let fastest = r
+            .disk_patterns
+            .iter()
+            .flat_map(|p| p.gbps.iter().copied())
+            .fold(0.0, f64::max);
+        assert_eq!(r.disk_read_gbps, Some(round2(fastest)));
+        assert!(r.disk_best_pattern.is_some());
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert!(v.get("io_uring_allowed").is_some());
         // The scratch file is gone.

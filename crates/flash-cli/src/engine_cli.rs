@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use flash_engine::gpu::{compare_logits, GpuEngine, GpuOptions, LogitsAgreement};
 use flash_engine::{Backend, CpuModel, CpuOptions, ModelConfig};
+use flash_kernels::ops::{self, check::check_ops, Kernels};
 use flash_load::LoadOptions;
-use flash_sys::cuda::ops::{self, check::check_ops, Kernels};
 use flash_sys::cuda::{self, Gpu};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -96,7 +96,7 @@ pub(crate) fn gpu(ordinal: usize) -> Result<Gpu> {
 /// Where compiled kernels are cached: `$FLASH_KERNEL_CACHE`, else the
 /// store's `kernels` folder (the daemon's too, so a warm start hits it).
 pub(crate) fn kernel_cache(ctx: &Ctx) -> Option<PathBuf> {
-    ops::default_kernel_cache(Some(&ctx.home()))
+    flash_kernels::default_kernel_cache(Some(&ctx.home()))
 }
 
 /// The device-to-device bandwidth (bytes read + written per second), as

@@ -10,6 +10,7 @@ mod daemon;
 mod daemon_bench;
 mod doctor;
 mod engine_cli;
+mod kernels_cli;
 mod progress;
 mod run;
 mod run_remote;
@@ -102,6 +103,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::BenchEngine(a) => engine_cli::bench(&ctx, a),
         Command::EngineLogits(a) => engine_cli::logits(&ctx, a),
         Command::BenchIpc(a) => bench_ipc::run(a),
+        Command::Kernels(a) => kernels_cli::run(a),
         Command::Run(a) => run::run(&ctx, a),
         Command::Start(a) => daemon::start(&cli.storage, cli.verbose, a),
         Command::Stop { timeout } => daemon::stop(&cli.storage, timeout),

@@ -87,6 +87,60 @@ fn check_one(
     }
 }
 
+/// Copies a compressed model, flips a byte of a lane state of its first
+/// coded chunk (the stream can no longer end in the state it must) and
+/// loads it: the load must fail with an error naming that tensor and chunk.
+/// `Err` says what went wrong instead.
+fn check_corrupted(packed: &Path, copy: &Path, gpu: Option<&Gpu>) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(copy);
+    std::fs::create_dir_all(copy).map_err(|e| e.to_string())?;
+    for e in std::fs::read_dir(packed)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        std::fs::copy(e.path(), copy.join(e.file_name())).map_err(|e| e.to_string())?;
+    }
+    let m = Manifest::read(copy).map_err(|e| e.to_string())?;
+    let (t, chunk) = m
+        .tensors
+        .iter()
+        .find_map(|t| {
+            let e = t.encoding.as_ref()?;
+            let i = e
+                .chunks
+                .iter()
+                .position(|c| c.0 == flash_format::manifest::ChunkCodec::Rans)?;
+            Some((t, i))
+        })
+        .ok_or("the compressed model has no coded chunk")?;
+    let e = t.encoding.as_ref().expect("found above");
+    let at = t.offset + e.spans(t.length / (t.dtype.bits() / 8), t.dtype.bits() / 8)[chunk].0;
+    let path = copy.join(&m.files[t.file as usize].name);
+    let mut data = std::fs::read(&path).map_err(|e| e.to_string())?;
+    data[(at + 9) as usize] ^= 0x40;
+    std::fs::write(&path, &data).map_err(|e| e.to_string())?;
+    let source = ModelSource::open(copy).map_err(|e| e.to_string())?;
+    let opts = LoadOptions::default();
+    let result = match gpu {
+        None => load_to_host(&source, None, &opts).map(|_| ()),
+        Some(g) => load_to_gpu(&source, None, g, &opts, None).map(|_| ()),
+    };
+    let _ = std::fs::remove_dir_all(copy);
+    match result {
+        Err(flash_load::LoadError::Decode {
+            tensor, chunk: c, ..
+        }) if tensor == t.name && c as usize == chunk => Ok(()),
+        Err(e) => Err(format!(
+            "corrupted chunk {chunk} of {}: wrong error: {e}",
+            t.name
+        )),
+        Ok(()) => Err(format!(
+            "corrupted chunk {chunk} of {} loaded without an error",
+            t.name
+        )),
+    }
+}
+
 /// Loads through a device_map and checks every tensor where it landed.
 fn check_placed(
     dir: &Path,
@@ -163,11 +217,27 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool, engine_only: bool) -> R
         store.import(&src, &name, &ImportOptions::default())?;
         let flash_dir = store.existing(&name)?;
         let want = expected(&Manifest::read(&flash_dir)?);
+        // The same model stored compressed: decoded on the CPU for host
+        // loads, by the GPU decoder for GPU loads.
+        let packed: ModelName = format!("selftest/{label}-packed").parse()?;
+        store.import(
+            &src,
+            &packed,
+            &ImportOptions {
+                compress: true,
+                ..ImportOptions::default()
+            },
+        )?;
+        let packed_dir = store.existing(&packed)?;
         let chunk = if size == "tiny" { 8 << 10 } else { 8 << 20 };
         let devices: Vec<Option<&Gpu>> =
             std::iter::once(None).chain(gpus.iter().map(Some)).collect();
         for gpu in devices {
-            for (kind, dir) in [("flash", &flash_dir), ("safetensors", &src)] {
+            for (kind, dir) in [
+                ("flash", &flash_dir),
+                ("compressed", &packed_dir),
+                ("safetensors", &src),
+            ] {
                 for io in [IoMode::Direct, IoMode::Buffered] {
                     for subset in [false, true] {
                         let lopts = LoadOptions {
@@ -221,7 +291,26 @@ fn run_in(scratch: &Path, require_gpu: bool, json: bool, engine_only: bool) -> R
                 wrong,
             });
         }
+        // A corrupted compressed chunk is refused by name, by the GPU
+        // decoder as by the CPU one.
+        for gpu in std::iter::once(None).chain(gpus.iter().map(Some)) {
+            let t = Instant::now();
+            let outcome = check_corrupted(&packed_dir, &scratch.join("corrupt"), gpu);
+            checks.push(Check {
+                model: label.clone(),
+                device: gpu.map_or("cpu".into(), |g| format!("cuda:{}", g.ordinal())),
+                source: "corrupted".into(),
+                io: "auto".into(),
+                subset: false,
+                tensors: 1,
+                bytes: 0,
+                seconds: t.elapsed().as_secs_f64(),
+                ok: outcome.is_ok(),
+                wrong: outcome.err().into_iter().collect(),
+            });
+        }
         store.remove(&name)?;
+        store.remove(&packed)?;
         std::fs::remove_dir_all(&src).ok();
     }
     // The inference engine: ops vs. CPU, kernel cache, GPU vs. CPU forward.

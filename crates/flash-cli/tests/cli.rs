@@ -771,9 +771,18 @@ fn happy_path_synth_pull_list_info_verify_export_reimport_rm() {
         .iter()
         .map(|f| f["size"].as_u64().unwrap())
         .sum();
+    let tensor_bytes: u64 = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["length"].as_u64().unwrap())
+        .sum();
     assert_eq!(m["model_id"], "happy/tiny");
-    assert_eq!(m["size"].as_u64().unwrap(), data_bytes);
-    assert!(data_bytes > 0);
+    // `size` is the tensors' bytes; `stored_bytes` what the files take.
+    assert_eq!(m["size"].as_u64().unwrap(), tensor_bytes);
+    assert_eq!(m["stored_bytes"].as_u64().unwrap(), data_bytes);
+    assert_eq!(m["compressed"], false);
+    assert!(data_bytes >= tensor_bytes && tensor_bytes > 0);
     assert_eq!(m["dtype"], "BF16");
     assert_eq!(m["architecture"], "Qwen3ForCausalLM");
     assert_eq!(m["tensor_count"].as_u64().unwrap(), tensors);
@@ -1247,4 +1256,66 @@ fn bench_ipc_without_cuda_fails_cleanly() {
         &["bench-ipc needs a CUDA GPU", "FLASH_NO_CUDA"],
     );
     assert!(out.stdout.is_empty(), "no table without a GPU");
+}
+
+/// Compression end to end: the store's default (`flash config`), `pull
+/// --compress` / `--no-compress`, `info --json`, `list`, `verify`, and an
+/// export byte-identical to the plain model's.
+#[test]
+fn compressed_pull_info_verify_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let src = tmp.path().join("src");
+    ok(
+        "synth",
+        flash(&store, &["synth", "qwen3", "tiny", s(&src), "--seed", "3"]),
+    );
+    // The default is off; the store's setting changes it.
+    let cfg = json_out("config", flash(&store, &["config", "--json"]));
+    assert_eq!(cfg["compress"], false);
+    ok(
+        "config on",
+        flash(&store, &["config", "compress", "on"]),
+    );
+    assert_eq!(
+        json_out("config", flash(&store, &["config", "--json"]))["compress"],
+        true
+    );
+    assert_clean_error(
+        "bad value",
+        &flash(&store, &["config", "compress", "maybe"]),
+        &["compress", "maybe"],
+    );
+    ok("pull default", flash(&store, &["pull", "--from", s(&src), "--name", "z/by-default"]));
+    ok(
+        "pull plain",
+        flash(&store, &["pull", "--from", s(&src), "--name", "z/plain", "--no-compress"]),
+    );
+    ok(
+        "config off",
+        flash(&store, &["config", "compress", "off"]),
+    );
+    ok(
+        "pull packed",
+        flash(&store, &["pull", "--from", s(&src), "--name", "z/packed", "--compress"]),
+    );
+    let info = |m: &str| json_out("info", flash(&store, &["info", m, "--json"]));
+    let (packed, plain) = (info("z/packed"), info("z/plain"));
+    assert_eq!(packed["compressed"], true);
+    assert_eq!(info("z/by-default")["compressed"], true);
+    assert_eq!(plain["compressed"], false);
+    assert_eq!(packed["size"], plain["size"]);
+    assert!(packed["stored_bytes"].as_u64() < plain["stored_bytes"].as_u64());
+    let list = ok("list", flash(&store, &["list"]));
+    assert!(list.contains("RATIO") && list.contains("z/packed"), "{list}");
+    let v = json_out("verify", flash(&store, &["verify", "z/packed", "--json"]));
+    assert!(v["bad"].as_array().unwrap().is_empty(), "{v}");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok("export packed", flash(&store, &["export", "z/packed", "--to", s(&a)]));
+    ok("export plain", flash(&store, &["export", "z/plain", "--to", s(&b)]));
+    let shard = std::fs::read(a.join("model.safetensors")).unwrap();
+    assert_eq!(shard, std::fs::read(b.join("model.safetensors")).unwrap());
+    // The export pulls in again as the same model.
+    ok("pull export", flash(&store, &["pull", "--from", s(&a), "--name", "z/again"]));
+    assert_eq!(info("z/again")["size"], plain["size"]);
 }

@@ -28,7 +28,7 @@ use flash_client::{AUTH_HEADER, SESSION_HEADER, SOCKET_FILE, TOKEN_FILE};
 use flash_load::LoadOptions;
 use flash_store::{DtypeChoice, ImportOptions, ModelName, Store, StoreError};
 use flash_sys::cuda::{self, Cuda, DeviceMemory};
-use flash_tier::{ClientId, LeaseId, ModelId, Tier, TierError, Transfers};
+use flash_tier::{ClientId, LeaseId, ModelId, Tier, TierError};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -748,7 +748,7 @@ impl Flash for Service {
             out.image_bytes = d
                 .tiers
                 .transfers()
-                .image_bytes(&id)
+                .decoded_bytes(&id)
                 .map_err(|e| status_of(&e))?;
             if r.tensors {
                 out.tensors = tensors_of(&d, &id)?;
@@ -895,6 +895,8 @@ fn model_info(d: &Daemon, m: flash_store::ModelInfo, id: &ModelId) -> proto::Mod
         path: m.path.display().to_string(),
         tiers: d.tiers.locate(id).iter().map(|t| t.to_string()).collect(),
         tensors: Vec::new(),
+        stored_bytes: m.stored_bytes,
+        compressed: m.compressed,
     }
 }
 
@@ -1013,6 +1015,8 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
         aliases: report.aliases as u32,
         bytes: report.bytes,
         seconds: report.seconds,
+        tensor_bytes: report.tensor_bytes,
+        compressed: report.compressed,
     })
 }
 
@@ -1029,6 +1033,17 @@ fn acquire(
         return Err(Status::failed_precondition(
             "this daemon's memory tier cannot be shared (it has no memory tier): ask for a GPU tier, or use copy mode",
         ));
+    }
+    if tier == Tier::Memory
+        && d.tiers
+            .transfers()
+            .is_compressed(&id)
+            .map_err(|e| status_of(&e))?
+    {
+        return Err(Status::failed_precondition(format!(
+            "{id} is stored compressed: its memory-tier copy holds compressed bytes, which cannot be \
+             shared as tensors; ask for a GPU tier (decoded there), or use copy mode (the daemon decodes)"
+        )));
     }
     let tensors = if r.no_tensors {
         Vec::new()
@@ -1115,7 +1130,7 @@ fn fill(d: &Daemon, session: u64, r: proto::FillRequest) -> Result<proto::FillRe
     let image = d
         .tiers
         .transfers()
-        .image_bytes(&id)
+        .decoded_bytes(&id)
         .map_err(|e| status_of(&e))?;
     let mut cuda_devices = HashSet::new();
     for (i, g) in r.regions.iter().enumerate() {
@@ -1175,6 +1190,24 @@ fn fill(d: &Daemon, session: u64, r: proto::FillRequest) -> Result<proto::FillRe
         .tiers
         .acquire(&id, source, ClientId(session))
         .map_err(|e| status_of(&e))?;
+    // A compressed model's memory copy holds its stored bytes: regions of
+    // the decoded image are decoded from it.
+    let plan = d.tiers.transfers().plan(&id).map_err(|e| status_of(&e))?;
+    fn from_memory<'i>(
+        plan: &flash_load::LoadPlan,
+        id: &ModelId,
+        img: &'i [u8],
+        s: usize,
+        len: usize,
+    ) -> Result<std::borrow::Cow<'i, [u8]>, Status> {
+        if !plan.is_encoded() {
+            return Ok(std::borrow::Cow::Borrowed(&img[s..s + len]));
+        }
+        let mut out = vec![0u8; len];
+        flash_load::decode::decode_range(plan, img, s as u64..(s + len) as u64, &mut out)
+            .map_err(|e| Status::internal(format!("decoding {id}: {e}")))?;
+        Ok(std::borrow::Cow::Owned(out))
+    }
     let mut opened: HashMap<(u32, Vec<u8>), Opened> = HashMap::new();
     let mut total = 0u64;
     for (i, g) in r.regions.iter().enumerate() {
@@ -1198,7 +1231,7 @@ fn fill(d: &Daemon, session: u64, r: proto::FillRequest) -> Result<proto::FillRe
                         .map_err(|e| Status::internal(format!("writing {p}: {e}")))
                 };
                 if let Some(img) = lease.memory() {
-                    write(&img[s..s + len])?;
+                    write(&from_memory(&plan, &id, img, s, len)?)?;
                 } else if let Some(dev) = lease.gpu() {
                     let mut tmp = vec![0u8; len];
                     dev.copy_to_host(s, &mut tmp)
@@ -1236,8 +1269,11 @@ fn fill(d: &Daemon, session: u64, r: proto::FillRequest) -> Result<proto::FillRe
                 }
                 let dst = &opened[&key].mem;
                 if let Some(img) = lease.memory() {
-                    dst.copy_from_host(g.dst_offset as usize, &img[s..s + len])
-                        .map_err(|e| Status::internal(format!("region {i}: {e}")))?;
+                    dst.copy_from_host(
+                        g.dst_offset as usize,
+                        &from_memory(&plan, &id, img, s, len)?,
+                    )
+                    .map_err(|e| Status::internal(format!("region {i}: {e}")))?;
                 } else if let Some(dev) = lease.gpu() {
                     let stream = dev
                         .gpu()

@@ -21,12 +21,16 @@
 //! plan cache, held only to look up or insert (planning reads the model's
 //! manifest outside it).
 
+use flash_kernels::decode::GpuDecoder;
+use flash_load::gpu::{check_decode_status, decode_status, upload_image, GpuDecode};
 use flash_load::{execute, CudaSink, HostSink, LoadOptions, LoadPlan, ModelSource, TensorView};
 use flash_store::{ModelName, Store, StoreError};
 use flash_sys::cuda::{self, Cuda, CudaError, DeviceMemory, Gpu};
 use flash_sys::os::AlignedBuf;
 use flash_sys::shm::{HostPool, PoolSlice};
-use flash_tier::{GpuBuf, MemoryBuf, ModelId, TierBackend, TierError, TierManager, Transfers};
+use flash_tier::{
+    GpuBuf, MemoryBuf, ModelId, Tier, TierBackend, TierError, TierManager, Transfers,
+};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -223,6 +227,11 @@ pub struct StoreTransfers {
     store: Store,
     opts: LoadOptions,
     plans: Mutex<HashMap<ModelId, Arc<LoadPlan>>>,
+    /// The GPU decoder of compressed models, per GPU ordinal: loaded once
+    /// (from the kernel cache, or compiled) by [`StoreTransfers::decoder`],
+    /// which the daemon calls at start in the background; `None` inside
+    /// when it cannot be had (compressed models then decode on the CPU).
+    decoders: Mutex<HashMap<usize, Arc<std::sync::OnceLock<Option<GpuDecoder>>>>>,
 }
 
 impl fmt::Debug for StoreTransfers {
@@ -241,7 +250,33 @@ impl StoreTransfers {
             store,
             opts,
             plans: Mutex::new(HashMap::new()),
+            decoders: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The GPU decoder on `gpu`, loaded on first use.
+    pub fn decoder(&self, gpu: &Gpu) -> Arc<std::sync::OnceLock<Option<GpuDecoder>>> {
+        let cell = self
+            .decoders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(gpu.ordinal())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| {
+            let cache = flash_kernels::default_kernel_cache(Some(self.store.root()));
+            match GpuDecoder::load(gpu, cache.as_deref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(
+                        gpu = gpu.ordinal(),
+                        "no GPU decoder ({e}): compressed models decode on the CPU"
+                    );
+                    None
+                }
+            }
+        });
+        cell
     }
 
     pub fn store(&self) -> &Store {
@@ -266,10 +301,24 @@ impl StoreTransfers {
         Ok(plan)
     }
 
-    /// The tensors of `model` as they lie in its image, in every tier
-    /// (offsets from the start of the copy's buffer).
+    /// The tensors of `model` as they lie in its decoded image: a GPU
+    /// copy, or the memory copy of a model that is not compressed (a
+    /// compressed one keeps its stored bytes there; see
+    /// [`flash_load::decode::decode_range`]).
     pub fn tensors(&self, model: &ModelId) -> Result<Vec<TensorView>, TierError> {
         Ok(self.plan(model)?.tensors.clone())
+    }
+
+    /// Whether `model` is stored compressed (its memory copy then holds the
+    /// stored bytes, smaller than its decoded image).
+    pub fn is_compressed(&self, model: &ModelId) -> Result<bool, TierError> {
+        Ok(self.plan(model)?.is_encoded())
+    }
+
+    /// The bytes of the decoded image: the layout tensor views and copy-mode
+    /// regions refer to.
+    pub fn decoded_bytes(&self, model: &ModelId) -> Result<u64, TierError> {
+        Ok(self.plan(model)?.dest_len)
     }
 
     /// Drops the cached plan of `model` (after `rm` or a forced re-import).
@@ -340,16 +389,25 @@ impl Transfers for StoreTransfers {
     type Memory = HostMemory;
     type Gpu = GpuMemory;
 
-    fn image_bytes(&self, model: &ModelId) -> Result<u64, TierError> {
-        Ok(self.plan(model)?.dest_len)
+    fn image_bytes(&self, model: &ModelId, tier: Tier) -> Result<u64, TierError> {
+        let plan = self.plan(model)?;
+        Ok(match tier {
+            // A compressed model stays compressed in memory.
+            Tier::Memory => plan.image_len,
+            Tier::Gpu(_) | Tier::Disk => plan.dest_len,
+        })
     }
 
     fn disk_to_memory(&self, model: &ModelId, dst: &mut MemoryBuf<Self>) -> Result<(), TierError> {
         let plan = self.plan(model)?;
         test_delay();
-        fits("the host buffer", dst.len(), plan.dest_len)?;
-        let stats = execute(&plan, &HostSink::new(&mut dst[..]), &self.opts)
-            .map_err(|e| TierError::backend(e.to_string()))?;
+        fits("the host buffer", dst.len(), plan.image_len)?;
+        let stats = execute(
+            &plan.stored_image(),
+            &HostSink::new(&mut dst[..]),
+            &self.opts,
+        )
+        .map_err(|e| TierError::backend(e.to_string()))?;
         tracing::debug!(
             %model,
             bytes = stats.bytes_read,
@@ -366,12 +424,20 @@ impl Transfers for StoreTransfers {
         gpu: u16,
         dst: &mut GpuBuf<Self>,
     ) -> Result<(), TierError> {
-        fits("the device buffer", dst.len(), src.len() as u64)?;
-        // Synchronous: returns once the bytes are on the device, as the trait
-        // requires (`src` may be evicted right after). From pinned memory it
-        // runs at PCIe speed. It first waits for all work queued on the GPU
-        // (other loads' copies included).
-        dst.copy_from_host(0, &src[..])
+        let plan = self.plan(model)?;
+        fits("the device buffer", dst.len(), plan.dest_len)?;
+        // Returns once the bytes are on the device, as the trait requires
+        // (`src` may be evicted right after). From pinned memory it runs at
+        // PCIe speed; a compressed model is decoded on the GPU as it lands.
+        let decoder = match plan.is_encoded() {
+            true => Some(self.decoder(dst.gpu())),
+            false => None,
+        };
+        let decoder = decoder
+            .as_ref()
+            .and_then(|d| d.get())
+            .and_then(Option::as_ref);
+        upload_image(&plan, &src[..plan.image_len as usize], dst, decoder)
             .map_err(|e| TierError::backend(format!("upload to GPU {gpu}: {e}")))?;
         tracing::debug!(%model, gpu, bytes = src.len(), "memory -> gpu");
         Ok(())
@@ -389,9 +455,25 @@ impl Transfers for StoreTransfers {
         // A `StagingPool` pinned at start would keep pinning off this path,
         // but a pool shared by concurrent loads must be sized so that every
         // reader gets a buffer; left for the daemon's start-up code.
-        let sink = CudaSink::new(dst, self.opts.staging_bytes as usize);
+        let mut sink = CudaSink::new(dst, self.opts.staging_bytes as usize);
+        let cell = plan.is_encoded().then(|| self.decoder(dst.gpu()));
+        let decoder = cell.as_ref().and_then(|d| d.get()).and_then(Option::as_ref);
+        let status = match decoder {
+            Some(_) => Some(
+                decode_status(dst.gpu(), &plan)
+                    .map_err(|e| TierError::backend(format!("GPU {gpu}: {e}")))?,
+            ),
+            None => None,
+        };
+        if let (Some(decoder), Some(status)) = (decoder, &status) {
+            sink = sink.decoding_on_gpu(GpuDecode { decoder, status });
+        }
         let stats = execute(&plan, &sink, &self.opts)
             .map_err(|e| TierError::backend(format!("GPU {gpu}: {e}")))?;
+        if let Some(status) = &status {
+            check_decode_status(&plan, status)
+                .map_err(|e| TierError::backend(format!("GPU {gpu}: {e}")))?;
+        }
         tracing::debug!(
             %model,
             gpu,

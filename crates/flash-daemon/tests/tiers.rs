@@ -366,3 +366,51 @@ fn gpu_copies_hold_the_same_bytes_where_there_is_a_gpu() {
     drop(lease);
     tiers.check_invariants().unwrap();
 }
+
+/// A compressed model takes its stored size in the memory tier, and its copy
+/// there decodes to the bytes `load_to_host` gives.
+#[test]
+fn a_compressed_model_stays_compressed_in_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let store = Store::open(&root).unwrap();
+    let src = tmp.path().join("src");
+    synth(
+        &spec(Arch::Qwen3, "tiny").unwrap(),
+        &src,
+        &SynthOptions::default(),
+    )
+    .unwrap();
+    let name: ModelName = "test/packed".parse().unwrap();
+    store
+        .import(
+            &src,
+            &name,
+            &ImportOptions {
+                compress: true,
+                ..ImportOptions::default()
+            },
+        )
+        .unwrap();
+    let model = ModelId::new(name.to_string());
+    let tiers = cpu_tiers(&root, u64::MAX);
+    let plan = tiers.transfers().plan(&model).unwrap();
+    assert!(
+        plan.is_encoded(),
+        "the tiny model has tensors worth compressing"
+    );
+    assert!(plan.image_len < plan.dest_len);
+    let lease = tiers.acquire(&model, Tier::Memory, ClientId(1)).unwrap();
+    assert_eq!(
+        lease.bytes(),
+        plan.image_len,
+        "the budget counts stored bytes"
+    );
+    let mut decoded = vec![0u8; plan.dest_len as usize];
+    flash_load::decode::decode_image(&plan, lease.memory().unwrap(), &mut decoded).unwrap();
+    let want = reference(&root, &model);
+    for t in tiers.transfers().tensors(&model).unwrap() {
+        let got = &decoded[t.offset as usize..(t.offset + t.length) as usize];
+        assert!(got == want.bytes(&t), "tensor {} differs", t.name);
+    }
+}

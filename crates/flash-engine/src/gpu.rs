@@ -1,8 +1,8 @@
 //! The GPU backend: the decoder on bf16 weights used in place where the
-//! loader put them (one device allocation, no copy): flash-sys's fused
+//! loader put them (one device allocation, no copy): flash-kernels' fused
 //! matrix-vector kernels for the products of decode and of chunks of at most
 //! [`FUSED_MAX_TOKENS`] tokens ([`GpuOptions::fused_decode`]), cuBLAS for
-//! longer prefills, NVRTC kernels (flash-sys `cuda::ops`) for the rest.
+//! longer prefills, NVRTC kernels (flash-kernels `ops`) for the rest.
 //! cuBLAS is loaded while the weights stream in, or, with
 //! [`GpuOptions::blas_at_load`] off, by the first product that needs it: a
 //! cold `flash run` with a short prompt then never reads its ~600 MB of
@@ -37,11 +37,12 @@ use crate::error::EngineError;
 use crate::weights::ModelTensors;
 use crate::Result;
 use flash_format::DType;
-use flash_load::{load_to_gpu, GpuModel, LoadOptions, LoadStats, ModelSource, TensorView};
-use flash_sys::cuda::ops::{
-    attention_scratch_bytes, default_kernel_cache, AttnShape, DevView, GemvOut, GemvPart,
-    KernelInfo, Ops, OutType, MAX_HEAD_DIM,
+use flash_kernels::default_kernel_cache;
+use flash_kernels::ops::{
+    attention_scratch_bytes, AttnShape, DevView, GemvOut, GemvPart, KernelInfo, Ops, OutType,
+    MAX_HEAD_DIM,
 };
+use flash_load::{load_to_gpu, GpuModel, LoadOptions, LoadStats, ModelSource, TensorView};
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -68,7 +69,7 @@ pub struct GpuOptions {
     /// Most tokens of one forward chunk (prefill); activations are sized
     /// for it.
     pub batch_tokens: usize,
-    /// Where compiled kernels are cached; `None`: flash-sys's default
+    /// Where compiled kernels are cached; `None`: flash-kernels' default
     /// (`$FLASH_KERNEL_CACHE`, `$FLASH_HOME/kernels`, the user's cache).
     pub kernel_cache: Option<PathBuf>,
     /// Round as transformers' bf16 forward does: the residual stream kept
@@ -83,7 +84,7 @@ pub struct GpuOptions {
     /// and vLLM), returned as f32. Off (the default): f32 logits.
     pub bf16_logits: bool,
     /// Decode steps and chunks of at most [`FUSED_MAX_TOKENS`] tokens with
-    /// flash-sys's fused matrix-vector kernels (q/k/v in one launch,
+    /// flash-kernels' fused matrix-vector kernels (q/k/v in one launch,
     /// gate/up with the activation, residual adds in the o/down products)
     /// instead of cuBLAS. On by default; off for A/B comparisons (`flash
     /// bench-engine --no-fused-decode`). Ignored for weights the kernels

@@ -8,7 +8,6 @@
 //! stream ends where it should) and decoded into its place in the
 //! destination. Errors name the file, the tensor and the chunk.
 
-use crate::codec_ref as flash_codec;
 use crate::error::LoadError;
 use crate::plan::{Job, LoadPlan, PlannedChunk};
 use flash_format::manifest::{ChunkCodec, ElementLayout};
@@ -230,4 +229,80 @@ pub fn read_tensor(
             .map_err(|e| bad(e.to_string()))?;
     }
     Ok(out)
+}
+
+/// Decodes a whole stored image (laid out as
+/// [`LoadPlan::stored_image`](crate::LoadPlan::stored_image)) into the
+/// plan's destination layout on the CPU: verbatim ranges copied, chunks
+/// decoded in parallel.
+pub fn decode_image(plan: &LoadPlan, image: &[u8], out: &mut [u8]) -> Result<(), LoadError> {
+    decode_range(plan, image, 0..plan.dest_len, out)
+}
+
+/// The bytes `[range)` of the plan's destination layout, from a stored
+/// image, into `out` (`range`'s length): what a copy-mode fill or a CPU
+/// engine reads from a compressed model in the memory tier.
+pub fn decode_range(
+    plan: &LoadPlan,
+    image: &[u8],
+    range: std::ops::Range<u64>,
+    out: &mut [u8],
+) -> Result<(), LoadError> {
+    use rayon::prelude::*;
+    if out.len() as u64 != range.end.saturating_sub(range.start)
+        || (image.len() as u64) < plan.image_len
+    {
+        return Err(LoadError::Device(format!(
+            "decoding [{}, {}) into {} bytes from an image of {} (the plan's is {})",
+            range.start,
+            range.end,
+            out.len(),
+            image.len(),
+            plan.image_len
+        )));
+    }
+    let overlap = |start: u64, len: u64| {
+        let (a, b) = (start.max(range.start), (start + len).min(range.end));
+        (a < b).then_some((a, b))
+    };
+    for s in &plan.segments {
+        if let Some((a, b)) = overlap(s.dest_offset, s.len) {
+            let from = (s.image_offset + a - s.dest_offset) as usize;
+            out[(a - range.start) as usize..(b - range.start) as usize]
+                .copy_from_slice(&image[from..from + (b - a) as usize]);
+        }
+    }
+    // Chunks overlapping the range, decoded in parallel straight into their
+    // place in `out` (each gets its own disjoint slice); a chunk the range
+    // cuts is decoded into a buffer of its own and the overlap copied.
+    let mut wanted: Vec<&PlannedChunk> = plan
+        .chunks
+        .iter()
+        .filter(|c| overlap(c.dest_offset, c.decoded_len).is_some())
+        .collect();
+    wanted.sort_by_key(|c| c.dest_offset);
+    let mut pieces: Vec<(&PlannedChunk, u64, &mut [u8])> = Vec::with_capacity(wanted.len());
+    let (mut rest, mut rest_at) = (out, range.start);
+    for c in wanted {
+        let (a, b) = overlap(c.dest_offset, c.decoded_len).expect("chosen for it");
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((a - rest_at) as usize);
+        let (piece, tail) = tail.split_at_mut((b - a) as usize);
+        pieces.push((c, a, piece));
+        (rest, rest_at) = (tail, b);
+    }
+    pieces.into_par_iter().try_for_each(|(c, a, piece)| {
+        let at = c.image_offset as usize;
+        let stored = image
+            .get(at..at + c.stored_len as usize)
+            .ok_or_else(|| chunk_error(plan, c, "its stored bytes lie outside the image"))?;
+        if piece.len() as u64 == c.decoded_len {
+            return decode_chunk(plan, c, stored, piece);
+        }
+        let mut whole = vec![0u8; c.decoded_len as usize];
+        decode_chunk(plan, c, stored, &mut whole)?;
+        let from = (a - c.dest_offset) as usize;
+        piece.copy_from_slice(&whole[from..from + piece.len()]);
+        Ok(())
+    })?;
+    Ok(())
 }

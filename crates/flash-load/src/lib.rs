@@ -9,7 +9,6 @@
 //!    to a [`Sink`]: [`HostSink`] (host memory, in place), [`ScanSink`]
 //!    (streamed to a function) or [`CudaSink`] (pinned staging, async copies).
 
-pub mod codec_ref;
 pub mod decode;
 pub mod disk;
 pub mod error;

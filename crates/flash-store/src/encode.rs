@@ -12,7 +12,6 @@ use crate::error::{Result, StoreError};
 use flash_format::manifest::{ChunkCodec, ElementLayout};
 use flash_format::writer::DataWriter;
 use flash_format::DType;
-use flash_load::codec_ref as flash_codec;
 use rayon::prelude::*;
 
 /// Smaller tensors are written verbatim: a chunk's header and table would

@@ -168,6 +168,36 @@ fn compressed_models_load_verify_and_export_exactly() {
     assert_eq!(model.tensors().len(), 2);
     assert_eq!(model.get("lm_head.weight").unwrap().1, &tensors[0].1[..]);
 
+    // The memory tier's way: the stored image (compressed bytes as stored),
+    // decoded later, whole or in ranges, gives the same bytes.
+    let plan = flash_load::LoadPlan::new(&source, None).unwrap();
+    let stored = plan.stored_image();
+    assert!(
+        plan.image_len < plan.dest_len,
+        "{} vs {}",
+        plan.image_len,
+        plan.dest_len
+    );
+    let mut image = vec![0u8; stored.dest_len as usize];
+    flash_load::execute(&stored, &flash_load::HostSink::new(&mut image), &opts()).unwrap();
+    let mut decoded = vec![0u8; plan.dest_len as usize];
+    flash_load::decode::decode_image(&plan, &image, &mut decoded).unwrap();
+    for (s, bytes) in &tensors {
+        let t = plan.tensors.iter().find(|t| t.name == s.name).unwrap();
+        let got = &decoded[t.offset as usize..(t.offset + t.length) as usize];
+        assert_eq!(got, bytes.as_slice(), "{}", s.name);
+    }
+    // A range cutting chunks in the middle.
+    let t = plan
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.embed_tokens.weight")
+        .unwrap();
+    let (a, b) = (t.offset + 100_001, t.offset + 400_003);
+    let mut part = vec![0u8; (b - a) as usize];
+    flash_load::decode::decode_range(&plan, &image, a..b, &mut part).unwrap();
+    assert_eq!(part, &tensors[0].1[100_001..400_003]);
+
     // Importing the compressed folder again (uncompressed) decodes it.
     let again = store
         .import(

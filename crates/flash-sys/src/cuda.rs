@@ -42,9 +42,15 @@
 //! Synchronous copies ([`DeviceMemory::copy_to_host`], [`DeviceMemory::copy_from_host`],
 //! [`DeviceMemory::fill`]) first wait for all work queued on the GPU, so they
 //! see the results of earlier asynchronous copies on any stream.
+//!
+//! # For crates that launch work on the GPU
+//! The GPU kernels (NVRTC, cuBLAS, the inference engine's ops) live in
+//! flash-kernels, which makes its own driver calls in one module. What it
+//! needs from here is exposed narrowly: [`Stream::cu_stream`] (the raw
+//! stream to queue work on), [`Gpu::driver_has_symbol`] (entry points beyond
+//! the ones [`probe`] checks), [`During`] (a driver error with what was being
+//! done) and [`check_range`] (the bounds check every copy here uses).
 
-/// The inference engine's GPU operations (NVRTC kernels, cuBLAS).
-pub mod ops;
 /// Device memory through the VMM API, shared as POSIX descriptors (`flash bench-ipc`).
 pub mod vmm;
 
@@ -132,8 +138,14 @@ impl CudaError {
     }
 }
 
-trait During<T> {
+/// Turns a failed driver call into a [`CudaError::Driver`] that says what
+/// was being done (`"cuModuleLoadData"`, `"launching rmsnorm_f32"`), with the
+/// CUDA error's name and description. For this crate and for crates that
+/// make their own driver calls through cudarc (flash-kernels).
+pub trait During<T> {
+    /// The error names `what`.
     fn during(self, what: &str) -> Result<T, CudaError>;
+    /// The error names `what()`, built only on failure.
     fn during_with(self, what: impl FnOnce() -> String) -> Result<T, CudaError>;
 }
 
@@ -210,7 +222,11 @@ unsafe fn download_sync(
     .during_with(|| format!("cuMemcpyDtoH of {} bytes from {what}", dst.len()))
 }
 
-fn check_range(what: &str, offset: usize, len: usize, total: usize) -> Result<(), CudaError> {
+/// Refuses (with [`CudaError::Usage`] naming `what`) a range
+/// `[offset, offset + len)` that does not lie inside `total` bytes, overflow
+/// included. The check of every copy here; public for views into device
+/// memory built elsewhere (flash-kernels' `DevView`).
+pub fn check_range(what: &str, offset: usize, len: usize, total: usize) -> Result<(), CudaError> {
     match offset.checked_add(len) {
         Some(end) if end <= total => Ok(()),
         _ => Err(CudaError::Usage(format!(
@@ -474,6 +490,16 @@ impl Eq for Gpu {}
 impl Gpu {
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
+    }
+
+    /// Whether the loaded driver library has the entry point `name`
+    /// (`"cuFuncGetParamInfo"`), for callers of driver functions beyond the
+    /// ones [`probe`] requires: cudarc panics when a missing one is called,
+    /// so check first. Only looks the symbol up.
+    pub fn driver_has_symbol(&self, name: &str) -> bool {
+        // A Gpu exists only after probe() found the library and its
+        // required symbols, which is has_symbol's precondition.
+        has_symbol(name)
     }
 
     /// Makes this GPU's primary context current on the calling thread. Every
@@ -839,9 +865,54 @@ impl Stream {
         self.inner.cu_stream()
     }
 
+    /// The raw `CUstream`, for crates that queue work on this stream with
+    /// their own driver or library calls (flash-kernels: kernel launches,
+    /// cuBLAS). Valid while `self` or a clone of it lives; the stream belongs
+    /// to [`Stream::gpu`]'s context and must never be destroyed by the
+    /// caller. Getting it is safe; using it is the caller's `unsafe`.
+    pub fn cu_stream(&self) -> sys::CUstream {
+        self.raw()
+    }
+
     /// Waits until all work queued on this stream has completed.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.inner.synchronize().during("cuStreamSynchronize")
+    }
+
+    /// Uploads from borrowed host memory, queued on this stream without
+    /// waiting for each: `f` queues them with [`Uploads::copy`], and this
+    /// returns only once the stream has finished every queued copy (also
+    /// when `f` fails or panics), so the host memory, borrowed for the whole
+    /// call, outlives them. From pinned memory (the daemon's host pool) the
+    /// copies run at PCIe speed while kernels run on other streams.
+    pub fn scoped_uploads<'env, R>(
+        &self,
+        f: impl for<'scope> FnOnce(&'scope Uploads<'scope, 'env>) -> Result<R, CudaError>,
+    ) -> Result<R, CudaError> {
+        /// Waits for the stream however the scope ends.
+        struct Drain<'a>(&'a Stream);
+        impl Drop for Drain<'_> {
+            fn drop(&mut self) {
+                if self.0.synchronize().is_err() && self.0.gpu.synchronize().is_err() {
+                    // Neither the stream nor the context can say whether the
+                    // DMA engine still reads memory this scope borrowed:
+                    // returning would let it be reused under the copy.
+                    eprintln!(
+                        "flash: the CUDA context failed with uploads in flight from borrowed memory; aborting"
+                    );
+                    std::process::abort();
+                }
+            }
+        }
+        let uploads = Uploads {
+            stream: self,
+            _env: std::marker::PhantomData,
+        };
+        let drain = Drain(self);
+        let r = f(&uploads);
+        drop(drain);
+        let synced = self.synchronize();
+        r.and_then(|v| synced.map(|_| v))
     }
 
     /// Makes later work on this stream wait for `event` (on the GPU; the CPU
@@ -857,6 +928,49 @@ impl Stream {
             )
         }
         .during("cuStreamWaitEvent")
+    }
+}
+
+/// Copies queued by [`Stream::scoped_uploads`]: host memory borrowed for
+/// `'env`, which outlives the scope that waits for them.
+pub struct Uploads<'scope, 'env> {
+    stream: &'scope Stream,
+    /// Invariant in `'env`: only memory borrowed from outside the scope.
+    _env: std::marker::PhantomData<fn(&'env ()) -> &'env ()>,
+}
+
+impl<'env> Uploads<'_, 'env> {
+    /// Queues the upload of `src` to `dst[dst_offset..]`.
+    pub fn copy(
+        &self,
+        src: &'env [u8],
+        dst: &DeviceMemory,
+        dst_offset: usize,
+    ) -> Result<(), CudaError> {
+        check_range("upload destination", dst_offset, src.len(), dst.len)?;
+        if dst.gpu != self.stream.gpu {
+            return Err(CudaError::Usage(
+                "an upload to memory of another GPU than its stream's".into(),
+            ));
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.stream.gpu.bind_to_thread()?;
+        // SAFETY: the destination lies in a live allocation (checked), kept
+        // until the GPU is idle (DeviceMemory's drop synchronises); `src` is
+        // borrowed for `'env`, longer than the scope, which waits for the
+        // stream before it returns (or aborts if it cannot know).
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                dst.ptr + dst_offset as u64,
+                src.as_ptr() as *const c_void,
+                src.len(),
+                self.stream.raw(),
+            )
+        }
+        .result()
+        .during_with(|| format!("cuMemcpyHtoDAsync of {} bytes", src.len()))
     }
 }
 

@@ -1,12 +1,18 @@
-//! The one crate with `unsafe` code: everything that talks to CUDA or asks the
-//! operating system for more than `std` offers.
+//! The `unsafe` code that talks to the operating system and the CUDA driver:
+//! everything that asks the OS for more than `std` offers, and the driver's
+//! contexts, memory, streams, events, pinned memory, IPC and VMM. The GPU
+//! kernels (NVRTC, cuBLAS, the inference engine's ops) are flash-kernels',
+//! whose own `unsafe` is confined to one module; this crate knows nothing
+//! about models or kernels.
 //!
 //! - [`os`]: memory aligned for O_DIRECT, O_DIRECT opens, page-cache residency
 //!   (`mincore`) and eviction (`posix_fadvise`), io_uring availability.
 //! - [`uring`]: many reads of one file in flight from one thread (io_uring,
 //!   registered buffers), for the disk probe.
 //! - [`cuda`]: the CUDA driver, loaded at run time through cudarc. A machine
-//!   without a driver gets [`cuda::probe`] returning why, never a panic.
+//!   without a driver gets [`cuda::probe`] returning why, never a panic. The
+//!   few handles flash-kernels needs to queue its own work (the raw stream,
+//!   symbol checks, the error helper) are documented there.
 //! - [`shm`]: the daemon's host pool (shared memory, pinned once), clients'
 //!   maps of it, the daemon's lock file and signals.
 //!

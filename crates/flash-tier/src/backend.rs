@@ -2,7 +2,7 @@
 //! the byte movers between tiers ([`Transfers`]).
 
 use crate::error::TierError;
-use crate::types::ModelId;
+use crate::types::{ModelId, Tier};
 
 /// Allocates model images in one tier. One value per tier: a host-memory
 /// backend (a pinned pool on GPU machines, aligned memory elsewhere) and one
@@ -46,9 +46,11 @@ pub trait Transfers: Send + Sync + 'static {
     type Memory: TierBackend;
     type Gpu: TierBackend;
 
-    /// The size of the model's image, the same in every tier (the `dest_len`
-    /// of its load plan). Called once per miss, before anything is reserved.
-    fn image_bytes(&self, model: &ModelId) -> Result<u64, TierError>;
+    /// The size of the model's image in `tier`: what its buffer there holds
+    /// (a compressed model is smaller in the memory tier, which keeps its
+    /// stored bytes, than on a GPU, which holds it decoded). Called once per
+    /// miss, before anything is reserved.
+    fn image_bytes(&self, model: &ModelId, tier: Tier) -> Result<u64, TierError>;
 
     /// Fills `dst` with the model read from the store.
     fn disk_to_memory(&self, model: &ModelId, dst: &mut MemoryBuf<Self>) -> Result<(), TierError>;

@@ -137,7 +137,7 @@
 //! impl Transfers for Store {
 //!     type Memory = Heap;
 //!     type Gpu = Heap; // a CPU device standing in for a GPU
-//!     fn image_bytes(&self, _: &ModelId) -> Result<u64, TierError> {
+//!     fn image_bytes(&self, _: &ModelId, _: Tier) -> Result<u64, TierError> {
 //!         Ok(4096)
 //!     }
 //!     fn disk_to_memory(&self, _: &ModelId, dst: &mut Vec<u8>) -> Result<(), TierError> {

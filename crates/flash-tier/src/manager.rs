@@ -803,13 +803,15 @@ impl<X: Transfers> Shared<X> {
             }
             let Some(bytes) = size else {
                 drop(st);
-                let r = panic::catch_unwind(AssertUnwindSafe(|| self.transfers.image_bytes(model)))
-                    .unwrap_or_else(|p| {
-                        Err(TierError::model(
-                            model,
-                            format!("sizing panicked: {}", panic_message(&*p)),
-                        ))
-                    });
+                let r = panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.transfers.image_bytes(model, tier)
+                }))
+                .unwrap_or_else(|p| {
+                    Err(TierError::model(
+                        model,
+                        format!("sizing panicked: {}", panic_message(&*p)),
+                    ))
+                });
                 st = self.lock();
                 match r {
                     Ok(b) => {

@@ -203,7 +203,7 @@ impl Transfers for FakeTransfers {
     type Memory = FakeBackend;
     type Gpu = FakeBackend;
 
-    fn image_bytes(&self, model: &ModelId) -> Result<u64, TierError> {
+    fn image_bytes(&self, model: &ModelId, _tier: Tier) -> Result<u64, TierError> {
         self.sizes
             .lock()
             .unwrap()

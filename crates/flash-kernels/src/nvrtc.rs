@@ -8,75 +8,14 @@
 //! written to a temporary name and renamed, and carry a checksum of their
 //! payload, so a torn or corrupt file is recompiled, never loaded.
 
-use super::super::CudaError;
-use cudarc::nvrtc::sys;
-use std::ffi::{c_char, c_int, CStr, CString};
+use crate::ffi;
+use flash_sys::cuda::CudaError;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::Instant;
-
-/// Every NVRTC entry point this module calls (cudarc panics on a missing
-/// symbol, so they are checked before the first call).
-const NVRTC_SYMBOLS: &[&str] = &[
-    "nvrtcVersion",
-    "nvrtcGetErrorString",
-    "nvrtcCreateProgram",
-    "nvrtcCompileProgram",
-    "nvrtcGetProgramLogSize",
-    "nvrtcGetProgramLog",
-    "nvrtcGetCUBINSize",
-    "nvrtcGetCUBIN",
-    "nvrtcGetPTXSize",
-    "nvrtcGetPTX",
-    "nvrtcDestroyProgram",
-    "nvrtcGetNumSupportedArchs",
-    "nvrtcGetSupportedArchs",
-];
 
 /// Whether NVRTC can be used, and its version; checked once per process.
 pub fn nvrtc_version() -> Result<(i32, i32), CudaError> {
-    static V: OnceLock<Result<(i32, i32), String>> = OnceLock::new();
-    V.get_or_init(|| {
-        // SAFETY: only dlopens the candidate library names and closes them.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(
-                "NVRTC (libnvrtc.so) cannot be loaded: install the CUDA runtime \
-                        compiler library (it ships with the CUDA toolkit and PyTorch wheels)"
-                    .to_string(),
-            );
-        }
-        let missing: Vec<&str> = NVRTC_SYMBOLS
-            .iter()
-            .copied()
-            // SAFETY: the library is present; `get` only looks the symbol up.
-            .filter(|s| unsafe { sys::culib().get::<*const ()>(s.as_bytes()).is_err() })
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!("libnvrtc lacks {}", missing.join(", ")));
-        }
-        let (mut major, mut minor) = (0 as c_int, 0 as c_int);
-        // SAFETY: writes two ints through valid pointers.
-        let r = unsafe { sys::nvrtcVersion(&mut major, &mut minor) };
-        if r != sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(format!("nvrtcVersion failed: {r:?}"));
-        }
-        Ok((major, minor))
-    })
-    .clone()
-    .map_err(CudaError::Usage)
-}
-
-fn nvrtc_err(r: sys::nvrtcResult, what: &str) -> CudaError {
-    // SAFETY: nvrtcGetErrorString returns a static NUL-terminated string (or null).
-    let s = unsafe {
-        let p = sys::nvrtcGetErrorString(r);
-        if p.is_null() {
-            format!("{r:?}")
-        } else {
-            CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    CudaError::Usage(format!("{what}: {s}"))
+    ffi::nvrtc_version()
 }
 
 /// What the driver loads: a cubin for the GPU's own architecture, or PTX
@@ -104,7 +43,7 @@ pub struct KernelImage {
 }
 
 /// FNV-1a, 64 bits: a stable hash for cache keys and the file checksum.
-pub(crate) fn fnv1a(parts: &[&[u8]]) -> u64 {
+fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for &b in *p {
@@ -160,21 +99,8 @@ fn decode(file: &[u8]) -> Option<(ImageKind, (i32, i32), &[u8])> {
 /// The architecture to compile for: the GPU's own (cubin) when NVRTC knows
 /// it, else PTX for the newest architecture NVRTC knows below it.
 fn pick_arch(cc: (u32, u32)) -> Result<(ImageKind, String), CudaError> {
-    let want = (cc.0 * 10 + cc.1) as c_int;
-    let mut n: c_int = 0;
-    // SAFETY: writes one int through a valid pointer.
-    let r = unsafe { sys::nvrtcGetNumSupportedArchs(&mut n) };
-    if r != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(nvrtc_err(r, "nvrtcGetNumSupportedArchs"));
-    }
-    let mut archs = vec![0 as c_int; n.max(0) as usize];
-    if !archs.is_empty() {
-        // SAFETY: archs has room for the n ints NVRTC writes.
-        let r = unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) };
-        if r != sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(nvrtc_err(r, "nvrtcGetSupportedArchs"));
-        }
-    }
+    let want = (cc.0 * 10 + cc.1) as i32;
+    let archs = ffi::nvrtc_supported_archs()?;
     if archs.contains(&want) {
         return Ok((ImageKind::Cubin, format!("sm_{want}")));
     }
@@ -186,8 +112,10 @@ fn pick_arch(cc: (u32, u32)) -> Result<(ImageKind, String), CudaError> {
     }
 }
 
-/// Compiles `src` with NVRTC.
-fn compile(
+/// Compiles `src` (named `name` in NVRTC's messages) with `opts` for a GPU
+/// of compute capability `cc`: a cubin for that architecture when NVRTC
+/// knows it, else PTX (see [`ImageKind`]). Needs NVRTC, not a GPU.
+pub fn compile(
     src: &str,
     name: &str,
     opts: &[&str],
@@ -195,84 +123,8 @@ fn compile(
 ) -> Result<(ImageKind, String, Vec<u8>), CudaError> {
     nvrtc_version()?;
     let (kind, arch) = pick_arch(cc)?;
-    let c_src =
-        CString::new(src).map_err(|_| CudaError::Usage("kernel source has a NUL".into()))?;
-    let c_name =
-        CString::new(name).map_err(|_| CudaError::Usage("kernel name has a NUL".into()))?;
-    let mut all: Vec<CString> = vec![CString::new(format!("--gpu-architecture={arch}"))
-        .map_err(|_| CudaError::Usage("bad option".into()))?];
-    for o in opts {
-        all.push(CString::new(*o).map_err(|_| CudaError::Usage(format!("bad option {o}")))?);
-    }
-    let ptrs: Vec<*const c_char> = all.iter().map(|c| c.as_ptr()).collect();
-    let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
-    // SAFETY: the strings are NUL-terminated and outlive the call; no headers.
-    let r = unsafe {
-        sys::nvrtcCreateProgram(
-            &mut prog,
-            c_src.as_ptr(),
-            c_name.as_ptr(),
-            0,
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    if r != sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(nvrtc_err(r, "nvrtcCreateProgram"));
-    }
-    let out = compile_program(prog, &ptrs, kind, &arch);
-    // SAFETY: prog is a live program, destroyed exactly once here.
-    unsafe { sys::nvrtcDestroyProgram(&mut prog) };
-    out.map(|bytes| (kind, arch, bytes))
-}
-
-fn compile_program(
-    prog: sys::nvrtcProgram,
-    opts: &[*const c_char],
-    kind: ImageKind,
-    arch: &str,
-) -> Result<Vec<u8>, CudaError> {
-    // SAFETY: prog is live; opts points at NUL-terminated strings alive for the call.
-    let r = unsafe { sys::nvrtcCompileProgram(prog, opts.len() as c_int, opts.as_ptr()) };
-    if r != sys::nvrtcResult::NVRTC_SUCCESS {
-        let mut n = 0usize;
-        // SAFETY: prog is live; writes one size.
-        unsafe { sys::nvrtcGetProgramLogSize(prog, &mut n) };
-        let mut log = vec![0u8; n.max(1)];
-        // SAFETY: log has room for the n bytes NVRTC writes.
-        unsafe { sys::nvrtcGetProgramLog(prog, log.as_mut_ptr() as *mut c_char) };
-        let log = String::from_utf8_lossy(&log)
-            .trim_end_matches('\0')
-            .to_string();
-        return Err(CudaError::Usage(format!(
-            "NVRTC could not compile the engine's kernels for {arch}: {}\n{log}",
-            nvrtc_err(r, "nvrtcCompileProgram")
-        )));
-    }
-    let mut n = 0usize;
-    // SAFETY: prog is live and compiled; each call writes one size or fills
-    // a buffer of exactly that size.
-    unsafe {
-        let r = match kind {
-            ImageKind::Cubin => sys::nvrtcGetCUBINSize(prog, &mut n),
-            ImageKind::Ptx => sys::nvrtcGetPTXSize(prog, &mut n),
-        };
-        if r != sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(nvrtc_err(r, "reading the compiled image's size"));
-        }
-        let mut bytes = vec![0u8; n];
-        let r = match kind {
-            ImageKind::Cubin => sys::nvrtcGetCUBIN(prog, bytes.as_mut_ptr() as *mut c_char),
-            ImageKind::Ptx => sys::nvrtcGetPTX(prog, bytes.as_mut_ptr() as *mut c_char),
-        };
-        if r != sys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(nvrtc_err(r, "reading the compiled image"));
-        }
-        if bytes.is_empty() {
-            return Err(CudaError::Usage("NVRTC produced an empty image".into()));
-        }
-        Ok(bytes)
-    }
+    let bytes = ffi::nvrtc_compile(src, name, &arch, opts, kind == ImageKind::Ptx)?;
+    Ok((kind, arch, bytes))
 }
 
 /// The cache file of `src` compiled with `opts` for compute capability `cc`.
@@ -299,11 +151,16 @@ pub fn image(
     if let Some(p) = &path {
         if let Ok(file) = std::fs::read(p) {
             if let Some((kind, version, payload)) = decode(&file) {
-                // An NVRTC that is present and differs invalidates the file.
-                let same = match nvrtc_version() {
-                    Ok(v) => v == version,
-                    Err(_) => true,
-                };
+                // A cubin is machine code for this architecture, valid
+                // whatever NVRTC made it: a hit never loads NVRTC (its
+                // libraries are ~100 MB, read from disk on a cold start).
+                // PTX is JIT-compiled by the driver from a version NVRTC
+                // chose: an NVRTC that is present and differs recompiles.
+                let same = kind == ImageKind::Cubin
+                    || match nvrtc_version() {
+                        Ok(v) => v == version,
+                        Err(_) => true,
+                    };
                 if same {
                     let arch = match kind {
                         ImageKind::Cubin => format!("sm_{}{}", cc.0, cc.1),
@@ -398,6 +255,16 @@ mod tests {
         assert_ne!(a, cache_path(d, "k", "src", &["-O2"], (9, 0)));
         assert_ne!(a, cache_path(d, "k", "src", &["-O3"], (8, 0)));
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    /// The key and the file name are what flash-sys wrote before the
+    /// kernels moved here: a warm cache from then still hits.
+    #[test]
+    fn cache_file_names_are_stable() {
+        assert_eq!(
+            cache_path(Path::new("/c"), "k", "src", &["-O3"], (9, 0)),
+            Path::new("/c/k-sm90-de4cd0a44c7d9016.bin")
+        );
     }
 
     #[test]

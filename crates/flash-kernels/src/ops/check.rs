@@ -1,12 +1,13 @@
 //! Every op against a CPU computation on random inputs: what `flash
-//! selftest` runs on a GPU machine (which has no Rust toolchain). The CPU
-//! side is written from the op's definition (f64 sums), not from the kernel,
-//! and rounds to bf16 where the op's output is bf16.
+//! selftest` runs on a GPU machine (which has no Rust toolchain), through
+//! [`check_ops`]. The CPU side is written from the op's definition (f64
+//! sums), not from the kernel, and rounds to bf16 where the op's output is
+//! bf16.
 
 use super::{
     attention_scratch_bytes, AttnShape, DevView, GemvOut, GemvPart, KernelInfo, Ops, OutType,
 };
-use crate::cuda::{CudaError, DeviceMemory, Gpu};
+use flash_sys::cuda::{CudaError, DeviceMemory, Gpu};
 use std::path::Path;
 
 /// One op on one shape.
@@ -905,7 +906,7 @@ mod tests {
     #[test]
     #[ignore = "needs a GPU"]
     fn ops_match_the_cpu_on_a_gpu() {
-        let cuda = crate::cuda::probe().expect("a GPU");
+        let cuda = flash_sys::cuda::probe().expect("a GPU");
         let gpu = cuda.device(0).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (checks, _) = check_ops(&gpu, Some(dir.path())).unwrap();

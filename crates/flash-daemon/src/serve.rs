@@ -21,12 +21,20 @@
 //!   `FLASH_MAX_ENGINES`); building one more drops the least recently used
 //!   idle engine (a busy one is never dropped).
 //! - **Cancellation.** When the receiver is dropped (the HTTP client went
-//!   away), generation stops at the next token.
+//!   away), generation stops at the next token, even while no text is
+//!   streamed; a request still queued for its slot leaves the queue.
+//! - **No request takes the daemon down.** The number of tokens is bounded
+//!   by the model's context before anything is allocated
+//!   ([`token_budget`]); the CPU engine's KV cache is reserved for the
+//!   request fallibly (503 when the machine refuses); a panic on a
+//!   request's thread is caught, answered with 500, and the engine it may
+//!   have left half-updated is dropped (rebuilt by the next request).
 
 use crate::server::DaemonHandle;
+use flash_engine::generate::generate_cancellable;
 use flash_engine::gpu::GpuWeights;
 use flash_engine::{
-    generate, Backend, CpuModel, CpuOptions, EngineError, FinishReason, GenerateOptions, GpuEngine,
+    Backend, CpuModel, CpuOptions, EngineError, FinishReason, GenerateOptions, GpuEngine,
     GpuOptions, Message, ModelConfig, ModelTensors, SamplingParams, TextTokenizer,
 };
 use flash_format::DType;
@@ -51,12 +59,78 @@ pub const ENGINE_CLIENT: ClientId = ClientId(u64::MAX);
 pub enum Prompt {
     /// Text tokenized as is (with the tokenizer's special tokens, e.g. BOS).
     Text(String),
-    /// Token ids, as is.
+    /// Token ids, as is (checked against the model's vocabulary).
     Tokens(Vec<u32>),
     /// Messages through the model's chat template (with the generation
     /// prompt); a model without a template gets the contents joined by
     /// newlines, raw.
     Chat(Vec<Message>),
+}
+
+impl Prompt {
+    /// The request field it came from, for error messages.
+    pub fn param(&self) -> &'static str {
+        match self {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) | Prompt::Tokens(_) => "prompt",
+        }
+    }
+}
+
+/// How many tokens a request may generate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxTokens {
+    /// The endpoint's default (not asked for): cut to the room the context
+    /// leaves after the prompt.
+    Default(usize),
+    /// Asked for in the field `param` (`max_tokens` or
+    /// `max_completion_tokens`): more than the context leaves is refused.
+    Requested { n: u64, param: &'static str },
+}
+
+/// The tokens a request may generate on a model whose engine holds
+/// `context` positions (`config_context`: its `max_position_embeddings`),
+/// for a prompt of `prompt_len` tokens; or the 400 that says why none.
+pub fn token_budget(
+    model: &str,
+    context: usize,
+    config_context: usize,
+    prompt_len: usize,
+    max: MaxTokens,
+    prompt_param: &str,
+) -> Result<usize, ServeError> {
+    let ctx = if context < config_context {
+        format!(
+            "a context of {context} tokens (this daemon's engine; the model's config allows \
+             {config_context})"
+        )
+    } else {
+        format!("a context of {context} tokens")
+    };
+    if prompt_len >= context {
+        return Err(ServeError::invalid(
+            prompt_param,
+            Some("context_length_exceeded"),
+            format!(
+                "the prompt uses {prompt_len} tokens but model {model} has {ctx}: no room is left \
+                 to generate. Please reduce the length of the {prompt_param}."
+            ),
+        ));
+    }
+    let room = context - prompt_len;
+    match max {
+        MaxTokens::Default(n) => Ok(n.min(room)),
+        MaxTokens::Requested { n, .. } if n <= room as u64 => Ok(n as usize),
+        MaxTokens::Requested { n, param } => Err(ServeError::invalid(
+            param,
+            Some("context_length_exceeded"),
+            format!(
+                "{param} is {n} but model {model} has {ctx} and the prompt uses {prompt_len}: at \
+                 most {room} tokens can be generated. Please reduce {param} or the length of the \
+                 {prompt_param}."
+            ),
+        )),
+    }
 }
 
 /// Sampling fields of a request; `None` falls back on the model's
@@ -100,7 +174,7 @@ pub struct GenRequest {
     /// A store name (`ORG/NAME[@REV]`).
     pub model: String,
     pub prompt: Prompt,
-    pub max_tokens: usize,
+    pub max_tokens: MaxTokens,
     pub sampling: SamplingRequest,
     pub stop: Vec<String>,
 }
@@ -154,30 +228,105 @@ pub enum GenEvent {
     Error(ServeError),
 }
 
-/// Why a request failed, with the HTTP status it maps to.
+/// Why a request failed, with the HTTP status it maps to (and OpenAI's
+/// error `type`, `param` and `code`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ServeError {
-    /// 400: a malformed request (the message says which field).
-    #[error("{0}")]
-    BadRequest(String),
-    /// 404: the model is not in the store.
+    /// 400: a malformed request; `param` names the field, `code` is
+    /// OpenAI's (`invalid_type`, `context_length_exceeded`, ...).
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    /// 404: the model is not in the store (or not a store name).
     #[error("{0}")]
     NotFound(String),
+    /// 408: the request body did not arrive in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// 413: the request body is larger than the limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// 503: the tiers have no room for it now (leased or kept copies).
     #[error("{0}")]
     NoRoom(String),
-    /// 500: anything else (a damaged model, a device error).
+    /// 503: the machine refused an allocation for this request (host or
+    /// GPU memory); the daemon goes on.
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// 500: anything else (a damaged model, a device error, a panic).
     #[error("{0}")]
     Internal(String),
 }
 
 impl ServeError {
+    /// A 400 without a named field.
+    pub fn bad(message: impl Into<String>) -> Self {
+        ServeError::BadRequest {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// A 400 about the field `param`.
+    pub fn invalid(
+        param: impl Into<String>,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        ServeError::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code,
+        }
+    }
+
     pub fn status(&self) -> u16 {
         match self {
-            ServeError::BadRequest(_) => 400,
+            ServeError::BadRequest { .. } => 400,
             ServeError::NotFound(_) => 404,
-            ServeError::NoRoom(_) => 503,
+            ServeError::Timeout(_) => 408,
+            ServeError::TooLarge(_) => 413,
+            ServeError::NoRoom(_) | ServeError::OutOfMemory(_) => 503,
             ServeError::Internal(_) => 500,
+        }
+    }
+
+    /// OpenAI's error `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServeError::BadRequest { .. }
+            | ServeError::NotFound(_)
+            | ServeError::Timeout(_)
+            | ServeError::TooLarge(_) => "invalid_request_error",
+            ServeError::NoRoom(_) | ServeError::OutOfMemory(_) | ServeError::Internal(_) => {
+                "server_error"
+            }
+        }
+    }
+
+    /// The request field at fault.
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ServeError::BadRequest { param, .. } => param.as_deref(),
+            ServeError::NotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// OpenAI's error `code` (or ours where OpenAI has none).
+    pub fn code(&self) -> Option<&'static str> {
+        match self {
+            ServeError::BadRequest { code, .. } => *code,
+            ServeError::NotFound(_) => Some("model_not_found"),
+            ServeError::Timeout(_) => Some("request_timeout"),
+            ServeError::TooLarge(_) => Some("request_too_large"),
+            ServeError::NoRoom(_) => Some("no_room"),
+            ServeError::OutOfMemory(_) => Some("out_of_memory"),
+            ServeError::Internal(_) => None,
         }
     }
 
@@ -193,10 +342,62 @@ impl ServeError {
 
     fn from_engine(e: EngineError) -> Self {
         match e {
-            EngineError::Invalid(_) | EngineError::ContextFull { .. } => {
-                ServeError::BadRequest(e.to_string())
-            }
+            EngineError::ContextFull { .. } => ServeError::BadRequest {
+                message: e.to_string(),
+                param: None,
+                code: Some("context_length_exceeded"),
+            },
+            EngineError::Invalid(_) => ServeError::bad(e.to_string()),
+            e if e.is_out_of_memory() => ServeError::OutOfMemory(e.to_string()),
             e => ServeError::Internal(e.to_string()),
+        }
+    }
+
+    /// An engine that could not be built or bound: the model's fault
+    /// (500), or memory the machine does not have now (503).
+    fn from_build(id: &ModelId, e: EngineError) -> Self {
+        if e.is_out_of_memory() {
+            ServeError::OutOfMemory(format!("{id}: {e}"))
+        } else {
+            ServeError::Internal(format!("{id}: {e}"))
+        }
+    }
+
+    /// [`ServeError::from_engine`] with the model's name in front.
+    fn from_engine_of(id: &ModelId, e: EngineError) -> Self {
+        match ServeError::from_engine(e) {
+            ServeError::OutOfMemory(m) => ServeError::OutOfMemory(format!("{id}: {m}")),
+            ServeError::Internal(m) => ServeError::Internal(format!("{id}: {m}")),
+            other => other,
+        }
+    }
+}
+
+/// Runs `f` on a slot's engine; a panic in it becomes a 500 and the engine
+/// is dropped (it may be half-updated: the next request builds a new one),
+/// so neither the daemon nor the model's slot goes down with a request.
+fn contain<E>(
+    model: &str,
+    engine: &mut Option<E>,
+    f: impl FnOnce(&mut Option<E>) -> Result<(), ServeError>,
+) -> Result<(), ServeError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut *engine))) {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            tracing::error!(%model, %why, "a request's engine thread panicked: engine dropped");
+            // Dropping the engine could panic again (a device in a bad
+            // state); that one is contained too.
+            let old = engine.take();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(old)));
+            Err(ServeError::Internal(format!(
+                "the engine of {model} failed on this request ({why}); it is rebuilt for the \
+                 next request"
+            )))
         }
     }
 }
@@ -318,17 +519,26 @@ impl EngineHost {
     }
 
     /// The canonical store name of `model`, or why it cannot be served.
+    /// Names are parsed before the store is looked at, and a parsed name
+    /// cannot leave the store's folder (no `..`, `/` or leading `.` in its
+    /// parts): a path-like name is a 404, never a file access elsewhere.
     pub fn check_model(&self, model: &str) -> Result<String, ServeError> {
         let name: ModelName = model.parse().map_err(|e: flash_store::name::NameError| {
+            let shown: String = match model.char_indices().nth(100) {
+                Some((i, _)) => format!("{}…", &model[..i]),
+                None => model.to_string(),
+            };
             ServeError::NotFound(format!(
-                "the model {model:?} does not exist: not a store name ({})",
+                "The model {shown:?} does not exist: it is not a store name ({}; names are \
+                 ORG/NAME, see GET /v1/models)",
                 e.why
             ))
         })?;
         let store = self.inner.daemon.tiers().transfers().store();
         if !store.contains(&name) {
             return Err(ServeError::NotFound(format!(
-                "the model {name} does not exist in the daemon's store (see `flash list`; `flash pull {name}`)"
+                "The model {name} does not exist in the daemon's store (see GET /v1/models or \
+                 `flash list`; `flash pull {name}` adds it)"
             )));
         }
         Ok(name.to_string())
@@ -350,13 +560,19 @@ impl EngineHost {
                 }
             };
             let slot = host.slot(&name);
-            let guard = slot.engine.clone().lock_owned().await;
+            // A client that goes away while queued leaves the queue.
+            let guard = tokio::select! {
+                g = slot.engine.clone().lock_owned() => g,
+                _ = tx.closed() => return,
+            };
             let queue_s = arrived.elapsed().as_secs_f64();
             let h = host.clone();
             let tx2 = tx.clone();
             let joined = tokio::task::spawn_blocking(move || {
                 let mut guard = guard;
-                h.run(&name, &mut guard, &slot, req, arrived, queue_s, &tx2)
+                contain(&name, &mut guard, |engine| {
+                    h.run(&name, engine, &slot, req, arrived, queue_s, &tx2)
+                })
             })
             .await;
             match joined {
@@ -522,7 +738,9 @@ impl EngineHost {
                 ..
             }) = slot_engine
             {
-                engine.bind(w.clone()).map_err(ServeError::from_engine)?;
+                engine
+                    .bind(w.clone())
+                    .map_err(|e| ServeError::from_build(&id, e))?;
             }
             engine_s = t1.elapsed().as_secs_f64();
         }
@@ -587,29 +805,50 @@ impl EngineHost {
                 "the memory lease of {id} has no buffer"
             )));
         };
-        let tensors = self
+        let plan = self
             .inner
             .daemon
             .tiers()
             .transfers()
-            .tensors(id)
+            .plan(id)
             .map_err(ServeError::from_tier)?;
         let by_name: HashMap<&str, &TensorView> =
-            tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+            plan.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let views = ModelTensors::resolve(&cfg, |n| by_name.get(n).copied())
             .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
         let bytes: &[u8] = image;
         let w = views
             .try_map(|n, t| {
-                let range = t.offset as usize..(t.offset + t.length) as usize;
-                let b = bytes.get(range).ok_or_else(|| {
-                    EngineError::Invalid(format!("tensor {n} lies outside the model's image"))
-                })?;
+                // A compressed model's memory copy holds its stored bytes:
+                // the tensor is decoded from it first.
+                let range = t.offset..t.offset + t.length;
+                let decoded;
+                let b = if plan.is_encoded() {
+                    let mut out = Vec::new();
+                    out.try_reserve_exact(t.length as usize)
+                        .map_err(|_| EngineError::OutOfMemory {
+                            what: format!("decoding tensor {n}"),
+                            bytes: t.length,
+                        })?;
+                    out.resize(t.length as usize, 0);
+                    flash_load::decode::decode_range(&plan, bytes, range, &mut out)
+                        .map_err(|e| EngineError::Invalid(format!("tensor {n}: {e}")))?;
+                    decoded = out;
+                    &decoded[..]
+                } else {
+                    bytes
+                        .get(range.start as usize..range.end as usize)
+                        .ok_or_else(|| {
+                            EngineError::Invalid(format!(
+                                "tensor {n} lies outside the model's image"
+                            ))
+                        })?
+                };
                 flash_engine::weights::to_f32(n, t.dtype, b)
             })
-            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+            .map_err(|e| ServeError::from_build(id, e))?;
         let model = CpuModel::new(cfg.clone(), w, &CpuOptions::default())
-            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+            .map_err(|e| ServeError::from_build(id, e))?;
         tracing::info!(model = %id, "CPU engine built");
         Ok(Engine {
             cfg,
@@ -627,7 +866,7 @@ impl EngineHost {
     ) -> Result<Engine, ServeError> {
         let (cfg, tok) = self.text_parts(id)?;
         let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
-            .map_err(|e| ServeError::Internal(format!("{id}: {e}")))?;
+            .map_err(|e| ServeError::from_build(id, e))?;
         tracing::info!(model = %id, gpu, "GPU engine built");
         Ok(Engine {
             cfg,
@@ -641,35 +880,47 @@ impl EngineHost {
 }
 
 /// The prompt's token ids for `engine`.
-fn prompt_ids(engine: &Engine, prompt: &Prompt) -> Result<Vec<u32>, ServeError> {
+fn prompt_ids(name: &str, engine: &Engine, prompt: &Prompt) -> Result<Vec<u32>, ServeError> {
     let tok = &engine.tok;
+    let param = prompt.param();
+    let encode = |text: &str, special: bool| {
+        tok.encode(text, special)
+            .map_err(|e| ServeError::invalid(param, None, e.to_string()))
+    };
     let ids = match prompt {
         Prompt::Tokens(ids) => {
             let vocab = engine.cfg.vocab_size;
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ServeError::BadRequest(format!(
-                    "prompt token id {bad} is outside the vocabulary of {vocab}"
-                )));
+            if let Some((i, bad)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+                return Err(ServeError::invalid(
+                    format!("prompt[{i}]"),
+                    Some("invalid_value"),
+                    format!(
+                        "Invalid 'prompt[{i}]': token id {bad} is outside the vocabulary of \
+                         model {name} (ids 0 to {})",
+                        vocab.saturating_sub(1)
+                    ),
+                ));
             }
             ids.clone()
         }
-        Prompt::Text(t) => tok.encode(t, true).map_err(ServeError::from_engine)?,
+        Prompt::Text(t) => encode(t, true)?,
         Prompt::Chat(messages) => {
             if tok.has_chat_template() {
                 let text = tok
                     .apply_chat_template(messages, true)
-                    .map_err(|e| ServeError::BadRequest(e.to_string()))?;
-                tok.encode(&text, false).map_err(ServeError::from_engine)?
+                    .map_err(|e| ServeError::invalid(param, None, e.to_string()))?;
+                encode(&text, false)?
             } else {
                 let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-                tok.encode(&text.join("\n"), true)
-                    .map_err(ServeError::from_engine)?
+                encode(&text.join("\n"), true)?
             }
         }
     };
     if ids.is_empty() {
-        return Err(ServeError::BadRequest(
-            "the prompt is empty (no tokens to start from)".into(),
+        return Err(ServeError::invalid(
+            param,
+            None,
+            "the prompt is empty (no tokens to start from)",
         ));
     }
     Ok(ids)
@@ -682,20 +933,60 @@ fn generate_on(
     tx: &mpsc::UnboundedSender<GenEvent>,
     report: impl FnOnce(&flash_engine::Generation) -> Report,
 ) -> Result<Report, ServeError> {
-    let ids = prompt_ids(engine, &req.prompt)?;
+    let ids = prompt_ids(name, engine, &req.prompt)?;
     let sampling = req.sampling.resolve(&engine.cfg);
-    sampling.validate().map_err(ServeError::BadRequest)?;
-    let opts = GenerateOptions {
-        max_tokens: req.max_tokens,
-        sampling,
-        stop_strings: req.stop.clone(),
-        eos_token_ids: engine.cfg.eos_token_ids.clone(),
-        keep_prompt_logits: false,
-    };
+    sampling.validate().map_err(ServeError::bad)?;
+    let config_context = engine.cfg.max_position_embeddings;
     let Engine { tok, kind, .. } = engine;
     let backend: &mut dyn Backend = match kind {
-        EngineKind::Cpu(m) => m.as_mut(),
+        EngineKind::Cpu(m) => {
+            let context = m.max_seq_len();
+            let max_tokens = token_budget(
+                name,
+                context,
+                config_context,
+                ids.len(),
+                req.max_tokens,
+                req.prompt.param(),
+            )?;
+            // The KV cache for this request, reserved up front: a machine
+            // without the memory answers 503 here instead of aborting later.
+            m.reset();
+            m.reserve(ids.len() + max_tokens)
+                .map_err(|e| ServeError::from_engine_of(&ModelId::new(name), e))?;
+            return run_generation(m.as_mut(), tok, ids, max_tokens, &req, name, tx, report);
+        }
         EngineKind::Gpu { engine, .. } => engine.as_mut(),
+    };
+    let max_tokens = token_budget(
+        name,
+        backend.max_seq_len(),
+        config_context,
+        ids.len(),
+        req.max_tokens,
+        req.prompt.param(),
+    )?;
+    run_generation(backend, tok, ids, max_tokens, &req, name, tx, report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_generation(
+    backend: &mut dyn Backend,
+    tok: &TextTokenizer,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    req: &GenRequest,
+    name: &str,
+    tx: &mpsc::UnboundedSender<GenEvent>,
+    report: impl FnOnce(&flash_engine::Generation) -> Report,
+) -> Result<Report, ServeError> {
+    let cfg = backend.config();
+    let opts = GenerateOptions {
+        max_tokens,
+        sampling: req.sampling.resolve(cfg),
+        stop_strings: req.stop.clone(),
+        eos_token_ids: cfg.eos_token_ids.clone(),
+        keep_prompt_logits: false,
     };
     let _ = tx.send(GenEvent::Started(Started {
         model: name.to_string(),
@@ -703,8 +994,108 @@ fn generate_on(
         device: backend.device(),
     }));
     let mut on_text = |piece: &str| tx.send(GenEvent::Text(piece.to_string())).is_ok();
-    let g = generate(backend, tok, &ids, &opts, &mut on_text).map_err(ServeError::from_engine)?;
+    // The client went away (its receiver is gone): stop at the next token.
+    let mut cancelled = || tx.is_closed();
+    let g = generate_cancellable(backend, tok, &ids, &opts, &mut on_text, &mut cancelled)
+        .map_err(|e| ServeError::from_engine_of(&ModelId::new(name), e))?;
+    if g.finish_reason == FinishReason::Cancelled {
+        tracing::info!(
+            model = %name,
+            tokens = g.token_ids.len(),
+            max_tokens,
+            "request cancelled: the client went away"
+        );
+    }
     let mut r = report(&g);
     r.ttft_s = g.ttft_s;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_is_bounded_by_the_context() {
+        let req = |n| MaxTokens::Requested {
+            n,
+            param: "max_tokens",
+        };
+        assert_eq!(
+            token_budget("o/m", 100, 100, 12, req(88), "prompt").unwrap(),
+            88
+        );
+        assert_eq!(
+            token_budget("o/m", 100, 100, 12, MaxTokens::Default(512), "prompt").unwrap(),
+            88
+        );
+        assert_eq!(
+            token_budget("o/m", 100, 100, 12, MaxTokens::Default(16), "prompt").unwrap(),
+            16
+        );
+        let e =
+            token_budget("o/m", 40960, 40960, 12, req(1_000_000_000_000), "prompt").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.param(), Some("max_tokens"));
+        assert_eq!(e.code(), Some("context_length_exceeded"));
+        let m = e.to_string();
+        assert!(
+            m.starts_with(
+                "max_tokens is 1000000000000 but model o/m has a context of 40960 tokens and \
+                 the prompt uses 12: at most 40948 tokens"
+            ),
+            "{m}"
+        );
+        let e = token_budget("o/m", 100, 100, 12, req(89), "messages").unwrap_err();
+        assert!(e.to_string().contains("at most 88"), "{e}");
+        // A prompt that fills the context leaves nothing, even by default.
+        let e = token_budget("o/m", 100, 100, 100, MaxTokens::Default(16), "messages").unwrap_err();
+        assert_eq!(e.param(), Some("messages"));
+        assert_eq!(e.code(), Some("context_length_exceeded"));
+        assert!(e.to_string().contains("uses 100 tokens"), "{e}");
+        // An engine holding less than the model's context says so.
+        let e = token_budget("o/m", 8192, 40960, 1, req(9000), "prompt").unwrap_err();
+        assert!(e.to_string().contains("config allows 40960"), "{e}");
+    }
+
+    #[test]
+    fn a_panic_in_a_request_is_an_error_and_the_slot_stays_usable() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let slot = Arc::new(tokio::sync::Mutex::new(Some(7u32)));
+            let guard = slot.clone().lock_owned().await;
+            let r = tokio::task::spawn_blocking(move || {
+                let mut guard = guard;
+                contain("o/m", &mut guard, |e| {
+                    *e = Some(8);
+                    panic!("index out of bounds");
+                })
+            })
+            .await
+            .expect("the blocking task itself does not fail");
+            let e = r.unwrap_err();
+            assert_eq!(e.status(), 500);
+            assert!(e.to_string().contains("index out of bounds"), "{e}");
+            // The slot is free again and its (maybe half-updated) engine gone.
+            let mut g = tokio::time::timeout(std::time::Duration::from_secs(5), slot.lock())
+                .await
+                .expect("the slot was left locked");
+            assert_eq!(*g, None);
+            // The next request runs normally.
+            contain("o/m", &mut g, |e| {
+                *e = Some(9);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(*g, Some(9));
+            // Errors pass through untouched.
+            let e = contain("o/m", &mut g, |_| Err(ServeError::bad("no"))).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert_eq!(*g, Some(9));
+        });
+    }
 }

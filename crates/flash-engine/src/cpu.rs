@@ -7,10 +7,16 @@
 //! `matrixmultiply`'s sgemm (via ndarray's safe views), split over blocks of
 //! output columns. Buffers live in the model and are reused: a decode step
 //! allocates nothing but the attention scores of each worker.
+//!
+//! Every buffer whose size comes from a request (the KV cache, the
+//! activations of a prompt, logits) is allocated fallibly: an allocation the
+//! machine cannot make is an [`EngineError::OutOfMemory`], never an abort
+//! of the process. [`CpuModel::reserve`] sizes the KV cache for a request
+//! up front.
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
-use crate::error::EngineError;
+use crate::error::{try_reserve, EngineError};
 use crate::weights::{to_f32, LayerTensors, ModelTensors};
 use crate::Result;
 use flash_load::{load_to_host, HostModel, LoadOptions, ModelSource};
@@ -158,6 +164,49 @@ impl CpuModel {
         &self.w
     }
 
+    /// Bytes of the KV cache for `positions` positions (keys and values of
+    /// every layer).
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        (positions as u64)
+            .saturating_mul(self.cfg.kv_dim() as u64)
+            .saturating_mul(self.cfg.num_hidden_layers as u64)
+            .saturating_mul(2 * std::mem::size_of::<f32>() as u64)
+    }
+
+    /// Makes room in the KV cache for `positions` positions (a request's
+    /// prompt plus the tokens it may generate), so that generation does not
+    /// allocate; room beyond what the last requests needed is given back.
+    /// More than [`Backend::max_seq_len`] is [`EngineError::ContextFull`];
+    /// an allocation the machine refuses is [`EngineError::OutOfMemory`]
+    /// (the cache keeps what it held). The cached positions are kept.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        if positions > self.max_seq {
+            return Err(EngineError::ContextFull {
+                needed: positions,
+                max: self.max_seq,
+            });
+        }
+        let what = format!(
+            "the KV cache of {positions} positions ({} bytes)",
+            self.kv_cache_bytes(positions)
+        );
+        let Some(want) = positions.checked_mul(self.cfg.kv_dim()) else {
+            return Err(EngineError::OutOfMemory {
+                what,
+                bytes: self.kv_cache_bytes(positions),
+            });
+        };
+        for c in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+            let keep = want.max(c.len());
+            // A request far smaller than an earlier one gives memory back.
+            if c.capacity() > keep.saturating_mul(2) {
+                c.shrink_to(keep);
+            }
+            try_reserve(c, want.saturating_sub(c.len()), true, &what)?;
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` at `pos..`, filling `s.logits` with the logits of the
     /// last position (or of every position when `all`).
     fn run(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<()> {
@@ -197,22 +246,26 @@ impl CpuModel {
             self.cache.v[l].truncate(pos * kvd);
         }
         self.cache.len = pos;
+        // Room for the new keys and values (nothing when `reserve` made it).
+        for c in self.cache.k.iter_mut().chain(self.cache.v.iter_mut()) {
+            try_reserve(c, n * kvd, false, "the KV cache")?;
+        }
 
         let s = &mut self.s;
         let w = &self.w;
-        resize(&mut s.x, n * h);
-        resize(&mut s.xn, n * h);
-        resize(&mut s.q, n * qd);
-        resize(&mut s.k, n * kvd);
-        resize(&mut s.v, n * kvd);
-        resize(&mut s.attn, n * qd);
-        resize(&mut s.proj, n * h);
-        resize(&mut s.gate, n * inter);
-        resize(&mut s.up, n * inter);
+        resize(&mut s.x, n * h)?;
+        resize(&mut s.xn, n * h)?;
+        resize(&mut s.q, n * qd)?;
+        resize(&mut s.k, n * kvd)?;
+        resize(&mut s.v, n * kvd)?;
+        resize(&mut s.attn, n * qd)?;
+        resize(&mut s.proj, n * h)?;
+        resize(&mut s.gate, n * inter)?;
+        resize(&mut s.up, n * inter)?;
         // RoPE angles of the new positions.
         let half = hd / 2;
-        resize(&mut s.cos, n * half);
-        resize(&mut s.sin, n * half);
+        resize(&mut s.cos, n * half)?;
+        resize(&mut s.sin, n * half)?;
         for t in 0..n {
             let p = (pos + t) as f64;
             for (i, f) in self.inv_freq.iter().enumerate() {
@@ -299,7 +352,7 @@ impl CpuModel {
         let first = n - rows;
         let v = self.cfg.vocab_size;
         rms_norm(&s.x[first * h..], &w.norm, eps, &mut s.xn[..rows * h]);
-        resize(&mut s.logits, rows * v);
+        resize(&mut s.logits, rows * v)?;
         linear(&s.xn[..rows * h], rows, w.output(), v, h, &mut s.logits);
         Ok(())
     }
@@ -331,13 +384,24 @@ impl Backend for CpuModel {
     }
     fn forward_all(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         self.run(tokens, pos, true)?;
-        Ok(self.s.logits.clone())
+        let mut out = Vec::new();
+        try_reserve(&mut out, self.s.logits.len(), true, "the logits")?;
+        out.extend_from_slice(&self.s.logits);
+        Ok(out)
     }
 }
 
-/// Sets the length of a work buffer (no allocation once it was that large).
-fn resize(v: &mut Vec<f32>, len: usize) {
+/// Sets the length of a work buffer (no allocation once it was that large;
+/// an allocation the machine refuses is an error, not an abort).
+fn resize(v: &mut Vec<f32>, len: usize) -> Result<()> {
+    try_reserve(
+        v,
+        len.saturating_sub(v.len()),
+        true,
+        "the activations of the forward pass",
+    )?;
     v.resize(len, 0.0);
+    Ok(())
 }
 
 /// Per-head RMSNorm of queries and keys (Qwen3), then RoPE on both.
@@ -479,6 +543,52 @@ pub(crate) fn linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tiny(max_seq_len: Option<usize>) -> (tempfile::TempDir, CpuModel) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let spec = flash_synth::spec(flash_synth::Arch::Qwen3, "tiny").unwrap();
+        flash_synth::synth(&spec, &dir, &Default::default()).unwrap();
+        let opts = CpuOptions { max_seq_len };
+        let m = CpuModel::load(&dir, &Default::default(), &opts).unwrap().0;
+        (tmp, m)
+    }
+
+    #[test]
+    fn reserve_is_fallible_and_bounded_by_the_context() {
+        let (_tmp, mut m) = tiny(Some(1 << 42));
+        // 2^42 positions of this model's KV cache are far more bytes than
+        // any address space: an error, not an abort.
+        let e = m.reserve(1 << 42).unwrap_err();
+        assert!(matches!(e, EngineError::OutOfMemory { .. }), "{e}");
+        assert!(e.to_string().contains("KV cache"), "{e}");
+        // The model still works after the failed reservation.
+        m.reserve(64).unwrap();
+        let kvd = m.config().kv_dim();
+        assert!(m.cache.k.iter().all(|c| c.capacity() >= 64 * kvd));
+        m.forward(&[1, 2, 3], 0).unwrap();
+        assert_eq!(m.position(), 3);
+
+        let (_tmp, mut m) = tiny(Some(8));
+        let e = m.reserve(9).unwrap_err();
+        assert!(
+            matches!(e, EngineError::ContextFull { needed: 9, max: 8 }),
+            "{e}"
+        );
+        m.reserve(8).unwrap();
+    }
+
+    #[test]
+    fn reserve_gives_back_what_a_large_request_took() {
+        let (_tmp, mut m) = tiny(None);
+        let kvd = m.config().kv_dim();
+        m.reserve(4096).unwrap();
+        assert!(m.cache.v[0].capacity() >= 4096 * kvd);
+        m.reset();
+        m.reserve(16).unwrap();
+        assert!(m.cache.v[0].capacity() < 4096 * kvd);
+        assert!(m.cache.v[0].capacity() >= 16 * kvd);
+    }
 
     #[test]
     fn linear_paths_agree() {

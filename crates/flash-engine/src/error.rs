@@ -24,6 +24,10 @@ pub enum EngineError {
     ContextFull { needed: usize, max: usize },
     #[error("device: {0}")]
     Device(String),
+    /// A host buffer could not be allocated: the call fails, the process
+    /// goes on (buffers sized from a request are allocated fallibly).
+    #[error("out of memory: {what} needs {bytes} bytes, which could not be allocated")]
+    OutOfMemory { what: String, bytes: u64 },
     #[error(transparent)]
     Load(#[from] flash_load::LoadError),
 }
@@ -35,10 +39,42 @@ impl EngineError {
             why: why.into(),
         }
     }
+    /// Whether the machine ran out of memory (host, or a GPU's: the CUDA
+    /// driver's `CUDA_ERROR_OUT_OF_MEMORY` in a device error).
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            EngineError::OutOfMemory { .. } => true,
+            EngineError::Device(m) => m.contains("OUT_OF_MEMORY") || m.contains("out of memory"),
+            _ => false,
+        }
+    }
+
     pub(crate) fn tensor(name: impl Into<String>, why: impl Into<String>) -> Self {
         EngineError::Tensor {
             name: name.into(),
             why: why.into(),
         }
     }
+}
+
+/// Makes room for `additional` more values in `v` without aborting the
+/// process when the allocator fails: the failure is an
+/// [`EngineError::OutOfMemory`] naming `what`. `exact` reserves exactly
+/// (a buffer sized once); otherwise the growth is amortized.
+pub(crate) fn try_reserve<T>(
+    v: &mut Vec<T>,
+    additional: usize,
+    exact: bool,
+    what: &str,
+) -> Result<(), EngineError> {
+    let r = if exact {
+        v.try_reserve_exact(additional)
+    } else {
+        v.try_reserve(additional)
+    };
+    r.map_err(|_| EngineError::OutOfMemory {
+        what: what.to_string(),
+        bytes: (v.len().saturating_add(additional) as u64)
+            .saturating_mul(std::mem::size_of::<T>() as u64),
+    })
 }

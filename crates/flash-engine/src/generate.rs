@@ -3,7 +3,7 @@
 //! id, a stop string, `max_tokens`, a full context, or when the callback asks.
 
 use crate::backend::Backend;
-use crate::error::EngineError;
+use crate::error::{try_reserve, EngineError};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::text::{StreamDecoder, TextTokenizer};
 use crate::Result;
@@ -150,6 +150,23 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    generate_cancellable(backend, tok, prompt, opts, on_text, &mut || false)
+}
+
+/// [`generate`], also stopped ([`FinishReason::Cancelled`]) as soon as
+/// `cancelled` returns true: it is asked before the prefill and before each
+/// decode step, so a reader that went away stops generation within one
+/// token even while no text is streamed (held back for a stop string, or
+/// special tokens). The buffers of the loop are sized from the room the
+/// context leaves, never from `max_tokens` alone, and allocated fallibly.
+pub fn generate_cancellable(
+    backend: &mut dyn Backend,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+    cancelled: &mut dyn FnMut() -> bool,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(EngineError::Invalid(
             "the prompt is empty (no tokens to start from)".into(),
@@ -158,9 +175,32 @@ pub fn generate(
     opts.sampling.validate().map_err(EngineError::Invalid)?;
     let start = Instant::now();
     let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut history = Vec::with_capacity(prompt.len() + opts.max_tokens);
+    // At most the context's room is generated, whatever `max_tokens` says.
+    let room = backend.max_seq_len().saturating_sub(prompt.len());
+    let most = opts.max_tokens.min(room.saturating_add(1));
+    let mut history = Vec::new();
+    try_reserve(
+        &mut history,
+        prompt.len().saturating_add(most),
+        true,
+        "the token history",
+    )?;
     history.extend_from_slice(prompt);
-    let mut generated: Vec<u32> = Vec::with_capacity(opts.max_tokens);
+    let mut generated: Vec<u32> = Vec::new();
+    try_reserve(&mut generated, most, true, "the generated tokens")?;
+    if cancelled() {
+        return Ok(Generation {
+            prompt_token_ids: prompt.to_vec(),
+            token_ids: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Cancelled,
+            prompt_logits: None,
+            prefill_s: 0.0,
+            ttft_s: 0.0,
+            decode_s: 0.0,
+            seed: sampler.seed(),
+        });
+    }
     let mut decoder = StreamDecoder::new();
     let mut scanner = StopScanner {
         stops: opts.stop_strings.clone(),
@@ -197,6 +237,10 @@ pub fn generate(
             }
             let pos = backend.position();
             if generated.len() >= opts.max_tokens || pos >= backend.max_seq_len() {
+                break;
+            }
+            if cancelled() {
+                finish = FinishReason::Cancelled;
                 break;
             }
             let logits = backend.forward(&[next], pos)?;
@@ -239,6 +283,60 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::{CpuModel, CpuOptions};
+
+    fn tiny(max_seq_len: Option<usize>) -> (tempfile::TempDir, CpuModel, TextTokenizer) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        let spec = flash_synth::spec(flash_synth::Arch::Qwen3, "tiny").unwrap();
+        flash_synth::synth(&spec, &dir, &Default::default()).unwrap();
+        let opts = CpuOptions { max_seq_len };
+        let m = CpuModel::load(&dir, &Default::default(), &opts).unwrap().0;
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        (tmp, m, tok)
+    }
+
+    #[test]
+    fn astronomical_max_tokens_stop_at_the_context() {
+        // Sizing buffers from max_tokens alone once aborted the process
+        // ("memory allocation of 4000000000064 bytes failed").
+        let (_tmp, mut m, tok) = tiny(Some(24));
+        let opts = GenerateOptions {
+            max_tokens: 1_000_000_000_000,
+            ..Default::default()
+        };
+        let g = generate(&mut m, &tok, &[5, 6, 7, 8], &opts, &mut |_| true).unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Length);
+        // 20 positions are left; the last sampled token needs none.
+        assert_eq!(g.token_ids.len(), 21);
+    }
+
+    #[test]
+    fn cancellation_stops_within_a_token_without_text() {
+        let (_tmp, mut m, tok) = tiny(None);
+        let opts = GenerateOptions {
+            max_tokens: 200,
+            ..Default::default()
+        };
+        let full = generate(&mut m, &tok, &[5, 6, 7], &opts, &mut |_| true).unwrap();
+        assert_eq!(full.token_ids.len(), 200, "{:?}", full.finish_reason);
+        // The callback never sees text (as when it is held back), yet
+        // asking to cancel stops generation at the next step.
+        let mut asked = 0;
+        let g = generate_cancellable(&mut m, &tok, &[5, 6, 7], &opts, &mut |_| true, &mut || {
+            asked += 1;
+            asked > 5
+        })
+        .unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Cancelled);
+        assert_eq!(g.token_ids.len(), 5);
+        assert_eq!(g.token_ids[..], full.token_ids[..5]);
+        // Cancelled before the prefill: nothing runs.
+        let g = generate_cancellable(&mut m, &tok, &[5, 6, 7], &opts, &mut |_| true, &mut || true)
+            .unwrap();
+        assert_eq!(g.finish_reason, FinishReason::Cancelled);
+        assert!(g.token_ids.is_empty());
+    }
 
     fn scan(stops: &[&str], pieces: &[&str]) -> (Vec<String>, String, bool) {
         let mut s = StopScanner {

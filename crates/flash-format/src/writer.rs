@@ -2,11 +2,11 @@
 //! offset, padding zeroed, one checksum per chunk computed on the way.
 
 use crate::dtype::DType;
-use crate::safetensors::TensorSpec;
 use crate::manifest::{
     align_up, checksum_hex, ChunkCodec, ChunkRecord, DataFile, ElementLayout, ManifestError,
     TensorEncoding, TensorRecord, ALIGNMENT, CHUNK_ALIGN,
 };
+use crate::safetensors::TensorSpec;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

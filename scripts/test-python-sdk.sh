@@ -4,7 +4,8 @@
 # runs tests/python_sdk against a real daemon on the CPU (numpy only, no
 # torch), then installs the same wheel into CPython 3.12 and runs the suite
 # again when that interpreter is present. Called by scripts/test.sh after the
-# Rust tests (target/debug/flash must exist; it is built here if not).
+# Rust tests (target/debug/flash must exist; it is built here if not). Ends
+# with scripts/test-vllm.sh (the real vLLM, CPU build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -50,3 +51,7 @@ if [ -n "$py312" ]; then
 else
     echo "== python sdk: no CPython 3.12 here, the 3.11 run stands for the abi3 wheel"
 fi
+
+# The vLLM integration against the real vLLM (its CPU build), with the wheel
+# built above: its environment is made once per machine, outside the checkout.
+bash scripts/test-vllm.sh

@@ -76,14 +76,16 @@ def _require_store():
 # ---------------------------------------------------------------------------
 
 def register_model(model_id, backend: str = "auto", torch_dtype=None, force: bool = False,
-                   hf_token: str | None = None) -> dict:
+                   hf_token: str | None = None, *, compress: bool | None = None) -> dict:
     """Puts a model into the store: a Hub repository (ORG/NAME[:REVISION],
     downloaded into the Hugging Face cache, then imported) or a local
     Hugging Face style folder (imported as `local/<folder name>`).
 
     `torch_dtype`: convert floating-point weights at import ("bfloat16",
     "float16", "float32"; None/"auto" keeps them). `force`: replace a stored
-    model. Returns `{"status": "registered"|"exists", "model_id", "backend",
+    model. `compress`: store floating-point weights compressed (lossless,
+    decoded on the GPU while loading; None: the store's setting, `flash
+    config compress`). Returns `{"status": "registered"|"exists", "model_id", "backend",
     "path", "metrics": {"download_time", "transform_time", "register_time",
     "model_size"}}` (times in seconds, size in bytes).
     """
@@ -109,12 +111,14 @@ def register_model(model_id, backend: str = "auto", torch_dtype=None, force: boo
             download = time.perf_counter() - t
         t = time.perf_counter()
         if c is not None:
-            rep = json.loads(c.pull(name, str(src), None, dtype, force))
+            rep = json.loads(c.pull(name, str(src), None, dtype, force, compress))
         else:
-            rep = json.loads(_native.store_import(home, str(src), name, dtype, force))
+            rep = json.loads(_native.store_import(home, str(src), name, dtype, force, compress))
         transform = time.perf_counter() - t
         status = "registered"
-        path, size = rep["path"], rep["bytes"]
+        # The model's size is its tensors' decoded bytes (as get_model_info
+        # reports it), whatever its files take on disk.
+        path, size = rep["path"], rep.get("tensor_bytes") or rep["bytes"]
     _note(name, backend=backend, torch_dtype=None if dtype == "auto" else dtype)
     return {
         "status": status,
@@ -137,6 +141,8 @@ def _info_dict(raw: dict, reg: dict) -> dict:
         "model_id": name,
         "backend": note.get("backend", "auto"),
         "size": int(raw.get("size", 0)),
+        "stored_bytes": int(raw.get("stored_bytes", 0) or raw.get("size", 0)),
+        "compressed": bool(raw.get("compressed", False)),
         "ranks": int(raw.get("ranks", 1) or 1),
         "path": str(raw.get("path", "")),
         "dtype": raw.get("dtype") or None,
@@ -163,9 +169,9 @@ def list_models() -> dict:
 
 
 def get_model_info(model_id) -> dict | None:
-    """`{"model_id", "backend", "size" (bytes), "ranks", "path", "dtype",
-    "architecture", "tensor_count", "tiers"}`, or None when the model is not
-    in the store."""
+    """`{"model_id", "backend", "size" (bytes, decoded), "stored_bytes" (on
+    disk), "compressed", "ranks", "path", "dtype", "architecture",
+    "tensor_count", "tiers"}`, or None when the model is not in the store."""
     _require_store()
     name = resolve_model_id(model_id)
     c = _daemon.client(required=False)

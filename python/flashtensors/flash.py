@@ -14,8 +14,10 @@ the form `ORG/NAME` that is not an existing file or folder names a model of
 the daemon's store (`<store>/models/ORG/NAME`), and so does an absolute path
 inside the store's `models/` folder. `load_dict` then goes through the
 daemon: `copy=False` (default) shares the daemon's copy (GPU tier: CUDA IPC,
-zero copy; memory tier: the shared memory mapped copy-on-write), `copy=True`
-has the daemon copy the model into memory of this process. Everything else
+zero copy; memory tier: the shared memory mapped copy-on-write; a model
+stored compressed keeps compressed bytes in the memory tier, so on the CPU
+it comes as a copy the daemon decodes), `copy=True` has the daemon copy the
+model into memory of this process. Everything else
 is loaded in this process (flash-load's pipeline).
 
 Results are torch tensors when torch is installed (`framework="numpy"`
@@ -89,7 +91,7 @@ def _store_model(path) -> str | None:
     return s if _NAME.fullmatch(s) else None
 
 
-def save_dict(state_dict, path, *, metadata: dict | None = None) -> dict:
+def save_dict(state_dict, path, *, metadata: dict | None = None, compress: bool = False) -> dict:
     """Saves a dict of torch tensors or numpy arrays.
 
     `path`: a folder (flash format; created or replaced) or a file ending in
@@ -97,6 +99,8 @@ def save_dict(state_dict, path, *, metadata: dict | None = None) -> dict:
     module doc). Tensors sharing memory (tied weights: same storage, offset,
     dtype, shape and strides) are saved once in the flash format and come
     back as one object; a safetensors file holds a copy per name.
+    `compress=True` stores floating-point tensors compressed (flash format
+    only; lossless, decoded on the GPU while loading).
     Returns `{"path", "format", "tensors", "aliases", "bytes"}`.
     """
     if not isinstance(state_dict, dict):
@@ -122,12 +126,16 @@ def save_dict(state_dict, path, *, metadata: dict | None = None) -> dict:
     if c is not None:
         _drop_daemon_copies(c, model)
     if target.suffix == ".safetensors":
+        if compress:
+            raise InvalidRequestError(
+                f"{target}: compression is a feature of the flash format (save to a folder)"
+            )
         by_name = {e[0]: e for e in entries}
         full = [by_name[n] if n in by_name else (n, *by_name[aliases[n]][1:]) for n in state_dict]
         nbytes = _native.save_safetensors(str(target), full, meta)
         fmt, n_alias = "safetensors", 0
     else:
-        nbytes = _native.save_flash(str(target), entries, aliases, meta, model)
+        nbytes = _native.save_flash(str(target), entries, aliases, meta, model, compress)
         fmt, n_alias = "flash", len(aliases)
         if c is not None:
             try:  # a load that raced with the write
@@ -203,6 +211,16 @@ def _framework(framework) -> str:
     return "numpy"
 
 
+def _is_compressed(model):
+    """Whether store model `model` is stored compressed (its manifest says;
+    the daemon's Info does not)."""
+    try:
+        info = _native.store_info(str(_daemon.store_root()), model)
+    except FlashError:
+        return False
+    return bool(info and json.loads(info).get("compressed"))
+
+
 def _load_blocks(path, device_map, copy, threads, chunk_size):
     dm = _device_map_json(device_map)
     model = _store_model(path)
@@ -211,7 +229,11 @@ def _load_blocks(path, device_map, copy, threads, chunk_size):
         single = _single_device(dm)
         if c is not None and single is not None:
             if single == "cpu":
-                return [c.fill_host(model) if copy else c.acquire(model, "memory")], model
+                # A compressed model's memory-tier copy holds its compressed
+                # bytes, which cannot be shared as tensors: the daemon decodes
+                # it into memory of this process instead (copy mode).
+                share = not copy and not _is_compressed(model)
+                return [c.acquire(model, "memory") if share else c.fill_host(model)], model
             n = _native.cuda_devices()[0]
             if single >= n:
                 raise DeviceError(

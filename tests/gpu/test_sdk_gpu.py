@@ -11,8 +11,13 @@ process, and through the daemon in share and copy mode), bf16 and fp8 keep
 their dtypes, tied tensors stay tied, `load_model(backend="transformers")`
 gives the logits and greedy tokens of transformers' `from_pretrained` on
 the same folder, the README's custom-model example runs as written, and the
-vLLM loader hands CUDA tensors to the model (against the stand-in of vLLM's
-interface in tests/python_sdk/fake_vllm: vLLM is not installed there).
+vLLM loader's GPU path: `vllm_plugin.load_weights_into`, the very function
+the "flashtensors" loader's `load_weights` runs in a vLLM GPU worker, hands
+the daemon's GPU-tier copy (share mode, CUDA IPC: no second copy) to a
+model's vLLM-style `load_weights`, here a transformers model's, whose greedy
+tokens then match from_pretrained's. vLLM itself cannot be installed on the
+GPU machine; the loader class inside the real vLLM (its CPU build) is
+tests/python_sdk/real_vllm, run by scripts/test-vllm.sh.
 
 Bench (FLASH_SDK_BENCH=1; model: $FLASH_SDK_BENCH_MODEL, a Qwen3-8B-shaped
 safetensors folder, synthesized into /tmp when unset): prints one JSON line
@@ -26,7 +31,6 @@ import gc
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +38,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-HERE = Path(__file__).resolve().parent
-FAKE_VLLM = HERE.parent / "python_sdk" / "fake_vllm"
 
 
 def _require_gpu():
@@ -228,20 +230,56 @@ def test_readme_custom_model_example(ft, tmp_path):
     model.load_state_dict({k: v.cpu() for k, v in new_state_dict.items()})
 
 
-def test_vllm_loader_gets_cuda_tensors(ft, tiny, store, monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKE_VLLM))
-    for m in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, m)
-    ft.activate_vllm_integration()
-    ft.register_model(str(tiny), backend="vllm")
-    llm = ft.load_model(str(tiny), backend="vllm", dtype="bfloat16")
+def test_vllm_loader_weights_from_the_gpu_tier(ft, tiny, store):
+    """The vLLM loader's weight acquisition on a GPU, without vLLM: the
+    function its load_weights calls, with a transformers model behind
+    vLLM's model interface (`load_weights(iterable of (name, tensor))`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from flashtensors import vllm_plugin
+
+    reg = ft.register_model(str(tiny), backend="vllm")
+    name = reg["model_id"]
     ref = st_load(tiny)
-    assert set(llm.model.weights) == set(ref)
-    for k, v in llm.model.weights.items():
-        assert v.device == torch.device("cuda", torch.cuda.current_device())
-        assert same_bytes(v, ref[k]), k
-    for m in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(m, None)
+    kw = dtype_kw(torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny)), **kw)
+    model = model.to("cuda:0").eval()  # random weights, as vLLM builds its model
+    params = dict(model.named_parameters())
+    seen = {}
+
+    class VllmStyleModel:
+        """vLLM's model interface: load_weights copies what it is handed."""
+
+        def load_weights(self, weights):
+            st = ft.status()
+            seen["leases"] = st["leases"]
+            seen["gpu_tier"] = [m["model"] for t in st["tiers"] if t["tier"] == "gpu:0"
+                                for m in t["models"]]
+            for k, t in weights:
+                seen[k] = (t.device, same_bytes(t, ref[k]))
+                if k in params:
+                    with torch.no_grad():
+                        params[k].copy_(t)
+            return set(seen)
+
+    assert vllm_plugin.load_weights_into(VllmStyleModel(), reg["path"]) == name
+    # Shared from the daemon's GPU tier while the model copied (one lease on
+    # the daemon's copy, no copy of this process), released after.
+    assert seen.pop("leases") == 1
+    assert seen.pop("gpu_tier") == [name]
+    assert set(seen) == set(ref)
+    for k, (device, same) in seen.items():
+        assert device == torch.device("cuda", torch.cuda.current_device()), k
+        assert same, k
+    gc.collect()
+    assert ft.status()["leases"] == 0
+    # The model generates as from_pretrained's on the same folder.
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny), **kw).to("cuda:0").eval()
+    a, ta = _logits(model, tok)
+    b, tb = _logits(hf, tok)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(ta, tb)
 
 
 # ---------------------------------------------------------------------------

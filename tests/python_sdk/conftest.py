@@ -1,6 +1,7 @@
 """Fixtures of the SDK tests: the installed `flashtensors` wheel against a
 real daemon on the CPU (started by `ft.configure`, stopped after each test
-that used one). No torch: numpy only.
+that used one). No torch: numpy only. The vLLM tests, real_vllm/, need vLLM
+and torch: they are skipped here and run by scripts/test-vllm.sh.
 
 Run: scripts/test-python-sdk.sh (builds and installs the wheel first).
 """
@@ -8,13 +9,8 @@ Run: scripts/test-python-sdk.sh (builds and installs the wheel first).
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
-FAKE_VLLM = HERE / "fake_vllm"
 
 
 @pytest.fixture(scope="session")
@@ -80,23 +76,6 @@ def synth_qwen3(flash_bin, tmp_path_factory):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return d
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """A minimal stand-in for vLLM's loader interface (vLLM is not installed here)."""
-    monkeypatch.syspath_prepend(str(FAKE_VLLM))
-    for m in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        monkeypatch.delitem(sys.modules, m)
-    import flashtensors.vllm_plugin as vp
-
-    monkeypatch.setattr(vp, "_registered", False)
-    monkeypatch.setattr(vp, "_cls", None)
-    import vllm
-
-    yield vllm
-    for m in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        sys.modules.pop(m, None)
 
 
 def read_safetensors(path):

@@ -29,10 +29,9 @@
 #           processes, COLD_ROUNDS rounds in rotated order; median ratios;
 #   compress  decode speed alone (CPU core, all cores, GPU) and the pinned
 #           (memory tier) upload of the compressed model beside the plain;
-#   probe   measurements behind design choices (PROBES, default "ipc cold
-#           pin"): IPC vs VMM attach by size and what changes its cost, cold
-#           8B reads (direct, buffered, the best peer), the pinning method
-#           (FLASH_PINNED) on a small cold load.
+#   probe   measurements behind design choices (PROBES, default "cold
+#           pin"): cold 8B reads (direct, buffered, the best peer), the
+#           pinning method (FLASH_PINNED) on a small cold load.
 # Steps of the load stage:
 #   1. install the wheels into /tmp/site;
 #   2. flash doctor --json, flash selftest;
@@ -479,32 +478,13 @@ if stage engine; then
         timeout 240 "$FLASH" -q bench-engine "$M8" --prompt-len 512 --decode 128 --repeat 3 --json | json_lines engine
     fi
 fi
-# Probes behind design choices (not targets): CUDA IPC vs VMM import time by
-# size (the share-mode attach), and the pinning method's effect on a small
-# cold load (FLASH_PINNED, alternating).
-PROBES=${PROBES:-ipc cold pin}
+# Probes behind design choices (not targets): cold reads of the 8B by read
+# mode, and the pinning method's effect on a small cold load (FLASH_PINNED,
+# alternating). The IPC-vs-VMM attach probe retired once answered (rounded
+# cuMemAlloc + IPC; results in bench/results/*attach*).
+PROBES=${PROBES:-cold pin}
 probe() { [[ " $PROBES " == *" $1 "* ]]; }
 if stage probe; then
-    if probe ipc; then
-        log "== probe: attach by IPC handle vs VMM file descriptor (flash bench-ipc)"
-        timeout 180 "$FLASH" bench-ipc --sizes 1,4,16 --repeat 3 --json | json_lines probe
-        log "== probe: 16 GiB legacy IPC, child without warm-up; exporter with 20 GiB pinned host memory"
-        timeout 60 "$FLASH" bench-ipc --sizes 16 --methods legacy --repeat 3 --no-warmup --json |
-            python3 -c 'import json,sys
-for l in sys.stdin:
-    if l.startswith("{"): d=json.loads(l); d["variant"]="no-warmup"; print(json.dumps(d))' | json_lines probe
-        log "== probe: 16,380,866,560 bytes (the 8B image; not a multiple of 2 MiB), allocated as asked and rounded up"
-        for round in 0 1; do
-            FLASH_ALLOC_ROUND=$round timeout 60 "$FLASH" bench-ipc --sizes 15.25566 --methods legacy --repeat 3 --json |
-                python3 -c 'import json,sys
-for l in sys.stdin:
-    if l.startswith("{"): d=json.loads(l); d["variant"]="round-"+sys.argv[1]; print(json.dumps(d))' "$round" | json_lines probe
-        done
-        timeout 90 "$FLASH" bench-ipc --sizes 16 --methods legacy --repeat 3 --pin-host 20 --json |
-            python3 -c 'import json,sys
-for l in sys.stdin:
-    if l.startswith("{"): d=json.loads(l); d["variant"]="pin-host-20"; print(json.dumps(d))' | json_lines probe
-    fi
     # Cold reads of the 8B, alternating: the best peer, flash O_DIRECT,
     # flash buffered (kernel readahead), the raw disk loader.
     if probe cold && [ -n "$D8" ]; then

@@ -104,9 +104,6 @@ pub enum Command {
     /// Teacher-forced logits of every position, written as f32 (checks against a reference)
     #[command(hide = true)]
     EngineLogits(crate::engine_cli::EngineLogitsArgs),
-    /// Time for a second process to map a large GPU allocation: CUDA IPC vs. VMM handles
-    #[command(hide = true)]
-    BenchIpc(crate::bench_ipc::BenchIpcArgs),
     /// Compile every CUDA source the binary carries with NVRTC, without a GPU
     #[command(hide = true)]
     Kernels(crate::kernels_cli::KernelsArgs),

@@ -4,7 +4,6 @@
 
 mod args;
 mod bench;
-mod bench_ipc;
 mod commands;
 mod daemon;
 mod daemon_bench;
@@ -102,7 +101,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => selftest::run(&ctx, require_gpu, json, engine_only),
         Command::BenchEngine(a) => engine_cli::bench(&ctx, a),
         Command::EngineLogits(a) => engine_cli::logits(&ctx, a),
-        Command::BenchIpc(a) => bench_ipc::run(a),
         Command::Kernels(a) => kernels_cli::run(a),
         Command::Run(a) => run::run(&ctx, a),
         Command::Start(a) => daemon::start(&cli.storage, cli.verbose, a),

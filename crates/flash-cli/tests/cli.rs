@@ -1242,22 +1242,6 @@ fn run_auto_falls_back_to_the_cpu_quietly() {
     }
 }
 
-/// `flash bench-ipc` (hidden) without CUDA: one clean error, exit 1, no panic.
-#[test]
-fn bench_ipc_without_cuda_fails_cleanly() {
-    let store = tempfile::tempdir().unwrap();
-    let out = command(store.path(), &["bench-ipc", "--sizes", "0.01"])
-        .env("FLASH_NO_CUDA", "1")
-        .output()
-        .expect("run flash");
-    assert_clean_error(
-        "bench-ipc without CUDA",
-        &out,
-        &["bench-ipc needs a CUDA GPU", "FLASH_NO_CUDA"],
-    );
-    assert!(out.stdout.is_empty(), "no table without a GPU");
-}
-
 /// Compression end to end: the store's default (`flash config`), `pull
 /// --compress` / `--no-compress`, `info --json`, `list`, `verify`, and an
 /// export byte-identical to the plain model's.
@@ -1273,10 +1257,7 @@ fn compressed_pull_info_verify_export() {
     // The default is off; the store's setting changes it.
     let cfg = json_out("config", flash(&store, &["config", "--json"]));
     assert_eq!(cfg["compress"], false);
-    ok(
-        "config on",
-        flash(&store, &["config", "compress", "on"]),
-    );
+    ok("config on", flash(&store, &["config", "compress", "on"]));
     assert_eq!(
         json_out("config", flash(&store, &["config", "--json"]))["compress"],
         true
@@ -1286,18 +1267,41 @@ fn compressed_pull_info_verify_export() {
         &flash(&store, &["config", "compress", "maybe"]),
         &["compress", "maybe"],
     );
-    ok("pull default", flash(&store, &["pull", "--from", s(&src), "--name", "z/by-default"]));
+    ok(
+        "pull default",
+        flash(
+            &store,
+            &["pull", "--from", s(&src), "--name", "z/by-default"],
+        ),
+    );
     ok(
         "pull plain",
-        flash(&store, &["pull", "--from", s(&src), "--name", "z/plain", "--no-compress"]),
+        flash(
+            &store,
+            &[
+                "pull",
+                "--from",
+                s(&src),
+                "--name",
+                "z/plain",
+                "--no-compress",
+            ],
+        ),
     );
-    ok(
-        "config off",
-        flash(&store, &["config", "compress", "off"]),
-    );
+    ok("config off", flash(&store, &["config", "compress", "off"]));
     ok(
         "pull packed",
-        flash(&store, &["pull", "--from", s(&src), "--name", "z/packed", "--compress"]),
+        flash(
+            &store,
+            &[
+                "pull",
+                "--from",
+                s(&src),
+                "--name",
+                "z/packed",
+                "--compress",
+            ],
+        ),
     );
     let info = |m: &str| json_out("info", flash(&store, &["info", m, "--json"]));
     let (packed, plain) = (info("z/packed"), info("z/plain"));
@@ -1307,15 +1311,27 @@ fn compressed_pull_info_verify_export() {
     assert_eq!(packed["size"], plain["size"]);
     assert!(packed["stored_bytes"].as_u64() < plain["stored_bytes"].as_u64());
     let list = ok("list", flash(&store, &["list"]));
-    assert!(list.contains("RATIO") && list.contains("z/packed"), "{list}");
+    assert!(
+        list.contains("RATIO") && list.contains("z/packed"),
+        "{list}"
+    );
     let v = json_out("verify", flash(&store, &["verify", "z/packed", "--json"]));
     assert!(v["bad"].as_array().unwrap().is_empty(), "{v}");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    ok("export packed", flash(&store, &["export", "z/packed", "--to", s(&a)]));
-    ok("export plain", flash(&store, &["export", "z/plain", "--to", s(&b)]));
+    ok(
+        "export packed",
+        flash(&store, &["export", "z/packed", "--to", s(&a)]),
+    );
+    ok(
+        "export plain",
+        flash(&store, &["export", "z/plain", "--to", s(&b)]),
+    );
     let shard = std::fs::read(a.join("model.safetensors")).unwrap();
     assert_eq!(shard, std::fs::read(b.join("model.safetensors")).unwrap());
     // The export pulls in again as the same model.
-    ok("pull export", flash(&store, &["pull", "--from", s(&a), "--name", "z/again"]));
+    ok(
+        "pull export",
+        flash(&store, &["pull", "--from", s(&a), "--name", "z/again"]),
+    );
     assert_eq!(info("z/again")["size"], plain["size"]);
 }

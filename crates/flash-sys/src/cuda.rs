@@ -51,9 +51,6 @@
 //! the ones [`probe`] checks), [`During`] (a driver error with what was being
 //! done) and [`check_range`] (the bounds check every copy here uses).
 
-/// Device memory through the VMM API, shared as POSIX descriptors (`flash bench-ipc`).
-pub mod vmm;
-
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -159,7 +156,7 @@ impl<T> During<T> for Result<T, DriverError> {
 }
 
 /// Copies `src` to device memory `base + offset`, synchronously, after all
-/// work queued on `gpu` (for [`DeviceMemory`] and [`vmm::VmmMemory`]).
+/// work queued on `gpu` (for [`DeviceMemory`]).
 ///
 /// # Safety
 /// `base..base + len` must be device memory of `gpu`, mapped for reading
@@ -1100,19 +1097,14 @@ impl Drop for Event {
 // ---------------------------------------------------------------------------
 
 /// The size [`Gpu::alloc`] asks the driver for: `bytes` rounded up to a
-/// multiple of 2 MiB (the GPU's large page) from 2 MiB on, unless
-/// `FLASH_ALLOC_ROUND=0` (for the A/B in `flash bench-ipc`). Why: measured
-/// on an H200 (bench/results, attach-fixed), another process opened a
-/// 15.26 GiB export through CUDA IPC in 92-95 ms when it was allocated as
-/// asked (not a multiple of 2 MiB) and in 0.45-0.50 ms rounded up, which is
-/// what makes the daemon's share-mode attach of an 8B model take 1 ms, not
-/// 100.
+/// multiple of 2 MiB (the GPU's large page) from 2 MiB on. Why: measured on
+/// an H200 (bench/results, attach-fixed), another process opened a 15.26
+/// GiB export through CUDA IPC in 92-95 ms when it was allocated as asked
+/// (not a multiple of 2 MiB) and in 0.45-0.50 ms rounded up, which is what
+/// makes the daemon's share-mode attach of an 8B model take 1 ms, not 100.
 fn alloc_size(bytes: usize) -> usize {
     const LARGE_PAGE: usize = 2 << 20;
-    static ROUND: OnceLock<bool> = OnceLock::new();
-    let round =
-        *ROUND.get_or_init(|| std::env::var_os("FLASH_ALLOC_ROUND").is_none_or(|v| v != "0"));
-    if round && bytes >= LARGE_PAGE {
+    if bytes >= LARGE_PAGE {
         bytes.checked_next_multiple_of(LARGE_PAGE).unwrap_or(bytes)
     } else {
         bytes

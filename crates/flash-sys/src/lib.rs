@@ -1,6 +1,6 @@
 //! The `unsafe` code that talks to the operating system and the CUDA driver:
 //! everything that asks the OS for more than `std` offers, and the driver's
-//! contexts, memory, streams, events, pinned memory, IPC and VMM. The GPU
+//! contexts, memory, streams, events, pinned memory and IPC. The GPU
 //! kernels (NVRTC, cuBLAS, the inference engine's ops) are flash-kernels',
 //! whose own `unsafe` is confined to one module; this crate knows nothing
 //! about models or kernels.

@@ -825,11 +825,12 @@ impl EngineHost {
                 let decoded;
                 let b = if plan.is_encoded() {
                     let mut out = Vec::new();
-                    out.try_reserve_exact(t.length as usize)
-                        .map_err(|_| EngineError::OutOfMemory {
+                    out.try_reserve_exact(t.length as usize).map_err(|_| {
+                        EngineError::OutOfMemory {
                             what: format!("decoding tensor {n}"),
                             bytes: t.length,
-                        })?;
+                        }
+                    })?;
                     out.resize(t.length as usize, 0);
                     flash_load::decode::decode_range(&plan, bytes, range, &mut out)
                         .map_err(|e| EngineError::Invalid(format!("tensor {n}: {e}")))?;

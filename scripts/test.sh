@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every test of the project, on a machine without a GPU: formatting, lints
-# (warnings denied), the Rust tests, then the Python compatibility tests that
-# check flash against the reference safetensors/tokenizers/transformers
-# packages. Installs what it needs (Python packages into target/pyenv).
+# (warnings denied), the Rust tests, the CUDA kernels compiled by NVRTC, then
+# the Python compatibility tests that check flash against the reference
+# safetensors/tokenizers/transformers packages, the SDK's tests and vLLM.
+# Installs what it needs (Python packages into target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -16,6 +17,12 @@ cargo test --workspace --locked
 echo "== python"
 python3 -m venv target/pyenv
 target/pyenv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+echo "== CUDA kernels (NVRTC, no GPU needed)"
+# Every CUDA source the binary carries compiles for Hopper: NVRTC comes as a
+# wheel (no GPU, no CUDA toolkit), loaded at run time as on a GPU machine.
+target/pyenv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc>=13,<14"
+nvrtc_lib=$(dirname "$(find target/pyenv -name 'libnvrtc.so.13*' -print -quit)")
+LD_LIBRARY_PATH="$nvrtc_lib" target/debug/flash kernels --compile-only --arch sm_90
 # Checkpoints for the transformers/tokenizers compatibility tests.
 synth=target/synth-compat
 rm -rf "$synth"

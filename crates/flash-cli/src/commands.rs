@@ -89,6 +89,9 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
             let abs = dir
                 .canonicalize()
                 .with_context(|| format!("{}: cannot open", dir.display()))?;
+            if a.force {
+                drop_daemon_copies(ctx, &store, &name)?;
+            }
             let opts = ImportOptions {
                 dtype,
                 force: a.force,
@@ -109,6 +112,9 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
             let mut name = model_name(model)?;
             if a.revision.is_some() {
                 name.revision = a.revision.clone();
+            }
+            if a.force {
+                drop_daemon_copies(ctx, &store, &name)?;
             }
             let hub = flash_hub::HubClient::from_env().with_progress(!ctx.quiet);
             let opts = ImportOptions {
@@ -240,9 +246,34 @@ pub fn config(ctx: &Ctx, key: Option<&str>, value: Option<&str>, json: bool) -> 
 
 pub fn rm(ctx: &Ctx, model: &str) -> Result<ExitCode> {
     let name = model_name(model)?;
-    ctx.store()?.remove(&name)?;
+    let store = ctx.store()?;
+    // A daemon serving this store drops its copies first, and refuses while
+    // a client holds one, before the files go.
+    match flash_client::Client::connect(&ctx.home()) {
+        Ok(c) if store.contains(&name) => {
+            c.remove(&name.to_string())
+                .with_context(|| format!("removing {name} through the daemon"))?;
+        }
+        _ => store.remove(&name)?,
+    }
     println!("removed {name}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Before `name` is replaced in the store: a daemon serving it drops its
+/// copies (and refuses, naming the lease, while a client holds one), so it
+/// never serves the old weights.
+fn drop_daemon_copies(ctx: &Ctx, store: &Store, name: &ModelName) -> Result<()> {
+    if !store.contains(name) {
+        return Ok(());
+    }
+    if let Ok(c) = flash_client::Client::connect(&ctx.home()) {
+        c.unload(&name.to_string(), flash_client::Place::Auto)
+            .with_context(|| {
+                format!("{name} cannot be replaced while the daemon's copy is in use")
+            })?;
+    }
+    Ok(())
 }
 
 pub fn verify(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {

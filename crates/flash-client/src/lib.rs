@@ -64,7 +64,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use proto::{
     FillReply, ListReply, LoadReply, ModelInfo, PullReply, ResidentModel, StatusReply, TensorInfo,
-    TierStatus, UnloadReply,
+    RemoveReply, TierStatus, UnloadReply,
 };
 
 /// The daemon's socket, in `$FLASH_HOME`.
@@ -666,6 +666,15 @@ impl Client {
             tier: place.to_string(),
         });
         self.call(|mut c| async move { c.unload(req).await })
+    }
+
+    /// Removes `model` from the daemon's store: its copies first (refused
+    /// while a client holds one), then its folder.
+    pub fn remove(&self, model: &str) -> Result<RemoveReply> {
+        let req = self.request(proto::RemoveRequest {
+            model: model.into(),
+        });
+        self.call(|mut c| async move { c.remove(req).await })
     }
 
     /// Asks the daemon to stop (it finishes loads in flight first).

@@ -29,6 +29,7 @@
 
 #![forbid(unsafe_code)]
 
+mod fresh;
 pub mod metrics;
 pub mod openai;
 pub mod serve;

@@ -40,7 +40,7 @@ use flash_engine::{
 use flash_format::DType;
 use flash_load::TensorView;
 use flash_store::ModelName;
-use flash_sys::cuda::DeviceMemory;
+use flash_sys::cuda::{DeviceMemory, Gpu};
 use flash_tier::{ClientId, Lease, ModelId, Tier, TierError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -449,6 +449,10 @@ struct Engine {
     cfg: ModelConfig,
     tok: TextTokenizer,
     kind: EngineKind,
+    /// The model's epoch it was built at (`DaemonHandle::fresh`): another
+    /// epoch means the store replaced the model since, and the engine's
+    /// weights or tokenizer are stale.
+    epoch: u64,
 }
 
 /// A model's place in the host: its engine (when built) behind a FIFO lock.
@@ -472,6 +476,49 @@ struct HostInner {
     gpu_opts: GpuOptions,
 }
 
+/// Prepares, once and in the background from the daemon's start, what the
+/// first request on each GPU would otherwise pay for: the decoder of
+/// compressed models and the engine's kernels (from the kernel cache, or
+/// compiled), and cuBLAS's libraries (hundreds of MB read from disk on a
+/// cold start; the process keeps them loaded). Building an engine then
+/// costs its own buffers and a cuBLAS handle. Failures are logged: the
+/// request that needs the piece makes it and reports why it cannot.
+pub fn warm_up(daemon: &DaemonHandle) {
+    let Some(cuda) = daemon.cuda() else {
+        return;
+    };
+    let gpus: Vec<Gpu> = (0..cuda.device_count())
+        .filter_map(|i| cuda.device(i).ok())
+        .collect();
+    let daemon = daemon.clone();
+    let spawned = std::thread::Builder::new()
+        .name("flash-warm-up".into())
+        .spawn(move || {
+            for gpu in gpus {
+                let t = Instant::now();
+                let decoder = daemon.tiers().transfers().decoder(&gpu);
+                let decoder_ok = decoder.get().is_some_and(Option::is_some);
+                let cache = flash_kernels::default_kernel_cache(Some(daemon.home()));
+                let kernels = flash_kernels::ops::Kernels::load(&gpu, cache.as_deref())
+                    .map(|k| k.info().cache_hit);
+                let blas = gpu
+                    .stream()
+                    .and_then(|s| flash_kernels::blas::Blas::new(&s).map(drop));
+                tracing::info!(
+                    gpu = gpu.ordinal(),
+                    decoder = decoder_ok,
+                    kernels = ?kernels,
+                    cublas = ?blas.as_ref().map(|_| ()),
+                    seconds = t.elapsed().as_secs_f64(),
+                    "GPU prepared for the first request"
+                );
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no warm-up thread: {e}");
+    }
+}
+
 /// Most engines alive at once: `FLASH_MAX_ENGINES`, else 2.
 fn max_engines_from_env() -> usize {
     std::env::var("FLASH_MAX_ENGINES")
@@ -483,13 +530,19 @@ fn max_engines_from_env() -> usize {
 
 impl EngineHost {
     pub fn new(daemon: DaemonHandle) -> Self {
+        let kernel_cache = flash_kernels::default_kernel_cache(Some(daemon.home()));
         EngineHost {
             inner: Arc::new(HostInner {
                 daemon,
                 slots: Mutex::new(HashMap::new()),
                 clock: AtomicU64::new(0),
                 max_engines: max_engines_from_env(),
-                gpu_opts: GpuOptions::default(),
+                // The kernel cache in the daemon's home, where `warm_up`
+                // and the decoder of compressed models keep theirs.
+                gpu_opts: GpuOptions {
+                    kernel_cache,
+                    ..GpuOptions::default()
+                },
             }),
         }
     }
@@ -689,6 +742,16 @@ impl EngineHost {
         );
         let id = ModelId::new(name);
         let t0 = Instant::now();
+        // A model replaced or removed in the store since: its copies are
+        // dropped (refused while leased) and an engine built on it goes.
+        let epoch = self
+            .inner
+            .daemon
+            .fresh(&id)
+            .map_err(ServeError::NoRoom)?;
+        if slot_engine.as_ref().is_some_and(|e| e.epoch != epoch) {
+            *slot_engine = None;
+        }
         let mut resident_s = 0.0;
         let mut engine_s = 0.0;
         let mut served_from = String::from("engine");
@@ -715,7 +778,7 @@ impl EngineHost {
                     served_from = lease.served_from().to_string();
                     let t1 = Instant::now();
                     self.make_room(name);
-                    *slot_engine = Some(self.build_cpu(&id, &lease)?);
+                    *slot_engine = Some(self.build_cpu(&id, &lease, epoch)?);
                     drop(lease);
                     engine_s = t1.elapsed().as_secs_f64();
                 }
@@ -732,7 +795,7 @@ impl EngineHost {
             if rebuild {
                 *slot_engine = None;
                 self.make_room(name);
-                *slot_engine = Some(self.build_gpu(&id, w.clone(), gpu)?);
+                *slot_engine = Some(self.build_gpu(&id, w.clone(), gpu, epoch)?);
             } else if let Some(Engine {
                 kind: EngineKind::Gpu { engine, .. },
                 ..
@@ -798,7 +861,12 @@ impl EngineHost {
     }
 
     /// The CPU engine of `id` from its memory-tier copy (converted to f32).
-    fn build_cpu(&self, id: &ModelId, lease: &Lease<StoreTransfers>) -> Result<Engine, ServeError> {
+    fn build_cpu(
+        &self,
+        id: &ModelId,
+        lease: &Lease<StoreTransfers>,
+        epoch: u64,
+    ) -> Result<Engine, ServeError> {
         let (cfg, tok) = self.text_parts(id)?;
         let Some(image) = lease.memory() else {
             return Err(ServeError::Internal(format!(
@@ -855,6 +923,7 @@ impl EngineHost {
             cfg,
             tok,
             kind: EngineKind::Cpu(Box::new(model)),
+            epoch,
         })
     }
 
@@ -864,6 +933,7 @@ impl EngineHost {
         id: &ModelId,
         weights: Arc<LeasedWeights>,
         gpu: u16,
+        epoch: u64,
     ) -> Result<Engine, ServeError> {
         let (cfg, tok) = self.text_parts(id)?;
         let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
@@ -876,6 +946,7 @@ impl EngineHost {
                 engine: Box::new(engine),
                 gpu,
             },
+            epoch,
         })
     }
 }

@@ -21,6 +21,7 @@
 //! its client's stream to end.
 
 use crate::metrics::{self, Histograms};
+use crate::fresh::Freshness;
 use crate::tiers::{build_tiers_with, SetupError, TierConfig, Tiers};
 use flash_client::proto::flash_server::{Flash, FlashServer};
 use flash_client::proto::{self, acquire_reply, region};
@@ -128,6 +129,16 @@ impl DaemonHandle {
     pub fn cuda(&self) -> Option<&Cuda> {
         self.inner.cuda.as_ref()
     }
+
+    /// Drops the copies of `model` if the store changed it since they were
+    /// made (see [`crate::fresh`]) and returns its epoch: an engine built at
+    /// another epoch holds stale weights.
+    pub fn fresh(&self, model: &ModelId) -> Result<u64, String> {
+        self.inner
+            .fresh
+            .check(&self.inner.tiers, model)
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// The daemon's state shared by every request.
@@ -150,6 +161,8 @@ pub(crate) struct Daemon {
     pub switch: Mutex<Histograms>,
     pub memory_shareable: bool,
     pub memory_pinned: bool,
+    /// Which version of each model the tiers' copies and the engines hold.
+    pub(crate) fresh: Freshness,
 }
 
 /// A hash of the home path, to name its shared-memory folder (FNV-1a).
@@ -376,10 +389,12 @@ fn serve(
         switch: Mutex::new(Histograms::default()),
         memory_shareable,
         memory_pinned,
+        fresh: Freshness::default(),
     });
     let handle = DaemonHandle {
         inner: daemon.clone(),
     };
+    crate::serve::warm_up(&handle);
     let extra = routes(&handle);
     let token = match tcp_listener {
         Some(_) => {
@@ -597,6 +612,11 @@ impl Daemon {
         let name: ModelName = s
             .parse()
             .map_err(|e: flash_store::name::NameError| Status::invalid_argument(e.to_string()))?;
+        // A model replaced or removed since its copies were made: they go
+        // first (refused while leased).
+        self.fresh
+            .check(&self.tiers, &ModelId::new(name.to_string()))
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         if !self.store.contains(&name) {
             return Err(Status::not_found(format!(
                 "model {name} is not in the store (see `flash list`)"
@@ -873,6 +893,35 @@ impl Flash for Service {
         .map(Response::new)
     }
 
+    async fn remove(
+        &self,
+        req: Request<proto::RemoveRequest>,
+    ) -> Result<Response<proto::RemoveReply>, Status> {
+        let d = self.d.clone();
+        let r = req.into_inner();
+        blocking(move || {
+            let (name, id) = d.model(&r.model)?;
+            // The copies first: a client holding one keeps the model.
+            let freed = d.tiers.unload(&id, None).map_err(|e| status_of(&e))?;
+            d.store.remove(&name).map_err(store_status)?;
+            d.tiers.transfers().forget(&id);
+            d.fresh.changed(&d.tiers, &id);
+            info!(model = %id, "removed from the store");
+            Ok(proto::RemoveReply {
+                model: id.to_string(),
+                freed: freed
+                    .into_iter()
+                    .map(|(t, b)| proto::TierBytes {
+                        tier: t.to_string(),
+                        bytes: b,
+                    })
+                    .collect(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
     async fn shutdown(
         &self,
         _req: Request<proto::ShutdownRequest>,
@@ -901,6 +950,20 @@ fn model_info(d: &Daemon, m: flash_store::ModelInfo, id: &ModelId) -> proto::Mod
 }
 
 pub(crate) fn status_reply(d: &Daemon) -> proto::StatusReply {
+    // Copies of models replaced or removed behind the daemon's back go
+    // before they are reported (a leased one stays, and says so when asked).
+    let resident: HashSet<ModelId> = d
+        .tiers
+        .status()
+        .tiers
+        .iter()
+        .flat_map(|t| t.models.iter().map(|m| m.model.clone()))
+        .collect();
+    for model in &resident {
+        if let Err(e) = d.fresh.check(&d.tiers, model) {
+            debug!("{e}");
+        }
+    }
     let st = d.tiers.status();
     let sessions = d.sessions.lock().map(|s| s.len()).unwrap_or(0);
     proto::StatusReply {
@@ -1008,6 +1071,7 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
         d.store.import(&abs, &name, &opts).map_err(store_status)?
     };
     d.tiers.transfers().forget(&id);
+    d.fresh.changed(&d.tiers, &id);
     Ok(proto::PullReply {
         model: report.model_id,
         path: report.path.display().to_string(),

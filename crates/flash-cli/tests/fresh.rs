@@ -31,8 +31,7 @@ fn stored_bytes(h: &Home, model: &str) -> Vec<u8> {
     let store = Store::open(&h.path).unwrap();
     let dir = store.existing(&model.parse().unwrap()).unwrap();
     let src = flash_load::ModelSource::open(&dir).unwrap();
-    let (m, _) =
-        flash_load::load_to_host(&src, None, &flash_load::LoadOptions::default()).unwrap();
+    let (m, _) = flash_load::load_to_host(&src, None, &flash_load::LoadOptions::default()).unwrap();
     m.buffer().to_vec()
 }
 
@@ -56,7 +55,14 @@ fn a_replaced_model_is_served_anew_from_every_path() {
         "pull --force",
         flash(
             &h.path,
-            &["pull", "--from", b.to_str().unwrap(), "--name", &model, "--force"],
+            &[
+                "pull",
+                "--from",
+                b.to_str().unwrap(),
+                "--name",
+                &model,
+                "--force",
+            ],
         ),
     );
     let new = served_bytes(&h, &model);

@@ -63,8 +63,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use proto::{
-    FillReply, ListReply, LoadReply, ModelInfo, PullReply, ResidentModel, StatusReply, TensorInfo,
-    RemoveReply, TierStatus, UnloadReply,
+    FillReply, ListReply, LoadReply, ModelInfo, PullReply, RemoveReply, ResidentModel, StatusReply,
+    TensorInfo, TierStatus, UnloadReply,
 };
 
 /// The daemon's socket, in `$FLASH_HOME`.

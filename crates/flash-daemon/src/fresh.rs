@@ -88,12 +88,10 @@ impl Freshness {
         }
         // Changed: drop every copy (no lock held: unloading waits for loads
         // in flight and frees device memory).
-        tiers
-            .unload(model, None)
-            .map_err(|cause| StillLeased {
-                model: model.clone(),
-                cause,
-            })?;
+        tiers.unload(model, None).map_err(|cause| StillLeased {
+            model: model.clone(),
+            cause,
+        })?;
         tiers.transfers().forget(model);
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let k = known.get_mut(model).expect("inserted above");

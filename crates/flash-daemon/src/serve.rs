@@ -744,11 +744,7 @@ impl EngineHost {
         let t0 = Instant::now();
         // A model replaced or removed in the store since: its copies are
         // dropped (refused while leased) and an engine built on it goes.
-        let epoch = self
-            .inner
-            .daemon
-            .fresh(&id)
-            .map_err(ServeError::NoRoom)?;
+        let epoch = self.inner.daemon.fresh(&id).map_err(ServeError::NoRoom)?;
         if slot_engine.as_ref().is_some_and(|e| e.epoch != epoch) {
             *slot_engine = None;
         }

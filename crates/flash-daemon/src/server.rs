@@ -20,8 +20,8 @@
 //! `spawn_blocking`, never on the reactor. A session is one task waiting for
 //! its client's stream to end.
 
-use crate::metrics::{self, Histograms};
 use crate::fresh::Freshness;
+use crate::metrics::{self, Histograms};
 use crate::tiers::{build_tiers_with, SetupError, TierConfig, Tiers};
 use flash_client::proto::flash_server::{Flash, FlashServer};
 use flash_client::proto::{self, acquire_reply, region};

@@ -10,18 +10,18 @@
 # two calls on the same warm machine):
 #   check   doctor, selftest (loads, device_map, engine ops, daemon), the
 #           transformers compatibility of synthesized checkpoints;
-#   load    issue 3: the loaders side by side (steps 3-5 below); PEERS
+#   load    the loaders side by side (steps 3-5 below); PEERS
 #           narrows the peers (default: all five);
-#   daemon  issue 4: memory tier -> GPU and share-mode attach (DAEMON_SCENARIOS
+#   daemon  memory tier -> GPU and share-mode attach (DAEMON_SCENARIOS
 #           "upload"), the swap workload ("swap"; SWAP_SECONDS, default 300);
 # SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
-#   engine  issue 6: GPU engine vs transformers, decode/prefill vs roofline;
-#   ttft    issue 6: time to first token of `flash run` through the daemon
+#   engine  GPU engine vs transformers, decode/prefill vs roofline;
+#   ttft    time to first token of `flash run` through the daemon
 #           (GPU-resident, memory tier, cold from disk), in-process cold from
 #           disk (--no-daemon) and of transformers; cold runs alternate with
 #           the cold load (TTFT_ROUNDS rounds, default 3); TTFT_DAEMON=0 runs
 #           only the in-process cold runs and the load, no daemon started;
-#   sdk     issue 5: the SDK's GPU tests and its timing targets;
+#   sdk     the SDK's GPU tests and its timing targets;
 #   disk    what the disk rewards: block device settings, cold reads with
 #           every read pattern (flash bench-disk), alternating;
 #   cold    the fastest peer against flash (safetensors folder, flash
@@ -275,7 +275,7 @@ PY
 done
 df -h "$SCRATCH" | tail -1
 
-# Disk: what the disk rewards (issue 12). The block device's settings, then
+# Disk: what the disk rewards. The block device's settings, then
 # cold reads of the 8B checkpoint's shards with every read pattern
 # (flash bench-disk: DISK_PATTERNS, or the doctor's candidates), the order
 # rotated each round, first DISK_LIMIT bytes of each shard.
@@ -388,7 +388,7 @@ PY
 stage cold && cold_stage ${COLD_MODELS:-qwen3-8b}
 
 
-# Compression (issue 13): decoding alone (one CPU core, every core, the GPU
+# Compression: decoding alone (one CPU core, every core, the GPU
 # in one launch) and the memory-tier path (the stored image in pinned memory
 # uploaded, decoded on the GPU as it lands) for the compressed model, with
 # the plain model's upload beside it.
@@ -461,7 +461,7 @@ for model in $LOAD_MODELS; do
     fi
 done
 
-# 6. The engine (issue 6): GPU forward vs transformers, speed vs roofline,
+# 6. The engine: GPU forward vs transformers, speed vs roofline,
 #    time to first token of `flash run` and of transformers.
 M8=${STORE[qwen3-8b]:-}
 D8=${DIRS[qwen3-8b]:-}
@@ -570,7 +570,7 @@ elif stage ttft && [ -n "$M8" ]; then
     fi
 fi
 
-# 7. The Python SDK (issue 5): GPU tests, then the timing targets.
+# 7. The Python SDK: GPU tests, then the timing targets.
 if stage sdk; then
     if ls .carry/wheels/flashtensors-*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -592,7 +592,7 @@ if stage sdk; then
     fi
 fi
 
-# 8. The daemon (issue 4): memory tier -> GPU, share-mode attach, swap workload.
+# 8. The daemon: memory tier -> GPU, share-mode attach, swap workload.
 DAEMON_SCENARIOS=${DAEMON_SCENARIOS:-upload swap}
 if stage daemon && [ -n "$M8" ] && [[ $DAEMON_SCENARIOS == *upload* ]]; then
     log "== daemon: upload (memory tier -> GPU) and attach (share mode), $M8"

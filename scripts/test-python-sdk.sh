@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The Python SDK's tests (issue 5): builds the abi3 wheel with maturin (the
+# The Python SDK's tests: builds the abi3 wheel with maturin (the
 # `flash` binary bundled), installs it into a fresh venv of CPython 3.11 and
 # runs tests/python_sdk against a real daemon on the CPU (numpy only, no
 # torch), then installs the same wheel into CPython 3.12 and runs the suite

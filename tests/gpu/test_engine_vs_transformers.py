@@ -1,4 +1,4 @@
-"""The native GPU engine against transformers (issue 6), run on the GPU
+"""The native GPU engine against transformers, run on the GPU
 machine where torch and transformers are installed (not in CI):
 
     FLASH_BIN=path/to/flash pytest -q -s tests/gpu/test_engine_vs_transformers.py

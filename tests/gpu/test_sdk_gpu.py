@@ -1,4 +1,4 @@
-"""The Python SDK on a GPU (issue 5), run on the GPU machine where torch and
+"""The Python SDK on a GPU, run on the GPU machine where torch and
 transformers are installed (not in CI), with the flashtensors wheel built by
 scripts/test-python-sdk.sh (or python/build_wheel.sh) installed:
 

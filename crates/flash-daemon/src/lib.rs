@@ -1,4 +1,4 @@
-//! The flashtensors daemon (issue 4): a long-lived process that knows which
+//! The flashtensors daemon: a long-lived process that knows which
 //! model is where — on disk (the store), in host memory, resident on each
 //! GPU — moves models between those tiers under byte budgets, and lends
 //! their memory to clients.

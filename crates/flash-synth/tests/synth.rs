@@ -41,7 +41,7 @@ fn presets_match_the_real_parameter_counts() {
             "{arch} {size}: {ne} vs {non_embed}"
         );
     }
-    // Exact counts of the two models the brief names.
+    // Exact parameter counts of two real models (their published sizes).
     assert_eq!(
         spec(Arch::Llama, "8b").unwrap().param_count(),
         8_030_261_248

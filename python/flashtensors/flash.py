@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 
 from . import _daemon, _dtypes, _native, _tensors
 from .errors import DeviceError, FlashError, InvalidRequestError, ModelNotFoundError
+
+_log = logging.getLogger("flashtensors")
 
 __all__ = ["save_dict", "load_dict"]
 
@@ -273,7 +277,10 @@ def load_dict(path, device_map=None, copy: bool = False, *, framework: str | Non
             "GPU tensors need torch (numpy arrays live in host memory): install torch, "
             "or load with device_map={'': 'cpu'}"
         )
-    blocks, _model = _load_blocks(path, device_map, copy, threads, chunk_size)
-    if fw == "numpy":
-        return _tensors.to_numpy(blocks)
-    return _tensors.to_torch(blocks)
+    t0 = time.perf_counter()
+    blocks, model = _load_blocks(path, device_map, copy, threads, chunk_size)
+    t1 = time.perf_counter()
+    out = _tensors.to_numpy(blocks) if fw == "numpy" else _tensors.to_torch(blocks)
+    _log.debug("load_dict %s: bytes %.3f s (%s), tensors %.3f s (%d)", model or path, t1 - t0,
+               "daemon" if model else "this process", time.perf_counter() - t1, len(out))
+    return out

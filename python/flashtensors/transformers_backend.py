@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
+import time
 from pathlib import Path
 
 from .errors import FlashError, InvalidRequestError
+
+_log = logging.getLogger("flashtensors")
 
 
 @contextlib.contextmanager
@@ -188,14 +192,28 @@ def load(model_id: str, info: dict, dtype=None, device_map=None, copy: bool = Fa
     # The weights come from the daemon (upload to the GPU, IPC mapping) on a
     # thread with the GIL released, while this one builds the model on the
     # meta device and reads the tokenizer: the three overlap.
+    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flash-load") as pool:
-        weights = pool.submit(load_dict, model_id, dm, copy=copy, framework="torch")
+        weights = pool.submit(_timed, load_dict, model_id, dm, copy=copy, framework="torch")
         try:
             model, target = skeleton(folder, dtype, trust_remote_code)
+            t_model = time.perf_counter() - t0
             tokenizer = _tokenizer(folder, trust_remote_code)
+            t_tok = time.perf_counter() - t0 - t_model
         finally:
-            state = weights.result()
+            state, t_weights = weights.result()
+    t_wait = time.perf_counter() - t0
     if model is None:  # no dtype named anywhere: the checkpoint's decides
         model, target = skeleton(folder, dtype, trust_remote_code, state)
     model = assign(folder, model, target, state, device)
+    _log.debug(
+        "load_model %s (transformers): weights %.3f s on a thread, beside: model on meta %.3f s, "
+        "tokenizer %.3f s; both done %.3f s; assign %.3f s",
+        model_id, t_weights, t_model, t_tok, t_wait, time.perf_counter() - t0 - t_wait)
     return model, tokenizer
+
+
+def _timed(f, *args, **kwargs):
+    t = time.perf_counter()
+    out = f(*args, **kwargs)
+    return out, time.perf_counter() - t

@@ -10,7 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 
-cargo build -q -p flash-cli --locked
+# The same build as the Rust tests' (`cargo test --workspace`: the same
+# features, so nothing compiles again after scripts/test.sh), which also
+# builds target/debug/flash; `cargo build -p flash-cli` would resolve
+# features for flash-cli alone and compile a second copy of much of the
+# workspace.
+cargo test -q --workspace --no-run --locked
 # The wheel ships the debug binary built above, stripped (it is several
 # times smaller without debug info, and the wheel is zipped).
 strip -o target/flash-for-wheel target/debug/flash
@@ -20,6 +25,9 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python_sdk/requirements.txt
 
 echo "== python sdk: maturin build"
+# maturin compiles flash-py alone; with the workspace's features it reuses
+# everything the Rust tests compiled (only flash-py and PyO3 are new).
+bash scripts/check-wheel-features.sh
 rm -rf target/sdk-wheels
 # Debug profile: reuses what `cargo test` built; --strip keeps the wheel small.
 (cd python && FLASHTENSORS_FLASH_BIN="$PWD/../target/flash-for-wheel" \

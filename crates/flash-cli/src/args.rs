@@ -1,4 +1,7 @@
-//! Command-line arguments.
+//! Command-line arguments: every clap struct of the binary, and nothing
+//! else of the crate (this module depends on no other), so each command
+//! module reads its arguments from here and turns them into the libraries'
+//! options.
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -61,6 +64,11 @@ pub enum Command {
         /// Largest shard, in bytes (suffixes K, M, G)
         #[arg(long, default_value = "5G", value_parser = parse_size)]
         shard_size: u64,
+        /// Of a model pulled with --tp: write this rank's tensors alone
+        /// (their names, the part's shape) [default: all ranks gathered
+        /// back into the whole model]
+        #[arg(long, value_name = "R")]
+        rank: Option<u32>,
     },
     /// Write a Hugging Face style checkpoint with random weights and real shapes
     Synth(SynthArgs),
@@ -100,15 +108,15 @@ pub enum Command {
         daemon: bool,
     },
     /// Prefill and decode speed of the GPU engine with the model resident, against the roofline
-    BenchEngine(crate::engine_cli::BenchEngineArgs),
+    BenchEngine(BenchEngineArgs),
     /// Teacher-forced logits of every position, written as f32 (checks against a reference)
     #[command(hide = true)]
-    EngineLogits(crate::engine_cli::EngineLogitsArgs),
+    EngineLogits(EngineLogitsArgs),
     /// Compile every CUDA source the binary carries with NVRTC, without a GPU
     #[command(hide = true)]
-    Kernels(crate::kernels_cli::KernelsArgs),
+    Kernels(KernelsArgs),
     /// Generate text with a model: streams to stdout, timings on stderr
-    Run(crate::run::RunArgs),
+    Run(RunArgs),
     /// Start the daemon (in the background, unless --foreground)
     Start(StartArgs),
     /// Stop the daemon gracefully (loads in flight finish, memory is returned)
@@ -232,7 +240,7 @@ pub struct BenchDaemonArgs {
     /// Keep only this many decoder layers of the synthesized models (smaller
     /// models of real width, e.g. 0.6b with 2 layers is ~0.37 GB)
     #[arg(long)]
-    pub layers: Option<u64>,
+    pub layers: Option<usize>,
     /// Number of swap models
     #[arg(long, default_value_t = 100)]
     pub models: usize,
@@ -287,6 +295,11 @@ pub struct PullArgs {
     /// Store tensors verbatim, whatever the store's setting
     #[arg(long)]
     pub no_compress: bool,
+    /// Store the model split for tensor parallelism into N ranks (one
+    /// per GPU), as vLLM splits Qwen3, Llama and Qwen2 layers
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub tp: u32,
     #[arg(long)]
     pub json: bool,
 }
@@ -323,7 +336,7 @@ pub struct SynthArgs {
     /// Another attention head size than the preset's (even; e.g. 64 for
     /// runtimes whose attention takes only some sizes)
     #[arg(long)]
-    pub head_dim: Option<u64>,
+    pub head_dim: Option<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -402,6 +415,120 @@ pub struct BenchDiskArgs {
     #[arg(long, value_parser = parse_size)]
     pub limit: Option<u64>,
     /// One JSON object per read, then one with the medians
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A store model (ORG/NAME) or a model folder (Hugging Face or flash format)
+    pub model: String,
+    /// The prompt; read from stdin when absent or "-"
+    pub prompt: Option<String>,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy [default: the model's
+    /// generation_config.json when it samples, else greedy]
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability
+    /// [default: generation_config.json, else off]
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Keep only the K most likely tokens; 0 = off [default:
+    /// generation_config.json, else off]
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Penalty on tokens already seen (1 = off) [default:
+    /// generation_config.json, else off]
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampler (same seed, same text)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop before this text (repeatable)
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// A system message before the prompt (chat template only)
+    #[arg(long, value_name = "TEXT", conflicts_with = "raw")]
+    pub system: Option<String>,
+    /// Send the prompt as is, without the chat template
+    #[arg(long)]
+    pub raw: bool,
+    /// Print one JSON object at the end instead of streaming text
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: add "last_logits", the logits at the prompt's last
+    /// position (for checking the engine against a reference)
+    #[arg(long, requires = "json")]
+    pub logits: bool,
+    /// Run in this process instead of through the flash daemon
+    #[arg(long)]
+    pub no_daemon: bool,
+    /// auto (a GPU when one is usable and the model is bf16, else the
+    /// CPU), cpu, or cuda:N (that GPU, or an error); cpu and cuda:N run in
+    /// this process
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchEngineArgs {
+    /// A store model (ORG/NAME) or a model folder
+    pub model: String,
+    /// Tokens of the timed prefill
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Tokens decoded one at a time after the prefill
+    #[arg(long, default_value_t = 128)]
+    pub decode: usize,
+    /// Timed repetitions (the best is reported)
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// GPU ordinal
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+    /// Decode with cuBLAS products only (not the fused decode kernels)
+    #[arg(long)]
+    pub no_fused_decode: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EngineLogitsArgs {
+    /// A store model (ORG/NAME) or a model folder
+    pub model: String,
+    /// Token ids, comma-separated
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub tokens: Vec<u32>,
+    /// File to write: little-endian f32 [tokens, vocab]
+    #[arg(long)]
+    pub out: PathBuf,
+    /// gpu or cpu (the f32 reference)
+    #[arg(long, default_value = "gpu")]
+    pub device: String,
+    /// Decode one token at a time after a prefill of this many (0: one
+    /// batched pass over all tokens)
+    #[arg(long, default_value_t = 0)]
+    pub prefill: usize,
+    /// GPU: logits rounded to bf16, as transformers' bf16 lm_head gives them
+    #[arg(long)]
+    pub bf16_logits: bool,
+    /// GPU: round like transformers' bf16 forward (bf16 residual stream, bf16 RoPE)
+    #[arg(long)]
+    pub hf_rounding: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// Compile every source with NVRTC, load nothing (the only mode so far)
+    #[arg(long, required = true)]
+    pub compile_only: bool,
+    /// Target architecture (sm_90, sm_100, 8.9, ...)
+    #[arg(long, default_value = "sm_90")]
+    pub arch: String,
     #[arg(long)]
     pub json: bool,
 }

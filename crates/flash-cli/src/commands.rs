@@ -1,39 +1,15 @@
 //! Store commands: pull, list, info, rm, verify, export, synth.
 
 use crate::args::{PullArgs, SynthArgs};
+use crate::ctx::{model_name, Ctx};
 use crate::progress::bytes_bar;
 use anyhow::{bail, Context, Result};
 use flash_format::manifest::Source;
 use flash_load::LoadOptions;
 use flash_store::{DtypeChoice, ImportOptions, ModelName, Store};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-
-pub struct Ctx {
-    storage: Option<PathBuf>,
-    pub quiet: bool,
-}
-
-impl Ctx {
-    pub fn new(storage: Option<PathBuf>, quiet: bool) -> Self {
-        Ctx { storage, quiet }
-    }
-
-    /// The store's folder (`$FLASH_HOME` of the daemon), without opening it.
-    pub fn home(&self) -> PathBuf {
-        self.storage.clone().unwrap_or_else(Store::default_root)
-    }
-
-    pub fn store(&self) -> Result<Store> {
-        let root = self.storage.clone().unwrap_or_else(Store::default_root);
-        Store::open(&root).with_context(|| format!("cannot open the store at {}", root.display()))
-    }
-}
-
-pub fn model_name(s: &str) -> Result<ModelName> {
-    Ok(s.parse::<ModelName>()?)
-}
 
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
@@ -103,7 +79,7 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
                 progress: Some(&progress),
                 compress,
             };
-            store.import(&abs, &name, &opts)?
+            store.import_tp(&abs, &name, &opts, a.tp)?
         }
         None => {
             let Some(model) = &a.model else {
@@ -124,7 +100,7 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
                 compress,
                 ..Default::default()
             };
-            store.pull(&hub, &name, &opts)?
+            store.pull_tp(&hub, &name, &opts, a.tp)?
         }
     };
     bar.finish_and_clear();
@@ -141,8 +117,13 @@ pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
         } else {
             human_bytes(report.bytes)
         };
+        let ranks = if report.ranks > 1 {
+            format!(" in each of {} tensor-parallel ranks", report.ranks)
+        } else {
+            String::new()
+        };
         println!(
-            "{}: {} tensors ({} identical to another, stored once), {stored} in {:.1}s -> {}",
+            "{}: {} tensors{ranks} ({} identical to another, stored once), {stored} in {:.1}s -> {}",
             report.model_id,
             report.tensors + report.aliases,
             report.aliases,
@@ -317,11 +298,20 @@ pub fn verify(ctx: &Ctx, model: &str, json: bool) -> Result<ExitCode> {
     })
 }
 
-pub fn export(ctx: &Ctx, model: &str, to: &Path, shard_size: u64) -> Result<ExitCode> {
+pub fn export(
+    ctx: &Ctx,
+    model: &str,
+    to: &Path,
+    shard_size: u64,
+    rank: Option<u32>,
+) -> Result<ExitCode> {
     let name = model_name(model)?;
-    let files = ctx
-        .store()?
-        .export(&name, to, shard_size, &LoadOptions::default())?;
+    let store = ctx.store()?;
+    let opts = LoadOptions::default();
+    let files = match rank {
+        Some(r) => store.export_rank(&name, r, to, shard_size, &opts)?,
+        None => store.export(&name, to, shard_size, &opts)?,
+    };
     println!(
         "{name}: {} safetensors file(s) in {}",
         files.len(),
@@ -334,7 +324,7 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<ExitCode> {
     let arch: flash_synth::Arch = a.arch.parse()?;
     let mut spec = flash_synth::spec(arch, &a.size)?;
     if let Some(h) = a.head_dim {
-        spec.head_dim = h;
+        spec.shape.head_dim = h;
         spec.validate()?;
     }
     let dtype = match a.dtype.parse::<DtypeChoice>().map_err(anyhow::Error::msg)? {

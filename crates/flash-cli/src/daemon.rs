@@ -3,6 +3,7 @@
 
 use crate::args::{AttachArgs, StartArgs};
 use anyhow::{anyhow, bail, Context, Result};
+use flash_check::daemon::{compare, reference};
 use flash_client::{Client, ClientError, Location, Place, StatusReply};
 use flash_daemon::{DaemonConfig, LOCK_FILE, LOG_FILE, PID_FILE};
 use flash_load::LoadOptions;
@@ -435,49 +436,6 @@ pub fn unload(storage: &Option<PathBuf>, model: &str, tier: Option<&str>) -> Res
         println!("{model}: unloaded from {} ({})", f.tier, human(f.bytes));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The model's bytes as the store gives them, tensor by tensor.
-pub(crate) fn reference(home: &Path, model: &str) -> Result<flash_load::HostModel> {
-    let store = Store::open(home)?;
-    let name: flash_store::ModelName = model.parse()?;
-    let dir = store.existing(&name)?;
-    let src = flash_load::ModelSource::open(&dir)?;
-    Ok(flash_load::load_to_host(&src, None, &LoadOptions::default())?.0)
-}
-
-pub(crate) fn compare(
-    model: &str,
-    tensors: &[flash_client::TensorInfo],
-    image: &[u8],
-    want: &flash_load::HostModel,
-) -> Result<()> {
-    for t in tensors {
-        let got = image
-            .get(t.offset as usize..(t.offset + t.length) as usize)
-            .ok_or_else(|| anyhow!("{model}: tensor {} lies outside the image", t.name))?;
-        let w = want
-            .tensors()
-            .iter()
-            .find(|x| x.name == t.name)
-            .ok_or_else(|| {
-                anyhow!(
-                    "{model}: the daemon names a tensor {} the store lacks",
-                    t.name
-                )
-            })?;
-        if got != want.bytes(w) {
-            bail!("{model}: tensor {} differs from the store's bytes", t.name);
-        }
-    }
-    if tensors.len() != want.tensors().len() {
-        bail!(
-            "{model}: the daemon lists {} tensors, the store {}",
-            tensors.len(),
-            want.tensors().len()
-        );
-    }
-    Ok(())
 }
 
 #[derive(serde::Serialize)]

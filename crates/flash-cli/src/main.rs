@@ -1,10 +1,26 @@
-//! `flash`: the command-line front of flashtensors. Argument parsing lives in
-//! `args`, each group of commands in its own module; the work itself is done
-//! by the library crates (flash-store, flash-load, flash-synth...).
+//! `flash`: the command-line front of flashtensors. It parses arguments,
+//! turns them into the libraries' options, draws progress bars, prints
+//! tables or JSON and sets the exit code; the work itself is done by the
+//! library crates (flash-store, flash-load, flash-synth, flash-engine, the
+//! daemon's flash-daemon and flash-client, and flash-check for the
+//! doctor, the benchmarks and the self-checks).
+//!
+//! Modules, each depending only on those listed before it (no circle):
+//! - `args`: every clap struct (depends on nothing of the crate);
+//! - `ctx`: what every command resolves the same way (the store, model
+//!   names and folders, the kernel cache, a GPU);
+//! - `progress`: progress bars;
+//! - `daemon` (start, stop, status, ps, load, unload, attach), then
+//!   `run_remote` (`flash run` through the daemon), then `run` (`flash run`
+//!   in this process, or handed to `run_remote`);
+//! - one module per group of commands: `commands` (the store), `bench`,
+//!   `doctor`, `engine_cli`, `selftest`, `kernels_cli`, `daemon_bench`.
 
 mod args;
 mod bench;
+mod clock;
 mod commands;
+mod ctx;
 mod daemon;
 mod daemon_bench;
 mod doctor;
@@ -14,7 +30,6 @@ mod progress;
 mod run;
 mod run_remote;
 mod selftest;
-mod selftest_daemon;
 
 use args::{Cli, Command};
 use clap::{CommandFactory, Parser};
@@ -65,7 +80,7 @@ fn one_line(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ctx = commands::Ctx::new(cli.storage.clone(), cli.quiet);
+    let ctx = ctx::Ctx::new(cli.storage.clone(), cli.quiet);
     match cli.command {
         Command::Pull(a) => commands::pull(&ctx, a),
         Command::List { json } => commands::list(&ctx, json),
@@ -76,7 +91,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             model,
             to,
             shard_size,
-        } => commands::export(&ctx, &model, &to, shard_size),
+            rank,
+        } => commands::export(&ctx, &model, &to, shard_size, rank),
         Command::Synth(a) => commands::synth(&ctx, a),
         Command::Config { key, value, json } => {
             commands::config(&ctx, key.as_deref(), value.as_deref(), json)
@@ -92,7 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             daemon: true,
             ..
-        } => selftest_daemon::run(require_gpu, json),
+        } => selftest::run_daemon(require_gpu, json),
         Command::Selftest {
             require_gpu,
             json,
@@ -116,7 +132,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => daemon::load(&cli.storage, &model, gpu, memory, keep, json),
         Command::Unload { model, tier } => daemon::unload(&cli.storage, &model, tier.as_deref()),
         Command::Attach(a) => daemon::attach(&cli.storage, a),
-        Command::BenchDaemon(a) => daemon_bench::run(&cli.storage, a),
+        Command::BenchDaemon(a) => daemon_bench::run(&ctx, a),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "flash", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)

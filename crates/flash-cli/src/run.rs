@@ -12,11 +12,10 @@
 //! same on either. The TTFT it prints is measured from this process's
 //! start, as through the daemon.
 
-use crate::commands::Ctx;
-use crate::engine_cli::{gpu, kernel_cache, model_dir};
-use crate::run_remote::ProcessClock;
+use crate::args::RunArgs;
+use crate::clock::ProcessClock;
+use crate::ctx::{gpu, kernel_cache, model_dir, Ctx};
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use flash_engine::{
     generate, Backend, CpuModel, CpuOptions, GenerateOptions, Generation, GpuEngine, GpuOptions,
     Message, ModelConfig, SamplingParams, TextTokenizer, FUSED_MAX_TOKENS,
@@ -29,60 +28,6 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
-
-#[derive(Args, Debug)]
-pub struct RunArgs {
-    /// A store model (ORG/NAME) or a model folder (Hugging Face or flash format)
-    pub model: String,
-    /// The prompt; read from stdin when absent or "-"
-    pub prompt: Option<String>,
-    /// Most tokens to generate
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-    /// Sampling temperature; 0 = greedy [default: the model's
-    /// generation_config.json when it samples, else greedy]
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Nucleus sampling: keep the most likely tokens up to this probability
-    /// [default: generation_config.json, else off]
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// Keep only the K most likely tokens; 0 = off [default:
-    /// generation_config.json, else off]
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Penalty on tokens already seen (1 = off) [default:
-    /// generation_config.json, else off]
-    #[arg(long)]
-    pub repetition_penalty: Option<f32>,
-    /// Seed of the sampler (same seed, same text)
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Stop before this text (repeatable)
-    #[arg(long, value_name = "TEXT")]
-    pub stop: Vec<String>,
-    /// A system message before the prompt (chat template only)
-    #[arg(long, value_name = "TEXT", conflicts_with = "raw")]
-    pub system: Option<String>,
-    /// Send the prompt as is, without the chat template
-    #[arg(long)]
-    pub raw: bool,
-    /// Print one JSON object at the end instead of streaming text
-    #[arg(long)]
-    pub json: bool,
-    /// With --json: add "last_logits", the logits at the prompt's last
-    /// position (for checking the engine against a reference)
-    #[arg(long, requires = "json")]
-    pub logits: bool,
-    /// Run in this process instead of through the flash daemon
-    #[arg(long)]
-    pub no_daemon: bool,
-    /// auto (a GPU when one is usable and the model is bf16, else the
-    /// CPU), cpu, or cuda:N (that GPU, or an error); cpu and cuda:N run in
-    /// this process
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-}
 
 /// Sampling from the flags, falling back on `generation_config.json` the way
 /// Hugging Face's `generate` reads it: it samples only when `do_sample` is

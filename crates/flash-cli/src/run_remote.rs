@@ -11,9 +11,9 @@
 //! process's start** (its start time in `/proc/self/stat`, 10 ms ticks,
 //! plus a monotonic clock from the moment it was read).
 
-use crate::args::StartArgs;
-use crate::commands::{model_name, Ctx};
-use crate::run::RunArgs;
+use crate::args::{RunArgs, StartArgs};
+use crate::clock::ProcessClock;
+use crate::ctx::{model_name, Ctx};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use flash_client::{Client, StatusReply};
@@ -26,39 +26,6 @@ use std::time::{Duration, Instant};
 /// The default HTTP address of a daemon that `flash run` starts (`flash
 /// start`'s); when taken, any free port on the loopback.
 const DEFAULT_HTTP: &str = "127.0.0.1:7777";
-
-/// Seconds since this process started, and the instant they were measured
-/// at. `None` without `/proc`.
-fn process_age() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Field 22 (starttime) is the 20th after the command name.
-    let start_ticks: f64 = rest.split_whitespace().nth(19)?.parse().ok()?;
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let up: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    // USER_HZ is 100 on every Linux architecture /proc reports for.
-    Some((up - start_ticks / 100.0).max(0.0))
-}
-
-/// A clock that reads seconds since this process started (in-process
-/// `flash run` reads its TTFT from it too).
-pub(crate) struct ProcessClock {
-    age_at: f64,
-    at: Instant,
-}
-
-impl ProcessClock {
-    pub(crate) fn new(fallback: Instant) -> Self {
-        let at = Instant::now();
-        let age_at = process_age().unwrap_or_else(|| (at - fallback).as_secs_f64());
-        ProcessClock { age_at, at }
-    }
-
-    pub(crate) fn now(&self) -> f64 {
-        self.age_at + self.at.elapsed().as_secs_f64()
-    }
-}
 
 /// Whether `flash run` goes through the daemon: not with `--no-daemon`,
 /// `--logits` (the daemon does not return logits), `--device cpu`, or a

@@ -1335,3 +1335,93 @@ fn compressed_pull_info_verify_export() {
     );
     assert_eq!(info("z/again")["size"], plain["size"]);
 }
+
+#[test]
+fn tensor_parallel_pull_info_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let src = tmp.path().join("src");
+    ok(
+        "synth",
+        flash(&store, &["synth", "qwen3", "tiny", s(&src), "--seed", "5"]),
+    );
+    let pull = |name: &str, tp: &str| {
+        flash(
+            &store,
+            &[
+                "pull",
+                "--from",
+                s(&src),
+                "--name",
+                name,
+                "--tp",
+                tp,
+                "--json",
+            ],
+        )
+    };
+    let report = json_out("pull --tp 2", pull("z/tp2", "2"));
+    assert_eq!(report["ranks"], 2);
+    let info = json_out("info", flash(&store, &["info", "z/tp2", "--json"]));
+    assert_eq!(info["ranks"], 2);
+    // The tiny Qwen3 has 2 key/value heads: 4 ranks would cut them.
+    assert_clean_error(
+        "pull --tp 4",
+        &pull("z/tp4", "4"),
+        &["z/tp4", "4 tensor-parallel ranks", "num_key_value_heads 2"],
+    );
+    assert!(!flash(&store, &["info", "z/tp4"]).status.success());
+    assert!(!pull("z/tp0", "0").status.success(), "--tp 0 is refused");
+    let v = json_out("verify", flash(&store, &["verify", "z/tp2", "--json"]));
+    assert!(v["bad"].as_array().unwrap().is_empty(), "{v}");
+
+    // Gathered back, the model exports as if pulled whole.
+    ok(
+        "pull whole",
+        flash(&store, &["pull", "--from", s(&src), "--name", "z/whole"]),
+    );
+    let (a, b, r1) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("r1"),
+    );
+    ok(
+        "export tp2",
+        flash(&store, &["export", "z/tp2", "--to", s(&a)]),
+    );
+    ok(
+        "export whole",
+        flash(&store, &["export", "z/whole", "--to", s(&b)]),
+    );
+    assert!(
+        std::fs::read(a.join("model.safetensors")).unwrap()
+            == std::fs::read(b.join("model.safetensors")).unwrap()
+    );
+    // One rank: the part's shapes (4 heads of 16 rows, 2 per rank).
+    ok(
+        "export --rank 1",
+        flash(&store, &["export", "z/tp2", "--rank", "1", "--to", s(&r1)]),
+    );
+    let header = flash_format::safetensors::read_header(&r1.join("model.safetensors")).unwrap();
+    let q = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    assert_eq!(q.shape, [32, 64]);
+    assert_clean_error(
+        "export --rank 2",
+        &flash(
+            &store,
+            &[
+                "export",
+                "z/tp2",
+                "--rank",
+                "2",
+                "--to",
+                s(&tmp.path().join("r2")),
+            ],
+        ),
+        &["2 tensor-parallel rank(s)", "not rank 2"],
+    );
+}

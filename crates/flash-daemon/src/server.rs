@@ -562,7 +562,7 @@ fn store_status(e: StoreError) -> Status {
     let msg = e.to_string();
     match e {
         StoreError::NotFound(_) => Status::not_found(msg),
-        StoreError::Name(_) => Status::invalid_argument(msg),
+        StoreError::Name(_) | StoreError::Split { .. } => Status::invalid_argument(msg),
         StoreError::Exists(_) => Status::already_exists(msg),
         _ => Status::internal(msg),
     }

@@ -1,9 +1,15 @@
 //! The model's shape and defaults, from Hugging Face's `config.json` and
-//! (when present) `generation_config.json`.
+//! (when present) `generation_config.json`. The shape itself (dimensions
+//! and their checks) is flash-format's [`DecoderShape`], which the
+//! synthesizer's presets share; this module adds what the engine needs
+//! besides: the architecture, RoPE, norms, special tokens, sampling
+//! defaults.
 
 use crate::error::EngineError;
 use crate::Result;
+use flash_format::DecoderShape;
 use serde_json::Value;
+use std::ops::Deref;
 use std::path::Path;
 
 /// The decoder families the engine runs.
@@ -73,23 +79,17 @@ pub struct GenerationDefaults {
     pub eos_token_ids: Vec<u32>,
 }
 
-/// What the engine needs to know of a model.
+/// What the engine needs to know of a model: its [`DecoderShape`] (whose
+/// fields and helpers read through the config: `cfg.hidden_size`,
+/// `cfg.q_dim()`) and the rest of `config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    /// Per-head size: explicit in Qwen3 (and recent Llama) configs, else
-    /// `hidden_size / num_attention_heads`.
-    pub head_dim: usize,
+    /// The dimensions, checked.
+    pub shape: DecoderShape,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
-    pub tie_word_embeddings: bool,
-    pub vocab_size: usize,
     pub max_position_embeddings: usize,
     /// Bias on the q/k/v projections (`attention_bias`; always for Qwen2).
     pub attention_bias: bool,
@@ -98,6 +98,16 @@ pub struct ModelConfig {
     /// `generation_config.json`, deduplicated, in that order.
     pub eos_token_ids: Vec<u32>,
     pub generation: GenerationDefaults,
+}
+
+/// A model config is its shape plus the rest: the shape's fields and
+/// helpers are read through it.
+impl Deref for ModelConfig {
+    type Target = DecoderShape;
+
+    fn deref(&self) -> &DecoderShape {
+        &self.shape
+    }
 }
 
 fn ids(v: Option<&Value>) -> Vec<u32> {
@@ -182,34 +192,14 @@ impl ModelConfig {
                 Arch::CLASSES.join(", ")
             ))
         })?;
-        let usize_field = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|n| n as usize)
-                .ok_or_else(|| bad(format!("missing or non-integer {k:?}")))
-        };
-        let hidden_size = usize_field("hidden_size")?;
-        let num_attention_heads = usize_field("num_attention_heads")?;
-        let num_key_value_heads = match v.get("num_key_value_heads") {
-            None | Some(Value::Null) => num_attention_heads,
-            Some(_) => usize_field("num_key_value_heads")?,
-        };
-        let head_dim = match v.get("head_dim") {
-            None | Some(Value::Null) => hidden_size / num_attention_heads.max(1),
-            Some(_) => usize_field("head_dim")?,
-        };
+        let shape = DecoderShape::from_config_json(&v).map_err(|e| bad(e.to_string()))?;
         let rope_scaling = match v.get("rope_scaling") {
             None | Some(Value::Null) => None,
             Some(rs) => parse_rope_scaling(rs).map_err(bad)?,
         };
         let cfg = ModelConfig {
             arch,
-            hidden_size,
-            intermediate_size: usize_field("intermediate_size")?,
-            num_hidden_layers: usize_field("num_hidden_layers")?,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
+            shape,
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
@@ -219,11 +209,6 @@ impl ModelConfig {
                 .and_then(Value::as_f64)
                 .unwrap_or(10_000.0),
             rope_scaling,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            vocab_size: usize_field("vocab_size")?,
             max_position_embeddings: v
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
@@ -237,35 +222,13 @@ impl ModelConfig {
             eos_token_ids: ids(v.get("eos_token_id")),
             generation: GenerationDefaults::default(),
         };
-        cfg.validate().map_err(bad)?;
+        cfg.check_special_tokens().map_err(bad)?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
-        let dims = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-            ("vocab_size", self.vocab_size),
-        ];
-        if let Some((k, _)) = dims.iter().find(|(_, n)| *n == 0) {
-            return Err(format!("{k} is 0"));
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return Err(format!(
-                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if self.head_dim % 2 != 0 {
-            return Err(format!(
-                "head_dim {} is odd (RoPE needs pairs)",
-                self.head_dim
-            ));
-        }
+    /// The engine's own check beyond the shape's: every special token id
+    /// lies inside the vocabulary.
+    fn check_special_tokens(&self) -> Result<(), String> {
         if let Some(bad) = self
             .eos_token_ids
             .iter()
@@ -278,19 +241,6 @@ impl ModelConfig {
             ));
         }
         Ok(())
-    }
-
-    /// Query heads per key/value head.
-    pub fn group_size(&self) -> usize {
-        self.num_attention_heads / self.num_key_value_heads
-    }
-
-    pub fn q_dim(&self) -> usize {
-        self.num_attention_heads * self.head_dim
-    }
-
-    pub fn kv_dim(&self) -> usize {
-        self.num_key_value_heads * self.head_dim
     }
 
     /// RoPE inverse frequencies (`head_dim / 2` of them), scaling applied,

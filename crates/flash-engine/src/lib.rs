@@ -45,6 +45,7 @@ pub use backend::Backend;
 pub use config::{Arch, GenerationDefaults, ModelConfig, RopeScaling};
 pub use cpu::{CpuModel, CpuOptions};
 pub use error::EngineError;
+pub use flash_format::DecoderShape;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use gpu::{GpuEngine, GpuOptions, FUSED_MAX_TOKENS};
 pub use sampling::{Sampler, SamplingParams};

@@ -88,6 +88,12 @@ pub struct TensorRecord {
     /// stored bytes are `encoding.stored_length` bytes at `offset`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding: Option<TensorEncoding>,
+    /// In a model of several tensor-parallel ranks: the dimension this
+    /// tensor was split along. Rank `r` of `n` holds the `r`-th of `n` equal
+    /// contiguous parts along it, and `shape` is the part's shape. `None`:
+    /// the tensor is whole in every rank (replicated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_dim: Option<u32>,
 }
 
 /// How the fields of each element are split for coding (see flash-codec).
@@ -301,12 +307,65 @@ impl Manifest {
 
     /// Number of tensor-parallel ranks.
     pub fn ranks(&self) -> u32 {
-        self.files.iter().map(|f| f.rank + 1).max().unwrap_or(1)
+        self.files
+            .iter()
+            .map(|f| f.rank.saturating_add(1))
+            .max()
+            .unwrap_or(1)
     }
 
-    /// Tensor count including aliases.
+    /// The rank whose data file holds tensor `t` (0 when the file index is
+    /// out of range, which [`Manifest::validate`] refuses).
+    pub fn rank_of(&self, t: &TensorRecord) -> u32 {
+        self.files.get(t.file as usize).map_or(0, |f| f.rank)
+    }
+
+    /// Tensor names a load of one rank sees, aliases included (every rank
+    /// holds the same names).
     pub fn tensor_count(&self) -> usize {
-        self.tensors.len() + self.aliases.len()
+        let ranks = self.ranks() as usize;
+        self.tensors.len() / ranks + self.aliases.len()
+    }
+
+    /// Rank `rank`'s part of the model as a manifest of its own: that
+    /// rank's data files (their `rank` set to 0) and tensors (their `file`
+    /// renumbered, `split_dim` dropped), the aliases and everything else
+    /// unchanged. It describes the shard as an unsharded model: what a load
+    /// of one rank reads. `None` when the model has no such rank.
+    ///
+    /// For a model of one rank, `rank_view(0)` is the manifest itself.
+    pub fn rank_view(&self, rank: u32) -> Option<Manifest> {
+        if rank >= self.ranks() {
+            return None;
+        }
+        let mut renumber = vec![None; self.files.len()];
+        let mut files = Vec::new();
+        for (i, f) in self.files.iter().enumerate() {
+            if f.rank == rank {
+                renumber[i] = Some(files.len() as u32);
+                files.push(DataFile {
+                    rank: 0,
+                    ..f.clone()
+                });
+            }
+        }
+        let tensors = self
+            .tensors
+            .iter()
+            .filter_map(|t| {
+                let file = (*renumber.get(t.file as usize)?)?;
+                Some(TensorRecord {
+                    file,
+                    split_dim: None,
+                    ..t.clone()
+                })
+            })
+            .collect();
+        Some(Manifest {
+            files,
+            tensors,
+            ..self.clone()
+        })
     }
 
     /// Reads and validates `dir/model.flash.json`.
@@ -399,19 +458,36 @@ impl Manifest {
             {
                 return Err(format!("data file {:?} has a malformed checksum", f.name));
             }
+            // Each rank has a file of its own, so ranks are fewer than files.
+            if f.rank as usize >= self.files.len() {
+                return Err(format!(
+                    "data file {:?} is of rank {} but the model has only {} data files",
+                    f.name,
+                    f.rank,
+                    self.files.len()
+                ));
+            }
         }
-        let mut names = HashMap::with_capacity(self.tensors.len());
+        // Names are unique within a rank; every rank of a model split for
+        // tensor parallelism holds the same names.
+        let ranks = self.ranks();
+        let mut names: HashMap<(u32, &str), &TensorRecord> =
+            HashMap::with_capacity(self.tensors.len());
         let mut by_file: Vec<Vec<&TensorRecord>> = vec![Vec::new(); self.files.len()];
         for t in &self.tensors {
-            if names.insert(t.name.as_str(), ()).is_some() {
-                return Err(format!("tensor {:?} appears twice", t.name));
-            }
             let file = self.files.get(t.file as usize).ok_or_else(|| {
                 format!(
                     "tensor {:?} names data file #{} which does not exist",
                     t.name, t.file
                 )
             })?;
+            if names.insert((file.rank, t.name.as_str()), t).is_some() {
+                return Err(if ranks > 1 {
+                    format!("tensor {:?} appears twice in rank {}", t.name, file.rank)
+                } else {
+                    format!("tensor {:?} appears twice", t.name)
+                });
+            }
             if t.checksum.len() != 16 || u64::from_str_radix(&t.checksum, 16).is_err() {
                 return Err(format!("tensor {:?} has a malformed checksum", t.name));
             }
@@ -431,6 +507,22 @@ impl Manifest {
                 e.validate(t.dtype, t.length)
                     .map_err(|why| format!("tensor {:?}: encoding: {why}", t.name))?;
             }
+            if let Some(d) = t.split_dim {
+                if ranks < 2 {
+                    return Err(format!(
+                        "tensor {:?} has a split_dim but the model has one rank",
+                        t.name
+                    ));
+                }
+                if d as usize >= t.shape.len() {
+                    return Err(format!(
+                        "tensor {:?}: split_dim {d} but its shape {:?} has {} dimensions",
+                        t.name,
+                        t.shape,
+                        t.shape.len()
+                    ));
+                }
+            }
             if t.offset
                 .checked_add(t.stored_length())
                 .is_none_or(|end| end > file.size)
@@ -446,6 +538,9 @@ impl Manifest {
             }
             by_file[t.file as usize].push(t);
         }
+        if ranks > 1 {
+            self.validate_ranks(ranks, &names)?;
+        }
         for list in &mut by_file {
             list.sort_by_key(|t| (t.offset, t.stored_length()));
             for w in list.windows(2) {
@@ -460,11 +555,12 @@ impl Manifest {
                 }
             }
         }
+        // An alias stands in every rank for the target of that rank.
         for (alias, target) in &self.aliases {
-            if names.contains_key(alias.as_str()) {
+            if names.contains_key(&(0, alias.as_str())) {
                 return Err(format!("alias {alias:?} is also a stored tensor"));
             }
-            if !names.contains_key(target.as_str()) {
+            if !names.contains_key(&(0, target.as_str())) {
                 return Err(format!(
                     "alias {alias:?} points to {target:?}, which is not stored"
                 ));
@@ -476,5 +572,186 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The rules of a model split into `ranks` tensor-parallel ranks: every
+    /// rank has data files and the same tensor names, and a name has the
+    /// same dtype, shape (the part's) and `split_dim` in every rank, so the
+    /// whole tensor is the ranks' parts put back together.
+    fn validate_ranks(
+        &self,
+        ranks: u32,
+        names: &HashMap<(u32, &str), &TensorRecord>,
+    ) -> Result<(), String> {
+        let mut with_files = vec![false; ranks as usize];
+        for f in &self.files {
+            with_files[f.rank as usize] = true;
+        }
+        if let Some(r) = with_files.iter().position(|&has| !has) {
+            return Err(format!(
+                "the model has {ranks} ranks but rank {r} has no data file"
+            ));
+        }
+        let mut per_rank = vec![0usize; ranks as usize];
+        for &(rank, _) in names.keys() {
+            per_rank[rank as usize] += 1;
+        }
+        for (&(rank, name), t) in names {
+            if rank == 0 {
+                continue;
+            }
+            let Some(first) = names.get(&(0, name)) else {
+                return Err(format!(
+                    "tensor {name:?} is in rank {rank} but not in rank 0"
+                ));
+            };
+            if (t.dtype, &t.shape, t.split_dim) != (first.dtype, &first.shape, first.split_dim) {
+                return Err(format!(
+                    "tensor {name:?}: rank {rank} holds {} {:?} split along {:?}, rank 0 holds {} {:?} split along {:?}",
+                    t.dtype, t.shape, t.split_dim, first.dtype, first.shape, first.split_dim
+                ));
+            }
+        }
+        // Every rank's names are among rank 0's; equal counts make them equal.
+        if let Some(r) = per_rank.iter().position(|&n| n != per_rank[0]) {
+            return Err(format!(
+                "rank {r} holds {} tensors, rank 0 holds {}",
+                per_rank[r], per_rank[0]
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model of `ranks` ranks, one data file each, holding tensors `a`
+    /// (split along dim 0) and `n` (replicated), and an alias `b` of `a`.
+    fn split_model(ranks: u32) -> Manifest {
+        let mut files = Vec::new();
+        let mut tensors = Vec::new();
+        for r in 0..ranks {
+            files.push(DataFile {
+                name: format!("data-r{r}-00000.bin"),
+                size: 8192,
+                rank: r,
+                checksums: vec![checksum_hex(0)],
+            });
+            for (i, (name, shape, split)) in [("a", vec![4u64, 8], Some(0)), ("n", vec![8], None)]
+                .into_iter()
+                .enumerate()
+            {
+                tensors.push(TensorRecord {
+                    name: name.into(),
+                    dtype: DType::BF16,
+                    length: DType::BF16.byte_len(&shape).unwrap(),
+                    shape,
+                    file: r,
+                    offset: i as u64 * ALIGNMENT,
+                    checksum: checksum_hex(u64::from(r)),
+                    encoding: None,
+                    split_dim: split.filter(|_| ranks > 1),
+                });
+            }
+        }
+        Manifest {
+            format: FORMAT_NAME.into(),
+            version: PLAIN_FORMAT_VERSION,
+            model_id: "t/split".into(),
+            source: Source::default(),
+            architecture: None,
+            dtype: Some(DType::BF16),
+            alignment: ALIGNMENT,
+            checksum: ChecksumSpec {
+                algorithm: CHECKSUM_ALGORITHM.into(),
+                chunk_size: 16 * ALIGNMENT,
+            },
+            files,
+            tensors,
+            aliases: BTreeMap::from([("b".to_string(), "a".to_string())]),
+            metadata: BTreeMap::new(),
+            extra_files: Vec::new(),
+        }
+    }
+
+    fn refused(m: &Manifest, words: &[&str]) {
+        let e = m.validate().unwrap_err();
+        for w in words {
+            assert!(e.contains(w), "{e:?} lacks {w:?}");
+        }
+        assert!(Manifest::parse(m.to_json().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn names_repeat_once_per_rank() {
+        let m = split_model(2);
+        m.validate().unwrap();
+        assert_eq!(m.ranks(), 2);
+        assert_eq!(m.tensor_count(), 3, "a, n and the alias b, per rank");
+        assert_eq!(Manifest::parse(m.to_json().as_bytes()).unwrap(), m);
+
+        // Twice in one rank.
+        let mut bad = m.clone();
+        bad.tensors[1].name = "a".into();
+        refused(&bad, &["\"a\" appears twice in rank 0"]);
+        // Only in some ranks.
+        let mut bad = m.clone();
+        bad.tensors[3].name = "x".into();
+        refused(&bad, &["\"x\" is in rank 1 but not in rank 0"]);
+        let mut bad = m.clone();
+        bad.tensors.pop();
+        refused(&bad, &["rank 1 holds 1 tensors, rank 0 holds 2"]);
+        // Parts that differ between ranks.
+        let mut bad = m.clone();
+        bad.tensors[2].shape = vec![2, 16];
+        refused(&bad, &["\"a\": rank 1 holds BF16 [2, 16]"]);
+        let mut bad = m.clone();
+        bad.tensors[2].split_dim = Some(1);
+        refused(&bad, &["split along Some(1)"]);
+        // A split dimension the tensor does not have; a split in a model of
+        // one rank.
+        let mut bad = m.clone();
+        bad.tensors[1].split_dim = Some(1);
+        bad.tensors[3].split_dim = Some(1);
+        refused(&bad, &["\"n\": split_dim 1", "1 dimensions"]);
+        let mut one = split_model(1);
+        one.tensors[0].split_dim = Some(0);
+        refused(&one, &["one rank"]);
+        // A rank without files; a rank number far past the files.
+        let mut bad = split_model(3);
+        bad.files[1].rank = 0;
+        bad.tensors.retain(|t| t.file != 1);
+        refused(&bad, &["rank 1 has no data file"]);
+        let mut bad = m.clone();
+        bad.files[1].rank = u32::MAX;
+        refused(&bad, &["of rank 4294967295", "only 2 data files"]);
+    }
+
+    #[test]
+    fn a_rank_view_is_a_model_of_its_own() {
+        let m = split_model(3);
+        for r in 0..3 {
+            let v = m.rank_view(r).unwrap();
+            v.validate().unwrap();
+            assert_eq!(v.ranks(), 1);
+            assert_eq!(v.files.len(), 1);
+            assert_eq!(v.files[0].name, format!("data-r{r}-00000.bin"));
+            assert_eq!(v.tensors.len(), 2);
+            assert!(v
+                .tensors
+                .iter()
+                .all(|t| t.file == 0 && t.split_dim.is_none()));
+            assert_eq!(
+                v.tensors[0].checksum,
+                checksum_hex(u64::from(r)),
+                "rank {r}'s own records"
+            );
+            assert_eq!(v.aliases, m.aliases);
+        }
+        assert!(m.rank_view(3).is_none());
+        let one = split_model(1);
+        assert_eq!(one.rank_view(0).unwrap(), one);
     }
 }

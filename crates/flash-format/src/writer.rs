@@ -21,9 +21,15 @@ struct OpenFile {
 }
 
 /// Writes the data files of one model into a folder (normally a temporary
-/// folder that is renamed into place once the manifest is written).
+/// folder that is renamed into place once the manifest is written); for a
+/// model split into tensor-parallel ranks, one writer per rank
+/// ([`DataWriter::for_rank`]) and [`concat_ranks`] to join their records.
 pub struct DataWriter {
     dir: PathBuf,
+    /// The rank recorded in every file this writer starts.
+    rank: u32,
+    /// File names are `<prefix><index:05>.bin`.
+    prefix: String,
     chunk_size: u64,
     max_file_size: u64,
     files: Vec<DataFile>,
@@ -50,6 +56,8 @@ impl DataWriter {
         assert!(chunk_size > 0 && chunk_size % ALIGNMENT == 0);
         DataWriter {
             dir: dir.to_path_buf(),
+            rank: 0,
+            prefix: "data-".into(),
             chunk_size,
             max_file_size,
             files: Vec::new(),
@@ -60,6 +68,17 @@ impl DataWriter {
         }
     }
 
+    /// A writer of rank `rank`'s data files, named
+    /// `data-r<rank>-<index:05>.bin` so that the writers of several ranks
+    /// can share a folder.
+    pub fn for_rank(dir: &Path, chunk_size: u64, max_file_size: u64, rank: u32) -> Self {
+        DataWriter {
+            rank,
+            prefix: format!("data-r{rank}-"),
+            ..DataWriter::new(dir, chunk_size, max_file_size)
+        }
+    }
+
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
     }
@@ -67,7 +86,8 @@ impl DataWriter {
     fn start_file(&mut self) -> Result<(), ManifestError> {
         self.close_file()?;
         let name = format!(
-            "data-{:05}.bin",
+            "{}{:05}.bin",
+            self.prefix,
             self.files.len() + usize::from(self.open.is_some())
         );
         let path = self.dir.join(&name);
@@ -78,7 +98,7 @@ impl DataWriter {
             record: DataFile {
                 name,
                 size: 0,
-                rank: 0,
+                rank: self.rank,
                 checksums: Vec::new(),
             },
             hasher: Xxh3::new(),
@@ -181,6 +201,7 @@ impl DataWriter {
             length,
             checksum: String::new(),
             encoding: None,
+            split_dim: None,
         });
         self.pending = length;
         self.tensor_hasher.reset();
@@ -240,6 +261,7 @@ impl DataWriter {
                     })
                     .collect(),
             }),
+            split_dim: None,
         });
         Ok(())
     }
@@ -285,6 +307,25 @@ impl DataWriter {
     }
 }
 
+/// Joins the `(files, tensors)` that [`DataWriter::finish`] returned for
+/// each rank, in rank order, into one list of each: the tensors' `file`
+/// indices are renumbered into the joined file list.
+pub fn concat_ranks(
+    parts: Vec<(Vec<DataFile>, Vec<TensorRecord>)>,
+) -> (Vec<DataFile>, Vec<TensorRecord>) {
+    let mut files = Vec::new();
+    let mut tensors = Vec::new();
+    for (f, t) in parts {
+        let base = files.len() as u32;
+        files.extend(f);
+        tensors.extend(t.into_iter().map(|t| TensorRecord {
+            file: t.file + base,
+            ..t
+        }));
+    }
+    (files, tensors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,6 +358,38 @@ mod tests {
             checksum_hex(chunk_checksum(&[1, 2, 3, 4, 5]))
         );
         assert_eq!(tensors[2].checksum, checksum_hex(chunk_checksum(&[])));
+    }
+
+    #[test]
+    fn rank_writers_share_a_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts = (0..2u32)
+            .map(|r| {
+                let mut w = DataWriter::for_rank(dir.path(), 4096, 6000, r);
+                for name in ["a", "b"] {
+                    w.begin_tensor(name, DType::U8, &[4096]).unwrap();
+                    w.write(&[r as u8 + 1; 4096]).unwrap();
+                }
+                w.finish().unwrap()
+            })
+            .collect();
+        let (files, tensors) = concat_ranks(parts);
+        let names: Vec<(&str, u32)> = files.iter().map(|f| (f.name.as_str(), f.rank)).collect();
+        assert_eq!(
+            names,
+            [
+                ("data-r0-00000.bin", 0),
+                ("data-r0-00001.bin", 0),
+                ("data-r1-00000.bin", 1),
+                ("data-r1-00001.bin", 1)
+            ]
+        );
+        let at: Vec<(&str, u32)> = tensors.iter().map(|t| (t.name.as_str(), t.file)).collect();
+        assert_eq!(at, [("a", 0), ("b", 1), ("a", 2), ("b", 3)]);
+        for t in &tensors {
+            let bytes = std::fs::read(dir.path().join(&files[t.file as usize].name)).unwrap();
+            assert_eq!(bytes[0], files[t.file as usize].rank as u8 + 1);
+        }
     }
 
     #[test]

@@ -58,11 +58,17 @@ fn check_manifest(m: &Manifest) {
             f.size.div_ceil(m.checksum.chunk_size)
         );
     }
+    // Names are unique within a rank, and every rank holds the same names.
+    let ranks = m.ranks();
     let mut names = HashSet::new();
     let mut by_file: BTreeMap<u32, Vec<&TensorRecord>> = BTreeMap::new();
     for t in &m.tensors {
-        assert!(names.insert(t.name.as_str()));
         let f = &m.files[t.file as usize];
+        assert!(f.rank < ranks);
+        assert!(names.insert((f.rank, t.name.as_str())));
+        if let Some(d) = t.split_dim {
+            assert!(ranks > 1 && (d as usize) < t.shape.len(), "{t:?}");
+        }
         assert_eq!(t.dtype.byte_len(&t.shape), Some(t.length));
         assert_eq!(t.offset % m.alignment, 0);
         assert!(
@@ -84,9 +90,20 @@ fn check_manifest(m: &Manifest) {
             );
         }
     }
-    for (alias, target) in &m.aliases {
-        assert!(!names.contains(alias.as_str()) && names.contains(target.as_str()));
+    for r in 0..ranks {
+        for (_, name) in names.iter().filter(|(rank, _)| *rank == 0) {
+            assert!(names.contains(&(r, *name)), "{name:?} missing in rank {r}");
+        }
+        for (alias, target) in &m.aliases {
+            assert!(!names.contains(&(r, alias.as_str())) && names.contains(&(r, target.as_str())));
+        }
+        // Each rank's view is a valid model of its own.
+        let view = m.rank_view(r).expect("the rank exists");
+        view.validate().expect("a rank's view is valid");
+        assert_eq!(view.ranks(), 1);
+        assert_eq!(view.tensors.len() * ranks as usize, m.tensors.len());
     }
+    assert!(m.rank_view(ranks).is_none());
     // Accepted means stable: it serializes and re-parses to the same value.
     let again = Manifest::parse(m.to_json().as_bytes()).expect("an accepted manifest re-parses");
     assert_eq!(&again, m);
@@ -348,8 +365,9 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
         proptest::collection::vec(arb_spec(), 0..5),
         0usize..3,
         1u64..4,
+        any::<bool>(),
     )
-        .prop_map(|(specs, n_aliases, chunks)| {
+        .prop_map(|(specs, n_aliases, chunks, two_ranks)| {
             let chunk = ALIGNMENT * chunks;
             let mut offset = 0u64;
             let mut tensors = Vec::new();
@@ -364,6 +382,7 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
                     length,
                     checksum: manifest::checksum_hex(i as u64 * 0x9e37_79b9),
                     encoding: None,
+                    split_dim: None,
                 });
                 offset = manifest::align_up(offset + length, ALIGNMENT);
             }
@@ -371,6 +390,34 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
             let aliases = (0..n_aliases.min(tensors.len()))
                 .map(|i| (format!("alias{i}"), tensors[i].name.clone()))
                 .collect();
+            let data_file = |name: &str, rank| DataFile {
+                name: name.into(),
+                size,
+                rank,
+                checksums: (0..size.div_ceil(chunk))
+                    .map(manifest::checksum_hex)
+                    .collect(),
+            };
+            let mut files = vec![data_file("data-00000.bin", 0)];
+            if two_ranks {
+                // A second rank holding the same names in its own file,
+                // every other tensor with a dimension split along its first.
+                files.push(data_file("data-r1-00000.bin", 1));
+                files[0].name = "data-r0-00000.bin".into();
+                for (i, t) in tensors.iter_mut().enumerate() {
+                    if i % 2 == 0 && !t.shape.is_empty() {
+                        t.split_dim = Some(0);
+                    }
+                }
+                let copies: Vec<TensorRecord> = tensors
+                    .iter()
+                    .map(|t| TensorRecord {
+                        file: 1,
+                        ..t.clone()
+                    })
+                    .collect();
+                tensors.extend(copies);
+            }
             let m = Manifest {
                 format: FORMAT_NAME.into(),
                 version: FORMAT_VERSION,
@@ -387,14 +434,7 @@ fn arb_manifest() -> impl Strategy<Value = Manifest> {
                     algorithm: CHECKSUM_ALGORITHM.into(),
                     chunk_size: chunk,
                 },
-                files: vec![DataFile {
-                    name: "data-00000.bin".into(),
-                    size,
-                    rank: 0,
-                    checksums: (0..size.div_ceil(chunk))
-                        .map(manifest::checksum_hex)
-                        .collect(),
-                }],
+                files,
                 tensors,
                 aliases,
                 metadata: BTreeMap::new(),

@@ -1,5 +1,9 @@
 //! What a model folder holds: the flash format or plain safetensors, opened
 //! and validated, as one list of stored tensors.
+//!
+//! A flash model split into tensor-parallel ranks holds each name once per
+//! rank; it is opened one rank at a time ([`ModelSource::open_rank`]), and
+//! a rank then loads like any model.
 
 use crate::error::LoadError;
 use flash_format::manifest::{ChunkCodec, ElementLayout, Manifest, MANIFEST_FILE};
@@ -84,19 +88,81 @@ impl ModelSource {
     /// Opens `dir`: the flash format when `model.flash.json` is there, else a
     /// sharded safetensors checkpoint through its index, else every
     /// `*.safetensors` file of the folder.
+    ///
+    /// A model of several tensor-parallel ranks is refused: its names repeat
+    /// once per rank; open one with [`ModelSource::open_rank`].
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
         if !dir.is_dir() {
             return Err(LoadError::model(dir, "not a folder"));
         }
         if dir.join(MANIFEST_FILE).is_file() {
-            Self::open_flash(dir)
+            let manifest = Manifest::read(dir)?;
+            let ranks = manifest.ranks();
+            if ranks > 1 {
+                return Err(LoadError::model(
+                    dir,
+                    format!(
+                        "model {} is split into {ranks} tensor-parallel ranks (one per GPU): \
+                         load one rank at a time (rank 0 to {})",
+                        manifest.model_id,
+                        ranks - 1
+                    ),
+                ));
+            }
+            Self::from_manifest(dir, manifest)
         } else {
             Self::open_safetensors(dir)
         }
     }
 
-    fn open_flash(dir: &Path) -> Result<Self, LoadError> {
+    /// Opens rank `rank` of the model in `dir`: its tensors only (the
+    /// shards' names and shapes), in its own data files, so that
+    /// [`LoadPlan::new`](crate::LoadPlan::new), `load_to_host`,
+    /// `load_to_gpu` and `load_placed` load that rank as they load any
+    /// model. `manifest` is the rank's view
+    /// ([`Manifest::rank_view`]). Rank 0 of a model of one rank (or of a
+    /// safetensors folder) is the whole model; any other rank that the
+    /// model does not have is an error naming how many it has.
+    pub fn open_rank(dir: &Path, rank: u32) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::model(dir, "not a folder"));
+        }
+        if !dir.join(MANIFEST_FILE).is_file() {
+            if rank == 0 {
+                return Self::open_safetensors(dir);
+            }
+            return Err(LoadError::model(
+                dir,
+                format!("a safetensors checkpoint has one rank (0), not rank {rank}"),
+            ));
+        }
         let manifest = Manifest::read(dir)?;
+        let ranks = manifest.ranks();
+        let view = manifest.rank_view(rank).ok_or_else(|| {
+            LoadError::model(
+                dir,
+                format!(
+                    "model {} has {ranks} tensor-parallel rank(s) (0 to {}), not rank {rank}",
+                    manifest.model_id,
+                    ranks - 1
+                ),
+            )
+        })?;
+        Self::from_manifest(dir, view)
+    }
+
+    /// How many tensor-parallel ranks the model in `dir` has (1 for a
+    /// safetensors checkpoint or an unsharded flash model).
+    pub fn ranks(dir: &Path) -> Result<u32, LoadError> {
+        if dir.join(MANIFEST_FILE).is_file() {
+            Ok(Manifest::read(dir)?.ranks())
+        } else {
+            Ok(1)
+        }
+    }
+
+    /// A source over the files and tensors of `manifest` (one rank's).
+    fn from_manifest(dir: &Path, manifest: Manifest) -> Result<Self, LoadError> {
         let mut files = Vec::with_capacity(manifest.files.len());
         for f in &manifest.files {
             let path = dir.join(&f.name);
@@ -261,5 +327,35 @@ impl ModelSource {
     /// Whether any tensor is stored encoded.
     pub fn is_encoded(&self) -> bool {
         self.tensors.iter().any(|t| t.encoding.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flash_format::safetensors::{write_file, TensorSpec};
+
+    #[test]
+    fn a_safetensors_folder_has_rank_0_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: DType::U8,
+            shape: vec![3],
+        };
+        write_file(
+            &dir.path().join("model.safetensors"),
+            &[(spec, &[1u8, 2, 3][..])],
+            &Default::default(),
+        )
+        .unwrap();
+        let whole = ModelSource::open(dir.path()).unwrap();
+        let rank0 = ModelSource::open_rank(dir.path(), 0).unwrap();
+        assert_eq!(rank0.tensors, whole.tensors);
+        assert_eq!(ModelSource::ranks(dir.path()).unwrap(), 1);
+        let e = ModelSource::open_rank(dir.path(), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("one rank (0), not rank 1"), "{e}");
     }
 }

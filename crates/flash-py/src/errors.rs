@@ -23,7 +23,9 @@ pub fn load_err(e: LoadError) -> PyErr {
 pub fn store_err(e: StoreError) -> PyErr {
     match e {
         StoreError::NotFound(_) => ModelNotFoundError::new_err(e.to_string()),
-        StoreError::Name(_) => InvalidRequestError::new_err(e.to_string()),
+        StoreError::Name(_) | StoreError::Split { .. } => {
+            InvalidRequestError::new_err(e.to_string())
+        }
         StoreError::Exists(_) => InvalidRequestError::new_err(e.to_string()),
         StoreError::Load(l) => load_err(l),
         other => FlashError::new_err(other.to_string()),

@@ -22,6 +22,10 @@ pub enum StoreError {
     Hub(#[from] flash_hub::HubError),
     #[error("{}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
+    /// A model that cannot be split into `tp` tensor-parallel ranks (see
+    /// `tp`), refused before anything is written.
+    #[error("cannot split {model} into {tp} tensor-parallel ranks: {why}")]
+    Split { model: String, tp: u32, why: String },
 }
 
 impl StoreError {

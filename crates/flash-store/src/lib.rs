@@ -4,7 +4,8 @@
 //! - [`store`]: import (safetensors folder -> flash format, with dtype
 //!   conversion and tied-weight dedup), list, info, remove, verify, export;
 //! - [`convert`]: bf16/fp16/fp32 conversion;
-//! - [`encode`]: which tensors are stored compressed, and writing them.
+//! - [`encode`]: which tensors are stored compressed, and writing them;
+//! - [`tp`]: how a model is split into tensor-parallel ranks at import.
 //!
 //! Crash safety: all writes go to `tmp/` and are renamed into `models/`.
 
@@ -14,6 +15,7 @@ pub mod error;
 pub mod name;
 pub mod pull;
 pub mod store;
+pub mod tp;
 
 pub use convert::DtypeChoice;
 pub use error::StoreError;

@@ -30,6 +30,20 @@ impl Store {
         name: &ModelName,
         opts: &ImportOptions,
     ) -> Result<ImportReport> {
+        self.pull_tp(hub, name, opts, 1)
+    }
+
+    /// [`Store::pull`], stored split into `tp` tensor-parallel ranks
+    /// ([`Store::import_tp`]). A model that cannot be split so is refused
+    /// after the download (the files stay in the Hub cache), before
+    /// anything is written to the store.
+    pub fn pull_tp(
+        &self,
+        hub: &HubClient,
+        name: &ModelName,
+        opts: &ImportOptions,
+        tp: u32,
+    ) -> Result<ImportReport> {
         if self.contains(name) && !opts.force {
             return Err(StoreError::Exists(name.to_string()));
         }
@@ -50,7 +64,7 @@ impl Store {
             },
             ..*opts
         };
-        self.import(&snap.dir, name, &opts)
+        self.import_tp(&snap.dir, name, &opts, tp)
     }
 }
 

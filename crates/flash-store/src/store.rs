@@ -15,12 +15,13 @@ use crate::convert::{convert, DtypeChoice};
 use crate::encode;
 use crate::error::{Result, StoreError};
 use crate::name::ModelName;
+use crate::tp;
 use flash_format::manifest::{
     self, ChecksumSpec, Manifest, Source, ALIGNMENT, CHECKSUM_ALGORITHM, FORMAT_NAME,
     MANIFEST_FILE, PLAIN_FORMAT_VERSION,
 };
 use flash_format::safetensors::{self as st, TensorSpec, INDEX_FILE};
-use flash_format::writer::DataWriter;
+use flash_format::writer::{concat_ranks, DataWriter};
 use flash_format::DType;
 use flash_load::decode::DecodedChunks;
 use flash_load::{execute, LoadOptions, LoadPlan, ModelSource, ScanSink};
@@ -60,11 +61,15 @@ pub struct ImportOptions<'a> {
 pub struct ImportReport {
     pub model_id: String,
     pub path: PathBuf,
+    /// Stored tensors of one rank (each rank holds the same names).
     pub tensors: usize,
     pub aliases: usize,
-    /// Bytes of the data files.
+    /// Tensor-parallel ranks stored (1: the model whole).
+    pub ranks: u32,
+    /// Bytes of the data files (all ranks).
     pub bytes: u64,
-    /// Bytes of the tensors, decoded.
+    /// Bytes of the tensors, decoded (all ranks: replicated tensors count
+    /// once per rank).
     pub tensor_bytes: u64,
     pub compressed: bool,
     pub seconds: f64,
@@ -74,7 +79,8 @@ pub struct ImportReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelInfo {
     pub model_id: String,
-    /// Bytes of the tensors (decoded): what a load puts in memory.
+    /// Bytes of the tensors (decoded): what a load puts in memory (all
+    /// ranks together for a model split into tensor-parallel ranks).
     pub size: u64,
     /// Bytes of the data files: what the model takes on disk (less than
     /// `size` when compressed).
@@ -83,7 +89,10 @@ pub struct ModelInfo {
     pub compressed: bool,
     pub dtype: Option<DType>,
     pub architecture: Option<String>,
+    /// Tensor names a load sees, aliases included (per rank).
     pub tensor_count: usize,
+    /// Tensor-parallel ranks: 1 for a model stored whole; else a load or an
+    /// export names the rank it wants (`ModelSource::open_rank`).
     pub ranks: u32,
     pub source: String,
     pub revision: Option<String>,
@@ -296,14 +305,37 @@ impl Store {
     }
 
     /// Imports a Hugging Face style folder (safetensors, sharded or not, plus
-    /// config and tokenizer files) as model `name`.
+    /// config and tokenizer files) as model `name`, whole: `import_tp` with
+    /// one rank.
     pub fn import(
         &self,
         src_dir: &Path,
         name: &ModelName,
         opts: &ImportOptions,
     ) -> Result<ImportReport> {
+        self.import_tp(src_dir, name, opts, 1)
+    }
+
+    /// Imports a Hugging Face style folder as model `name` split into `tp`
+    /// tensor-parallel ranks (1: whole), each rank's tensors in its own data
+    /// files, split as [`crate::tp`] says. A model that cannot be split so
+    /// is refused ([`StoreError::Split`]) before anything is written.
+    /// Compression applies to each rank's tensors as to a whole model's.
+    pub fn import_tp(
+        &self,
+        src_dir: &Path,
+        name: &ModelName,
+        opts: &ImportOptions,
+        tp: u32,
+    ) -> Result<ImportReport> {
         let start = Instant::now();
+        if tp == 0 {
+            return Err(StoreError::Split {
+                model: name.to_string(),
+                tp,
+                why: "the tensor-parallel size must be at least 1".into(),
+            });
+        }
         if self.contains(name) && !opts.force {
             return Err(StoreError::Exists(name.to_string()));
         }
@@ -314,17 +346,27 @@ impl Store {
                 "the checkpoint holds no tensors",
             ));
         }
+        let split = SplitPlan::new(&src, read_config(src_dir).as_ref(), tp).map_err(|why| {
+            StoreError::Split {
+                model: name.to_string(),
+                tp,
+                why,
+            }
+        })?;
         let tmp = self.tmp_dir("import")?;
-        let result = self.write_model(&src, &tmp, name, opts).and_then(|m| {
-            let dest = self.install(&tmp, name, opts.force)?;
-            Ok((m, dest))
-        });
+        let result = self
+            .write_model(&src, &tmp, name, opts, &split)
+            .and_then(|m| {
+                let dest = self.install(&tmp, name, opts.force)?;
+                Ok((m, dest))
+            });
         match result {
             Ok((m, path)) => Ok(ImportReport {
                 model_id: name.to_string(),
                 path,
-                tensors: m.tensors.len(),
+                tensors: m.tensors.len() / m.ranks() as usize,
                 aliases: m.aliases.len(),
+                ranks: m.ranks(),
                 bytes: m.data_bytes(),
                 tensor_bytes: m.tensor_bytes(),
                 compressed: m.is_encoded(),
@@ -343,35 +385,57 @@ impl Store {
         tmp: &Path,
         name: &ModelName,
         opts: &ImportOptions,
+        split: &SplitPlan,
     ) -> Result<Manifest> {
         let chunk = manifest::DEFAULT_CHECKSUM_CHUNK;
-        let mut writer = DataWriter::new(tmp, chunk, MAX_DATA_FILE);
+        let tp = split.tp;
+        let mut writers: Vec<DataWriter> = if tp == 1 {
+            vec![DataWriter::new(tmp, chunk, MAX_DATA_FILE)]
+        } else {
+            (0..tp)
+                .map(|r| DataWriter::for_rank(tmp, chunk, MAX_DATA_FILE, r))
+                .collect()
+        };
         let files: Vec<File> = src
             .files
             .iter()
             .map(|f| File::open(&f.path).map_err(|e| StoreError::io(&f.path, e)))
             .collect::<Result<_>>()?;
+        // What is read: the stored tensors in file order, then the source's
+        // aliases that cannot stay aliases (split unlike their target).
         let mut order: Vec<usize> = (0..src.tensors.len()).collect();
         order.sort_by_key(|&i| (src.tensors[i].file, src.tensors[i].offset));
-        let total = src.tensor_bytes();
+        let mut items: Vec<(&str, usize, Option<u32>)> = order
+            .iter()
+            .map(|&i| (src.tensors[i].name.as_str(), i, split.dims[i]))
+            .collect();
+        items.extend(
+            split
+                .read_aliases
+                .iter()
+                .map(|(a, i, d)| (a.as_str(), *i, *d)),
+        );
+        let total = items.iter().map(|&(_, i, _)| src.tensors[i].length).sum();
         let mut done = 0u64;
-        // Identical tensors (same dtype, shape and bytes) are stored once.
-        let mut seen: HashMap<(DType, Vec<u64>, u128), String> = HashMap::new();
+        // Identical tensors (same dtype, shape, split and bytes) are stored
+        // once: their parts are then identical in every rank too.
+        let mut seen: HashMap<(DType, Vec<u64>, Option<u32>, u128), String> = HashMap::new();
         let mut aliases = BTreeMap::new();
         let mut dtype_bytes: BTreeMap<DType, u64> = BTreeMap::new();
+        let mut split_dims: HashMap<String, Option<u32>> = HashMap::new();
         // A reader thread reads tensors in file order while this thread
-        // converts, hashes and writes the previous ones, so the source disk
-        // and the store's disk work at the same time. At most two tensors
-        // wait in the channel (memory: three tensors, not the model).
+        // converts, hashes, splits and writes the previous ones, so the
+        // source disk and the store's disk work at the same time. At most two
+        // tensors wait in the channel (memory: three tensors, not the model).
         std::thread::scope(|scope| -> Result<()> {
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(1);
-            let (order, files) = (&order, &files);
+            let (items, files) = (&items, &files);
             scope.spawn(move || {
-                for &i in order {
+                for (k, &(_, i, _)) in items.iter().enumerate() {
                     let t = &src.tensors[i];
                     // A compressed flash folder as the source is decoded.
                     let read = flash_load::decode::read_tensor(src, &files[t.file], t)
-                        .map(|bytes| (i, bytes))
+                        .map(|bytes| (k, bytes))
                         .map_err(StoreError::from);
                     let failed = read.is_err();
                     // A send fails when the writer gave up: stop reading.
@@ -381,7 +445,8 @@ impl Store {
                 }
             });
             for received in rx {
-                let (i, bytes) = received?;
+                let (k, bytes) = received?;
+                let (name, i, dim) = items[k];
                 let t = &src.tensors[i];
                 let dtype = opts.dtype.target(t.dtype);
                 let bytes = convert(t.dtype, dtype, bytes);
@@ -390,28 +455,57 @@ impl Store {
                     p(done, total);
                 }
                 if !bytes.is_empty() {
-                    let key = (dtype, t.shape.clone(), xxhash_rust::xxh3::xxh3_128(&bytes));
+                    let key = (
+                        dtype,
+                        t.shape.clone(),
+                        dim,
+                        xxhash_rust::xxh3::xxh3_128(&bytes),
+                    );
                     if let Some(first) = seen.get(&key) {
-                        aliases.insert(t.name.clone(), first.clone());
+                        aliases.insert(name.to_string(), first.clone());
                         continue;
                     }
-                    seen.insert(key, t.name.clone());
+                    seen.insert(key, name.to_string());
                 }
                 *dtype_bytes.entry(dtype).or_default() += bytes.len() as u64;
-                encode::write_tensor(&mut writer, &t.name, dtype, &t.shape, &bytes, opts.compress)?;
+                split_dims.insert(name.to_string(), dim);
+                match dim {
+                    None => {
+                        for w in &mut writers {
+                            encode::write_tensor(w, name, dtype, &t.shape, &bytes, opts.compress)?;
+                        }
+                    }
+                    Some(d) => {
+                        let shape = tp::shard_shape(&t.shape, d, tp);
+                        let parts = tp::split(&bytes, dtype, &t.shape, d, tp);
+                        drop(bytes);
+                        for (w, part) in writers.iter_mut().zip(&parts) {
+                            encode::write_tensor(w, name, dtype, &shape, part, opts.compress)?;
+                        }
+                    }
+                }
             }
             Ok(())
         })?;
         // A flash-format source's own aliases (tied weights stored once
         // there) stay aliases, of whatever now holds their target's bytes.
-        for (alias, target) in &src.aliases {
+        for (alias, target) in &split.kept_aliases {
             let to = aliases
                 .get(target)
                 .cloned()
                 .unwrap_or_else(|| target.clone());
             aliases.insert(alias.clone(), to);
         }
-        let (data_files, tensors) = writer.finish()?;
+        let parts = writers
+            .into_iter()
+            .map(DataWriter::finish)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let (data_files, mut tensors) = concat_ranks(parts);
+        if tp > 1 {
+            for t in &mut tensors {
+                t.split_dim = split_dims.get(&t.name).copied().flatten();
+            }
+        }
         let extra_files = copy_extra_files(&src.dir, tmp, opts.dtype)?;
         let config = read_config(tmp);
         let architecture = config
@@ -520,7 +614,9 @@ impl Store {
     /// Re-reads every chunk of the model's data files and compares it with
     /// the manifest's checksum; a bad chunk names the tensors in it.
     /// For compressed tensors, every chunk is also decoded and its decoded
-    /// bytes compared with their checksum.
+    /// bytes compared with their checksum. A model of several
+    /// tensor-parallel ranks is checked rank by rank (a bad chunk's file
+    /// tells the rank).
     pub fn verify(
         &self,
         name: &ModelName,
@@ -529,72 +625,75 @@ impl Store {
     ) -> Result<VerifyReport> {
         let start = Instant::now();
         let dir = self.existing(name)?;
-        let src = ModelSource::open(&dir)?;
-        let m = src
-            .manifest
-            .as_ref()
-            .expect("the store holds the flash format");
-        let chunk = m.checksum.chunk_size;
-        let plan = LoadPlan::whole_files(&src.files);
-        let total = m.data_bytes();
+        let full = Manifest::read(&dir)?;
+        let total = full.data_bytes();
         let done = std::sync::atomic::AtomicU64::new(0);
-        let bad = Mutex::new(Vec::new());
-        let sink = ScanSink::new(chunk, |job, bytes| {
-            let idx = (job.file_offset / chunk) as usize;
-            let want = &m.files[job.file].checksums[idx];
-            let got = manifest::checksum_hex(manifest::chunk_checksum(bytes));
-            if &got != want {
-                bad.lock().unwrap_or_else(|p| p.into_inner()).push((
-                    job.file,
-                    job.file_offset,
-                    bytes.len() as u64,
-                ));
-            }
-            let d = done.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            if let Some(p) = progress {
-                p(d + bytes.len() as u64, total);
-            }
-            Ok(())
-        });
-        let opts = LoadOptions {
-            chunk_bytes: chunk,
-            ..opts.clone()
-        };
-        execute(&plan, &sink, &opts)?;
-        let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
-        bad.sort();
-        let bad = bad
-            .into_iter()
-            .map(|(file, offset, len)| {
-                Ok(BadChunk {
-                    file: m.files[file].name.clone(),
-                    offset,
-                    len,
-                    tensors: bad_tensors_in(m, &src.files[file].path, file as u32, offset, len)?,
-                    encoded_chunk: None,
-                    why: None,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut bad = bad;
-        bad.extend(verify_decoded(&src, m, &opts)?);
+        let mut bad = Vec::new();
+        for rank in 0..full.ranks() {
+            let src = ModelSource::open_rank(&dir, rank)?;
+            bad.extend(verify_rank(&src, opts, progress, &done, total)?);
+        }
         Ok(VerifyReport {
             model_id: name.to_string(),
             bytes: total,
-            chunks: m.files.iter().map(|f| f.checksums.len() as u64).sum(),
+            chunks: full.files.iter().map(|f| f.checksums.len() as u64).sum(),
             bad,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
 
-    /// Writes the model back out as safetensors (sharded at `shard_bytes`)
-    /// with its config and tokenizer files, through the load path.
+    /// Writes the model back out as safetensors (sharded at `shard_bytes`,
+    /// tensors in name order) with its config and tokenizer files, through
+    /// the load path. A model of several tensor-parallel ranks is gathered
+    /// back whole: each split tensor is its ranks' parts put together along
+    /// its `split_dim` (each part checked against its checksum first), so an
+    /// import split into ranks exports byte for byte the files of the same
+    /// checkpoint imported whole.
     pub fn export(
         &self,
         name: &ModelName,
         to: &Path,
         shard_bytes: u64,
         opts: &LoadOptions,
+    ) -> Result<Vec<PathBuf>> {
+        self.export_with(name, to, |dir, tmp| {
+            let full = Manifest::read(dir)?;
+            if full.ranks() > 1 {
+                return export_gathered(dir, &full, tmp, shard_bytes);
+            }
+            let src = ModelSource::open(dir)?;
+            let m = src.manifest.clone().expect("flash format");
+            export_into(&src, &m, tmp, shard_bytes, opts)
+        })
+    }
+
+    /// Writes rank `rank` of the model out as safetensors: that rank's
+    /// tensors under their own names with the part's shape (what one GPU of
+    /// a tensor-parallel run loads), with the config and tokenizer files.
+    /// Rank 0 of a model stored whole is the whole model.
+    pub fn export_rank(
+        &self,
+        name: &ModelName,
+        rank: u32,
+        to: &Path,
+        shard_bytes: u64,
+        opts: &LoadOptions,
+    ) -> Result<Vec<PathBuf>> {
+        self.export_with(name, to, |dir, tmp| {
+            let src = ModelSource::open_rank(dir, rank)?;
+            let m = src.manifest.clone().expect("flash format");
+            export_into(&src, &m, tmp, shard_bytes, opts)
+        })
+    }
+
+    /// An export into `to` (absent or empty): `write` fills a temporary
+    /// folder beside it with the weights (returning their file names), the
+    /// model's other files are copied, and the folder is renamed into place.
+    fn export_with(
+        &self,
+        name: &ModelName,
+        to: &Path,
+        write: impl FnOnce(&Path, &Path) -> Result<Vec<String>>,
     ) -> Result<Vec<PathBuf>> {
         let dir = self.existing(name)?;
         if to.exists()
@@ -604,8 +703,7 @@ impl Store {
         {
             return Err(StoreError::invalid(to, "already exists and is not empty"));
         }
-        let src = ModelSource::open(&dir)?;
-        let m = src.manifest.clone().expect("flash format");
+        let m = Manifest::read(&dir)?;
         let parent = to
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -615,7 +713,7 @@ impl Store {
         let tmp = parent.join(format!(".flash-export-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-        let result = export_into(&src, &m, &tmp, shard_bytes, opts).and_then(|files| {
+        let result = write(&dir, &tmp).and_then(|files| {
             for f in &m.extra_files {
                 let (from, into) = (dir.join(f), tmp.join(f));
                 fs::copy(&from, &into).map_err(|e| StoreError::io(&from, e))?;
@@ -631,6 +729,65 @@ impl Store {
         }
         result
     }
+}
+
+/// Checks the data files of one rank (`src`, opened with
+/// `ModelSource::open_rank`; its manifest is the rank's view): every
+/// checksum chunk, and every compressed chunk decoded. `done` counts the
+/// bytes checked over all ranks, of `total`.
+fn verify_rank(
+    src: &ModelSource,
+    opts: &LoadOptions,
+    progress: Option<Progress>,
+    done: &std::sync::atomic::AtomicU64,
+    total: u64,
+) -> Result<Vec<BadChunk>> {
+    let m = src
+        .manifest
+        .as_ref()
+        .expect("the store holds the flash format");
+    let chunk = m.checksum.chunk_size;
+    let plan = LoadPlan::whole_files(&src.files);
+    let bad = Mutex::new(Vec::new());
+    let sink = ScanSink::new(chunk, |job, bytes| {
+        let idx = (job.file_offset / chunk) as usize;
+        let want = &m.files[job.file].checksums[idx];
+        let got = manifest::checksum_hex(manifest::chunk_checksum(bytes));
+        if &got != want {
+            bad.lock().unwrap_or_else(|p| p.into_inner()).push((
+                job.file,
+                job.file_offset,
+                bytes.len() as u64,
+            ));
+        }
+        let d = done.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(p) = progress {
+            p(d + bytes.len() as u64, total);
+        }
+        Ok(())
+    });
+    let opts = LoadOptions {
+        chunk_bytes: chunk,
+        ..opts.clone()
+    };
+    execute(&plan, &sink, &opts)?;
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    bad.sort();
+    let mut bad = bad
+        .into_iter()
+        .map(|(file, offset, len)| {
+            Ok(BadChunk {
+                file: m.files[file].name.clone(),
+                offset,
+                len,
+                tensors: bad_tensors_in(m, &src.files[file].path, file as u32, offset, len)?,
+                encoded_chunk: None,
+                why: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    bad.extend(verify_decoded(src, m, &opts)?);
+    Ok(bad)
 }
 
 /// Decodes every chunk of the model's compressed tensors and compares its
@@ -731,6 +888,261 @@ fn bad_tensors_in(
     Ok(names)
 }
 
+/// The safetensors files of an export, created with their headers and
+/// their full length, waiting for the tensors' bytes.
+struct ExportFiles {
+    /// File names, in order.
+    names: Vec<String>,
+    files: Vec<(PathBuf, File)>,
+    /// Where each stored tensor's bytes go: `(file, absolute offset)`, one
+    /// entry for the tensor and one for each of its aliases.
+    targets: Vec<Vec<(usize, u64)>>,
+    weight_map: BTreeMap<String, String>,
+    total_size: u64,
+}
+
+impl ExportFiles {
+    /// Lays out the tensors of `m` and its aliases (`shapes[i]` the shape
+    /// stored tensor `i` is exported with), in name order, into files of at
+    /// most `shard_bytes` each. Name order makes the files depend on the
+    /// tensors alone, not on how the store holds them (which copies are
+    /// aliases, ranks, compression): a model exports the same files however
+    /// it was imported.
+    fn create(m: &Manifest, shapes: &[Vec<u64>], tmp: &Path, shard_bytes: u64) -> Result<Self> {
+        let mut outputs: Vec<(String, usize)> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let by_name: HashMap<&str, usize> = m
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        for (alias, target) in &m.aliases {
+            outputs.push((alias.clone(), by_name[target.as_str()]));
+        }
+        outputs.sort();
+        let length = |i: usize| m.tensors[i].dtype.byte_len(&shapes[i]).unwrap_or(0);
+        // Group into shards.
+        let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for (k, &(_, i)) in outputs.iter().enumerate() {
+            let len = length(i);
+            if size > 0 && size + len > shard_bytes {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            size += len;
+            shards.last_mut().expect("non-empty").push(k);
+        }
+        let n = shards.len();
+        let names: Vec<String> = (0..n)
+            .map(|s| {
+                if n == 1 {
+                    "model.safetensors".to_string()
+                } else {
+                    format!("model-{:05}-of-{n:05}.safetensors", s + 1)
+                }
+            })
+            .collect();
+        let mut metadata = m.metadata.clone();
+        metadata
+            .entry("format".into())
+            .or_insert_with(|| "pt".into());
+        let mut targets: Vec<Vec<(usize, u64)>> = vec![Vec::new(); m.tensors.len()];
+        let mut files = Vec::with_capacity(n);
+        let mut weight_map = BTreeMap::new();
+        let mut total_size = 0u64;
+        for (s, members) in shards.iter().enumerate() {
+            let specs: Vec<TensorSpec> = members
+                .iter()
+                .map(|&k| {
+                    let i = outputs[k].1;
+                    TensorSpec {
+                        name: outputs[k].0.clone(),
+                        dtype: m.tensors[i].dtype,
+                        shape: shapes[i].clone(),
+                    }
+                })
+                .collect();
+            let path = tmp.join(&names[s]);
+            let (header, lens) = st::build_header(&specs, &metadata)
+                .map_err(|e| StoreError::invalid(&path, e.to_string()))?;
+            let data_start = 8 + header.len() as u64;
+            let mut cursor = data_start;
+            for (&k, len) in members.iter().zip(&lens) {
+                targets[outputs[k].1].push((s, cursor));
+                weight_map.insert(outputs[k].0.clone(), names[s].clone());
+                cursor += len;
+                total_size += len;
+            }
+            let f = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
+            f.write_all_at(&(header.len() as u64).to_le_bytes(), 0)
+                .and_then(|_| f.write_all_at(&header, 8))
+                .and_then(|_| f.set_len(cursor))
+                .map_err(|e| StoreError::io(&path, e))?;
+            files.push((path, f));
+        }
+        Ok(ExportFiles {
+            names,
+            files,
+            targets,
+            weight_map,
+            total_size,
+        })
+    }
+
+    /// Writes `bytes` at `within` bytes into stored tensor `i`, wherever
+    /// its name and its aliases go.
+    fn write(&self, i: usize, within: u64, bytes: &[u8]) -> Result<(), flash_load::LoadError> {
+        for &(s, base) in &self.targets[i] {
+            let (path, f) = &self.files[s];
+            f.write_all_at(bytes, base + within)
+                .map_err(|e| flash_load::LoadError::io(path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Syncs the files and writes the index of a sharded export; returns
+    /// the file names.
+    fn finish(self, tmp: &Path) -> Result<Vec<String>> {
+        for (path, f) in &self.files {
+            f.sync_all().map_err(|e| StoreError::io(path, e))?;
+        }
+        if self.names.len() > 1 {
+            let index = st::ShardIndex {
+                metadata: Some(serde_json::json!({ "total_size": self.total_size })),
+                weight_map: self.weight_map,
+            };
+            let p = tmp.join(INDEX_FILE);
+            fs::write(&p, serde_json::to_vec_pretty(&index).expect("plain data"))
+                .map_err(|e| StoreError::io(&p, e))?;
+        }
+        Ok(self.names)
+    }
+}
+
+/// Exports a model of several tensor-parallel ranks (`full`, in `dir`)
+/// whole into `tmp`: tensors and aliases as rank 0 names them, each split
+/// tensor gathered from its parts along its `split_dim`, replicated ones
+/// from rank 0. Each part is checked against its checksum, so a corrupt
+/// rank is named rather than exported. One tensor at a time is gathered in
+/// memory while a reader thread reads the next.
+fn export_gathered(
+    dir: &Path,
+    full: &Manifest,
+    tmp: &Path,
+    shard_bytes: u64,
+) -> Result<Vec<String>> {
+    let ranks = full.ranks();
+    let sources = (0..ranks)
+        .map(|r| ModelSource::open_rank(dir, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views: Vec<&Manifest> = sources
+        .iter()
+        .map(|s| {
+            s.manifest
+                .as_ref()
+                .expect("the store holds the flash format")
+        })
+        .collect();
+    let m0 = views[0];
+    // The rank views drop split_dim; the full manifest has it.
+    let split: HashMap<&str, Option<u32>> = full
+        .tensors
+        .iter()
+        .filter(|t| full.rank_of(t) == 0)
+        .map(|t| (t.name.as_str(), t.split_dim))
+        .collect();
+    let dims: Vec<Option<u32>> = m0
+        .tensors
+        .iter()
+        .map(|t| split.get(t.name.as_str()).copied().flatten())
+        .collect();
+    let shapes: Vec<Vec<u64>> = m0
+        .tensors
+        .iter()
+        .zip(&dims)
+        .map(|(t, d)| match *d {
+            Some(d) => tp::whole_shape(&t.shape, d, ranks),
+            None => t.shape.clone(),
+        })
+        .collect();
+    let out = ExportFiles::create(m0, &shapes, tmp, shard_bytes)?;
+    let index: Vec<HashMap<&str, usize>> = sources
+        .iter()
+        .map(|s| {
+            s.tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect()
+        })
+        .collect();
+    let files: Vec<Vec<File>> = sources
+        .iter()
+        .map(|s| {
+            s.files
+                .iter()
+                .map(|f| File::open(&f.path).map_err(|e| StoreError::io(&f.path, e)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<_>>()?;
+    // Rank `r`'s part of the tensor named `name`, checked.
+    let part = |r: usize, name: &str| -> Result<Vec<u8>> {
+        let src = &sources[r];
+        let j = *index[r].get(name).ok_or_else(|| {
+            StoreError::invalid(dir, format!("rank {r} holds no tensor {name:?}"))
+        })?;
+        let t = &src.tensors[j];
+        let bytes = flash_load::decode::read_tensor(src, &files[r][t.file], t)?;
+        let want = &views[r].tensors[j].checksum;
+        let got = manifest::checksum_hex(manifest::chunk_checksum(&bytes));
+        if &got != want {
+            return Err(StoreError::invalid(
+                &src.files[t.file].path,
+                format!(
+                    "rank {r}'s part of tensor {name:?} has checksum {got}, the manifest says \
+                     {want} (see `flash verify`)"
+                ),
+            ));
+        }
+        Ok(bytes)
+    };
+    let mut order: Vec<usize> = (0..m0.tensors.len()).collect();
+    order.sort_by_key(|&i| (m0.tensors[i].file, m0.tensors[i].offset));
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(1);
+        let (order, dims, part) = (&order, &dims, &part);
+        scope.spawn(move || {
+            for &i in order {
+                let t = &m0.tensors[i];
+                let whole = match dims[i] {
+                    None => part(0, &t.name),
+                    Some(d) => (0..ranks as usize)
+                        .map(|r| part(r, &t.name))
+                        .collect::<Result<Vec<_>>>()
+                        .map(|parts| tp::gather(&parts, t.dtype, &t.shape, d)),
+                };
+                let failed = whole.is_err();
+                if tx.send(whole.map(|b| (i, b))).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for received in rx {
+            let (i, bytes) = received?;
+            out.write(i, 0, &bytes)?;
+        }
+        Ok(())
+    })?;
+    out.finish(tmp)
+}
+
+/// Exports the model of one rank `src` (its manifest `m`) into `tmp`.
 fn export_into(
     src: &ModelSource,
     m: &Manifest,
@@ -738,83 +1150,8 @@ fn export_into(
     shard_bytes: u64,
     opts: &LoadOptions,
 ) -> Result<Vec<String>> {
-    // Output tensors: stored ones in manifest order, then aliases.
-    let mut outputs: Vec<(String, usize)> = m
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
-    let by_name: HashMap<&str, usize> = m
-        .tensors
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    for (alias, target) in &m.aliases {
-        outputs.push((alias.clone(), by_name[target.as_str()]));
-    }
-    // Group into shards.
-    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
-    let mut size = 0u64;
-    for (k, (_, i)) in outputs.iter().enumerate() {
-        let len = m.tensors[*i].length;
-        if size > 0 && size + len > shard_bytes {
-            shards.push(Vec::new());
-            size = 0;
-        }
-        size += len;
-        shards.last_mut().expect("non-empty").push(k);
-    }
-    let n = shards.len();
-    let names: Vec<String> = (0..n)
-        .map(|s| {
-            if n == 1 {
-                "model.safetensors".to_string()
-            } else {
-                format!("model-{:05}-of-{n:05}.safetensors", s + 1)
-            }
-        })
-        .collect();
-    let mut metadata = m.metadata.clone();
-    metadata
-        .entry("format".into())
-        .or_insert_with(|| "pt".into());
-    // Where each stored tensor's bytes go: (shard, absolute offset).
-    let mut targets: Vec<Vec<(usize, u64)>> = vec![Vec::new(); m.tensors.len()];
-    let mut out_files = Vec::with_capacity(n);
-    let mut weight_map = BTreeMap::new();
-    let mut total_size = 0u64;
-    for (s, members) in shards.iter().enumerate() {
-        let specs: Vec<TensorSpec> = members
-            .iter()
-            .map(|&k| {
-                let t = &m.tensors[outputs[k].1];
-                TensorSpec {
-                    name: outputs[k].0.clone(),
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                }
-            })
-            .collect();
-        let path = tmp.join(&names[s]);
-        let (header, lens) = st::build_header(&specs, &metadata)
-            .map_err(|e| StoreError::invalid(&path, e.to_string()))?;
-        let data_start = 8 + header.len() as u64;
-        let mut cursor = data_start;
-        for (&k, len) in members.iter().zip(&lens) {
-            targets[outputs[k].1].push((s, cursor));
-            weight_map.insert(outputs[k].0.clone(), names[s].clone());
-            cursor += len;
-            total_size += len;
-        }
-        let f = File::create(&path).map_err(|e| StoreError::io(&path, e))?;
-        f.write_all_at(&(header.len() as u64).to_le_bytes(), 0)
-            .and_then(|_| f.write_all_at(&header, 8))
-            .and_then(|_| f.set_len(cursor))
-            .map_err(|e| StoreError::io(&path, e))?;
-        out_files.push((path, f));
-    }
+    let shapes: Vec<Vec<u64>> = m.tensors.iter().map(|t| t.shape.clone()).collect();
+    let out = ExportFiles::create(m, &shapes, tmp, shard_bytes)?;
     // Verbatim tensors of each data file, by offset, to map reads to
     // tensors; compressed ones are decoded below.
     let mut per_file: Vec<Vec<usize>> = vec![Vec::new(); m.files.len()];
@@ -850,11 +1187,7 @@ fn export_into(
             let a = t.offset.max(lo);
             let b = (t.offset + t.length).min(hi);
             let piece = &bytes[(a - lo) as usize..(b - lo) as usize];
-            for &(s, base) in &targets[i] {
-                let (path, f) = &out_files[s];
-                f.write_all_at(piece, base + (a - t.offset))
-                    .map_err(|e| flash_load::LoadError::io(path, e))?;
-            }
+            out.write(i, a - t.offset, piece)?;
         }
         Ok(())
     });
@@ -872,28 +1205,67 @@ fn export_into(
             let bytes = decoded?;
             let t = &plan.encoded[c.tensor as usize];
             let within = c.dest_offset - t.dest_offset;
-            for &(s, base) in &targets[by_name[t.name.as_str()]] {
-                let (path, f) = &out_files[s];
-                f.write_all_at(bytes, base + within)
-                    .map_err(|e| flash_load::LoadError::io(path, e))?;
-            }
-            Ok(())
+            out.write(by_name[t.name.as_str()], within, bytes)
         });
         execute(&plan, &sink, opts)?;
     }
-    for (path, f) in &out_files {
-        f.sync_all().map_err(|e| StoreError::io(path, e))?;
-    }
-    if n > 1 {
-        let index = st::ShardIndex {
-            metadata: Some(serde_json::json!({ "total_size": total_size })),
-            weight_map,
+    out.finish(tmp)
+}
+
+/// How an import splits the source's tensors into ranks, decided from
+/// names, shapes and config.json alone, before anything is read or written.
+struct SplitPlan {
+    tp: u32,
+    /// The split dimension of each of the source's stored tensors.
+    dims: Vec<Option<u32>>,
+    /// Source aliases that stay aliases: split as their target is.
+    kept_aliases: Vec<(String, String)>,
+    /// Source aliases split unlike their target (a tied copy whose name
+    /// calls for another split): read and stored as tensors of their own,
+    /// `(name, index of the target's bytes, split)`.
+    read_aliases: Vec<(String, usize, Option<u32>)>,
+}
+
+impl SplitPlan {
+    /// The plan for `tp` ranks, or why the model cannot be split so (the
+    /// first tensor that cannot, named).
+    fn new(src: &ModelSource, config: Option<&serde_json::Value>, tp: u32) -> Result<Self, String> {
+        let heads = config.and_then(tp::Heads::from_config);
+        let dim = |name: &str, t: &flash_load::StoredTensor| {
+            tp::split_dim(name, t.dtype, &t.shape, tp, heads)
         };
-        let p = tmp.join(INDEX_FILE);
-        fs::write(&p, serde_json::to_vec_pretty(&index).expect("plain data"))
-            .map_err(|e| StoreError::io(&p, e))?;
+        let dims = src
+            .tensors
+            .iter()
+            .map(|t| dim(&t.name, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let by_name: HashMap<&str, usize> = src
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        let mut kept_aliases = Vec::new();
+        let mut read_aliases = Vec::new();
+        for (alias, target) in &src.aliases {
+            // `ModelSource` checked that every alias has its target.
+            let Some(&i) = by_name.get(target.as_str()) else {
+                return Err(format!("alias {alias:?} points to missing {target:?}"));
+            };
+            let d = dim(alias, &src.tensors[i])?;
+            if d == dims[i] {
+                kept_aliases.push((alias.clone(), target.clone()));
+            } else {
+                read_aliases.push((alias.clone(), i, d));
+            }
+        }
+        Ok(SplitPlan {
+            tp,
+            dims,
+            kept_aliases,
+            read_aliases,
+        })
     }
-    Ok(names)
 }
 
 fn read_config(dir: &Path) -> Option<serde_json::Value> {

@@ -281,7 +281,7 @@ pub fn synth(spec: &ModelSpec, out: &Path, opts: &SynthOptions) -> Result<SynthR
         ("generation_config.json", spec.generation_config_json()),
         (
             "tokenizer.json",
-            tokenizer::tokenizer_json(spec.arch, spec.vocab_size),
+            tokenizer::tokenizer_json(spec.arch, spec.shape.vocab_size as u64),
         ),
         (
             "tokenizer_config.json",

@@ -1,11 +1,13 @@
 //! Model shapes: the presets (real Hugging Face configs), the tensor list in
 //! Hugging Face order, parameter counts and the `config.json` /
-//! `generation_config.json` they imply.
+//! `generation_config.json` they imply. The dimensions and their checks are
+//! flash-format's [`DecoderShape`], the type the inference engine reads
+//! from `config.json` too.
 
 use crate::tokenizer;
 use crate::SynthError;
 use flash_format::safetensors::TensorSpec;
-use flash_format::DType;
+use flash_format::{DType, DecoderShape};
 use serde_json::{json, Value};
 use std::fmt;
 use std::str::FromStr;
@@ -119,7 +121,8 @@ impl SynthTensor {
     }
 }
 
-/// The shape of a decoder, with the fields of its Hugging Face `config.json`.
+/// A decoder to synthesize: its shape and the other fields of its Hugging
+/// Face `config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     pub arch: Arch,
@@ -127,17 +130,11 @@ pub struct ModelSpec {
     pub size: String,
     /// The Hugging Face repository whose config this preset copies, if any.
     pub reference: Option<String>,
-    pub hidden_size: u64,
-    pub intermediate_size: u64,
-    pub num_hidden_layers: u64,
-    pub num_attention_heads: u64,
-    pub num_key_value_heads: u64,
-    pub head_dim: u64,
-    pub vocab_size: u64,
+    /// The dimensions (and whether the LM head is the embedding).
+    pub shape: DecoderShape,
     pub max_position_embeddings: u64,
     pub rope_theta: f64,
     pub rms_norm_eps: f64,
-    pub tie_word_embeddings: bool,
     /// Llama 3 RoPE scaling; `None` writes `"rope_scaling": null`.
     pub rope_scaling: Option<RopeScaling>,
     /// `initializer_range`: the standard deviation of the random weights.
@@ -168,7 +165,7 @@ pub fn spec(arch: Arch, size: &str) -> Result<ModelSpec, SynthError> {
 
 /// Hidden 64, 2 layers, 4 heads (2 KV) of 16: a checkpoint of about half a
 /// megabyte whose vocabulary is exactly the synthetic tokenizer's.
-const TINY: (u64, u64, u64, u64, u64, u64) = (64, 128, 2, 4, 2, 16);
+const TINY: (usize, usize, usize, usize, usize, usize) = (64, 128, 2, 4, 2, 16);
 
 fn qwen3(size: &str) -> Option<ModelSpec> {
     // (hidden, intermediate, layers, heads, kv heads, tied, repo)
@@ -190,21 +187,23 @@ fn qwen3(size: &str) -> Option<ModelSpec> {
         arch: Arch::Qwen3,
         size: size.to_string(),
         reference: repo.map(str::to_string),
-        hidden_size: h,
-        intermediate_size: i,
-        num_hidden_layers: l,
-        num_attention_heads: a,
-        num_key_value_heads: kv,
-        head_dim: if tiny { TINY.5 } else { 128 },
-        vocab_size: if tiny {
-            tokenizer::vocab_size(Arch::Qwen3)
-        } else {
-            151_936
+        shape: DecoderShape {
+            hidden_size: h,
+            intermediate_size: i,
+            num_hidden_layers: l,
+            num_attention_heads: a,
+            num_key_value_heads: kv,
+            head_dim: if tiny { TINY.5 } else { 128 },
+            vocab_size: if tiny {
+                tokenizer::vocab_size(Arch::Qwen3) as usize
+            } else {
+                151_936
+            },
+            tie_word_embeddings: tie,
         },
         max_position_embeddings: 40_960,
         rope_theta: 1_000_000.0,
         rms_norm_eps: 1e-6,
-        tie_word_embeddings: tie,
         rope_scaling: None,
         initializer_range: 0.02,
     })
@@ -245,21 +244,23 @@ fn llama(size: &str) -> Option<ModelSpec> {
         arch: Arch::Llama,
         size: size.to_string(),
         reference: repo.map(str::to_string),
-        hidden_size: h,
-        intermediate_size: i,
-        num_hidden_layers: l,
-        num_attention_heads: a,
-        num_key_value_heads: kv,
-        head_dim: hd,
-        vocab_size: if repo.is_none() {
-            tokenizer::vocab_size(Arch::Llama)
-        } else {
-            128_256
+        shape: DecoderShape {
+            hidden_size: h,
+            intermediate_size: i,
+            num_hidden_layers: l,
+            num_attention_heads: a,
+            num_key_value_heads: kv,
+            head_dim: hd,
+            vocab_size: if repo.is_none() {
+                tokenizer::vocab_size(Arch::Llama) as usize
+            } else {
+                128_256
+            },
+            tie_word_embeddings: tie,
         },
         max_position_embeddings: 131_072,
         rope_theta: 500_000.0,
         rms_norm_eps: 1e-5,
-        tie_word_embeddings: tie,
         rope_scaling: Some(RopeScaling {
             factor,
             low_freq_factor: 1.0,
@@ -284,43 +285,21 @@ impl ModelSpec {
         format!("{}-{}", self.arch, self.size)
     }
 
-    /// Checks the shape for things that would make a broken checkpoint.
+    /// Checks the shape for things that would make a broken checkpoint:
+    /// the shape's own checks ([`DecoderShape::validate`]) and a vocabulary
+    /// that holds the synthetic tokenizer's tokens.
     pub fn validate(&self) -> Result<(), SynthError> {
-        let bad = |why: String| {
-            Err(SynthError::InvalidSpec {
-                model: self.name(),
-                why,
-            })
+        let bad = |why: String| SynthError::InvalidSpec {
+            model: self.name(),
+            why,
         };
-        let dims = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-        ];
-        if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{name} is 0"));
-        }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
-            return bad(format!(
-                "{} attention heads are not a multiple of {} key/value heads",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
+        self.shape.validate().map_err(|e| bad(e.to_string()))?;
         let need = tokenizer::vocab_size(self.arch);
-        if self.vocab_size < need {
-            return bad(format!(
+        if (self.shape.vocab_size as u64) < need {
+            return Err(bad(format!(
                 "vocab_size {} is smaller than the tokenizer's {need} tokens",
-                self.vocab_size
-            ));
-        }
-        if self.head_dim % 2 != 0 {
-            return bad(format!(
-                "head_dim {} is odd (RoPE needs pairs)",
-                self.head_dim
-            ));
+                self.shape.vocab_size
+            )));
         }
         Ok(())
     }
@@ -328,10 +307,13 @@ impl ModelSpec {
     /// Every tensor, in the order of the Hugging Face state dict (which is
     /// the order `save_pretrained` shards in).
     pub fn tensors(&self, dtype: DType) -> Vec<SynthTensor> {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let i = self.intermediate_size;
+        let s = &self.shape;
+        let (h, i, v) = (
+            s.hidden_size as u64,
+            s.intermediate_size as u64,
+            s.vocab_size as u64,
+        );
+        let (q, kv, hd) = (s.q_dim() as u64, s.kv_dim() as u64, s.head_dim as u64);
         let std = self.initializer_range as f32;
         let mut out = Vec::new();
         let mut push = |name: String, shape: Vec<u64>, init: Init| {
@@ -341,28 +323,16 @@ impl ModelSpec {
             })
         };
         let normal = Init::Normal { std };
-        push(
-            "model.embed_tokens.weight".into(),
-            vec![self.vocab_size, h],
-            normal,
-        );
-        for n in 0..self.num_hidden_layers {
+        push("model.embed_tokens.weight".into(), vec![v, h], normal);
+        for n in 0..s.num_hidden_layers {
             let p = format!("model.layers.{n}");
             push(format!("{p}.self_attn.q_proj.weight"), vec![q, h], normal);
             push(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], normal);
             push(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], normal);
             push(format!("{p}.self_attn.o_proj.weight"), vec![h, q], normal);
             if self.arch == Arch::Qwen3 {
-                push(
-                    format!("{p}.self_attn.q_norm.weight"),
-                    vec![self.head_dim],
-                    Init::Ones,
-                );
-                push(
-                    format!("{p}.self_attn.k_norm.weight"),
-                    vec![self.head_dim],
-                    Init::Ones,
-                );
+                push(format!("{p}.self_attn.q_norm.weight"), vec![hd], Init::Ones);
+                push(format!("{p}.self_attn.k_norm.weight"), vec![hd], Init::Ones);
             }
             push(format!("{p}.mlp.gate_proj.weight"), vec![i, h], normal);
             push(format!("{p}.mlp.up_proj.weight"), vec![i, h], normal);
@@ -375,8 +345,8 @@ impl ModelSpec {
             );
         }
         push("model.norm.weight".into(), vec![h], Init::Ones);
-        if !self.tie_word_embeddings {
-            push("lm_head.weight".into(), vec![self.vocab_size, h], normal);
+        if !s.tie_word_embeddings {
+            push("lm_head.weight".into(), vec![v, h], normal);
         }
         out
     }
@@ -392,8 +362,9 @@ impl ModelSpec {
     /// Parameters outside the input embedding and the LM head (the
     /// "non-embedding" count of the Qwen3 model cards).
     pub fn non_embedding_param_count(&self) -> u64 {
-        let embed = self.vocab_size * self.hidden_size;
-        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        let s = &self.shape;
+        let embed = (s.vocab_size * s.hidden_size) as u64;
+        let heads = if s.tie_word_embeddings { 1 } else { 2 };
         self.param_count() - heads * embed
     }
 
@@ -416,29 +387,32 @@ impl ModelSpec {
             "attention_dropout": 0.0,
             "bos_token_id": ids.bos,
             "eos_token_id": eos,
-            "head_dim": self.head_dim,
+            "head_dim": self.shape.head_dim,
             "hidden_act": "silu",
-            "hidden_size": self.hidden_size,
+            "hidden_size": self.shape.hidden_size,
             "initializer_range": self.initializer_range,
-            "intermediate_size": self.intermediate_size,
+            "intermediate_size": self.shape.intermediate_size,
             "max_position_embeddings": self.max_position_embeddings,
             "model_type": self.arch.model_type(),
-            "num_attention_heads": self.num_attention_heads,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_key_value_heads": self.num_key_value_heads,
+            "num_attention_heads": self.shape.num_attention_heads,
+            "num_hidden_layers": self.shape.num_hidden_layers,
+            "num_key_value_heads": self.shape.num_key_value_heads,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_scaling": self.rope_scaling.as_ref().map(RopeScaling::to_json),
             "rope_theta": self.rope_theta,
-            "tie_word_embeddings": self.tie_word_embeddings,
+            "tie_word_embeddings": self.shape.tie_word_embeddings,
             "torch_dtype": torch_dtype(dtype),
             "transformers_version": "4.51.0",
             "use_cache": true,
-            "vocab_size": self.vocab_size,
+            "vocab_size": self.shape.vocab_size,
         });
         let obj = c.as_object_mut().expect("an object");
         match self.arch {
             Arch::Qwen3 => {
-                obj.insert("max_window_layers".into(), json!(self.num_hidden_layers));
+                obj.insert(
+                    "max_window_layers".into(),
+                    json!(self.shape.num_hidden_layers),
+                );
                 obj.insert("sliding_window".into(), Value::Null);
                 obj.insert("use_sliding_window".into(), json!(false));
             }

@@ -70,26 +70,45 @@ fn presets_match_the_real_parameter_counts() {
 fn real_configs_are_the_published_ones() {
     let q = spec(Arch::Qwen3, "8b").unwrap();
     assert_eq!(
-        (q.hidden_size, q.intermediate_size, q.num_hidden_layers),
+        (
+            q.shape.hidden_size,
+            q.shape.intermediate_size,
+            q.shape.num_hidden_layers
+        ),
         (4096, 12288, 36)
     );
     assert_eq!(
-        (q.num_attention_heads, q.num_key_value_heads, q.head_dim),
+        (
+            q.shape.num_attention_heads,
+            q.shape.num_key_value_heads,
+            q.shape.head_dim
+        ),
         (32, 8, 128)
     );
-    assert_eq!((q.vocab_size, q.max_position_embeddings), (151_936, 40_960));
-    assert!(!q.tie_word_embeddings && q.rope_theta == 1e6 && q.rms_norm_eps == 1e-6);
-    assert!(spec(Arch::Qwen3, "0.6b").unwrap().tie_word_embeddings);
+    assert_eq!(
+        (q.shape.vocab_size, q.max_position_embeddings),
+        (151_936, 40_960)
+    );
+    assert!(!q.shape.tie_word_embeddings && q.rope_theta == 1e6 && q.rms_norm_eps == 1e-6);
+    assert!(spec(Arch::Qwen3, "0.6b").unwrap().shape.tie_word_embeddings);
     let l = spec(Arch::Llama, "1b").unwrap();
     assert_eq!(
-        (l.hidden_size, l.intermediate_size, l.num_hidden_layers),
+        (
+            l.shape.hidden_size,
+            l.shape.intermediate_size,
+            l.shape.num_hidden_layers
+        ),
         (2048, 8192, 16)
     );
     assert_eq!(
-        (l.num_attention_heads, l.num_key_value_heads, l.head_dim),
+        (
+            l.shape.num_attention_heads,
+            l.shape.num_key_value_heads,
+            l.shape.head_dim
+        ),
         (32, 8, 64)
     );
-    assert!(l.tie_word_embeddings && l.rope_theta == 500_000.0);
+    assert!(l.shape.tie_word_embeddings && l.rope_theta == 500_000.0);
     let rs = l.rope_scaling.as_ref().unwrap();
     assert_eq!(
         (
@@ -102,7 +121,7 @@ fn real_configs_are_the_published_ones() {
     );
     let l8 = spec(Arch::Llama, "8b").unwrap();
     assert_eq!(l8.rope_scaling.unwrap().factor, 8.0);
-    assert!(!l8.tie_word_embeddings);
+    assert!(!l8.shape.tie_word_embeddings);
 
     let c = q.config_json(DType::BF16);
     assert_eq!(c["architectures"][0], "Qwen3ForCausalLM");
@@ -209,7 +228,10 @@ fn tiny_models_write_a_complete_folder() {
         assert_eq!(report.tensors, t.len());
         assert_eq!(report.params, s.param_count());
         assert_eq!(report.data_bytes, s.param_count() * 2);
-        assert_eq!(found.contains_key("lm_head.weight"), !s.tie_word_embeddings);
+        assert_eq!(
+            found.contains_key("lm_head.weight"),
+            !s.shape.tie_word_embeddings
+        );
         let has_qk_norm = found.contains_key("model.layers.0.self_attn.q_norm.weight");
         assert_eq!(has_qk_norm, arch == Arch::Qwen3);
 
@@ -432,11 +454,11 @@ fn refuses_a_non_empty_out_and_reuses_an_empty_one() {
 #[test]
 fn invalid_specs_are_refused() {
     let mut s = spec(Arch::Llama, "tiny").unwrap();
-    s.vocab_size = 100;
+    s.shape.vocab_size = 100;
     let err = s.validate().unwrap_err().to_string();
     assert!(err.contains("vocab_size 100"), "{err}");
     let mut s = spec(Arch::Llama, "tiny").unwrap();
-    s.num_key_value_heads = 3;
+    s.shape.num_key_value_heads = 3;
     assert!(s.validate().is_err());
 }
 
@@ -446,12 +468,12 @@ fn multi_chunk_files_match_tensor_data_on_any_thread_count() {
     // crosses an RNG block (4 Mi elements).
     let mut s = spec(Arch::Llama, "tiny").unwrap();
     s.size = "small".into();
-    s.hidden_size = 512;
-    s.vocab_size = 9000;
-    s.intermediate_size = 1024;
-    s.num_attention_heads = 8;
-    s.num_key_value_heads = 4;
-    s.head_dim = 64;
+    s.shape.hidden_size = 512;
+    s.shape.vocab_size = 9000;
+    s.shape.intermediate_size = 1024;
+    s.shape.num_attention_heads = 8;
+    s.shape.num_key_value_heads = 4;
+    s.shape.head_dim = 64;
     let tmp = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         seed: 11,

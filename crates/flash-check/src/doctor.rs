@@ -25,8 +25,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::limits::{self, fill_noise, gbps, round2, REPEATS};
+use crate::limits::{self, gbps, round2, REPEATS};
 use crate::{CheckError, Result};
+use flash_load::disk::fill_noise;
 use serde::Serialize;
 
 use flash_sys::cuda::{self, Direction, Gpu, GpuInfo, PinMethod};

@@ -111,18 +111,18 @@ pub fn bench(dir: &Path, label: &str, gpu: &Gpu, o: &BenchOptions) -> Result<Ben
     let (prefill, next) = time_prefill(&mut e, &prompt, repeat)?;
     // A chat-sized prompt: prefill + the first token, model resident.
     let (ttft, _) = time_prefill(&mut e, &prompt[..prompt.len().min(32)], repeat)?;
-    let decode = time_decode(&mut e, &prompt, next, n, repeat)?;
+    let decode = time_decode(&mut e, &prompt, next, n, repeat, Argmax::Device)?;
     let fused = e.set_fused_decode(o.fused_decode);
     // The other product path, same engine, same run (an A/B of the fused
     // decode kernels against cuBLAS).
     let other_path = e.set_fused_decode(!o.fused_decode);
     let decode_other = if other_path != fused {
-        Some(n as f64 / time_decode(&mut e, &prompt, next, n, repeat)?)
+        Some(n as f64 / time_decode(&mut e, &prompt, next, n, repeat, Argmax::Device)?)
     } else {
         None
     };
     e.set_fused_decode(o.fused_decode);
-    let decode_logits = time_decode_with_logits(&mut e, &prompt, next, n, repeat)?;
+    let decode_logits = time_decode(&mut e, &prompt, next, n, repeat, Argmax::Host)?;
     let profile = e.profile_decode(prompt.len(), repeat.max(3))?;
     let bytes = e.decode_weight_bytes();
     let roofline = d2d * 1e9 / bytes.max(1) as f64;
@@ -166,14 +166,25 @@ fn time_prefill(e: &mut GpuEngine, prompt: &[u32], repeat: usize) -> Result<(f64
     Ok((best, next))
 }
 
-/// Greedy decode of `n` tokens after the prompt, argmax on the device
-/// (best of `repeat`, seconds).
+/// How a timed decode step picks the next token.
+#[derive(Clone, Copy)]
+enum Argmax {
+    /// On the device (`forward_greedy`): one token crosses to the host.
+    Device,
+    /// On the host, with the logits copied there each step (what sampling
+    /// needs).
+    Host,
+}
+
+/// Greedy decode of `n` tokens after the prompt (best of `repeat`,
+/// seconds).
 fn time_decode(
     e: &mut GpuEngine,
     prompt: &[u32],
     next: u32,
     n: usize,
     repeat: usize,
+    argmax_on: Argmax,
 ) -> Result<f64> {
     let mut best = f64::MAX;
     for _ in 0..repeat {
@@ -181,29 +192,11 @@ fn time_decode(
         let t = Instant::now();
         let mut tok = next;
         for i in 0..n {
-            tok = e.forward_greedy(&[tok], prompt.len() + i)?;
-        }
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    Ok(best)
-}
-
-/// As [`time_decode`], with the logits copied to the host each step (what
-/// sampling needs) and the argmax taken there.
-fn time_decode_with_logits(
-    e: &mut GpuEngine,
-    prompt: &[u32],
-    next: u32,
-    n: usize,
-    repeat: usize,
-) -> Result<f64> {
-    let mut best = f64::MAX;
-    for _ in 0..repeat {
-        e.forward_greedy(prompt, 0)?;
-        let t = Instant::now();
-        let mut tok = next;
-        for i in 0..n {
-            tok = argmax(e.forward(&[tok], prompt.len() + i)?) as u32;
+            let pos = prompt.len() + i;
+            tok = match argmax_on {
+                Argmax::Device => e.forward_greedy(&[tok], pos)?,
+                Argmax::Host => argmax(e.forward(&[tok], pos)?) as u32,
+            };
         }
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -24,18 +24,6 @@ pub fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Fills `buf` with xorshift noise (incompressible, never all zeros).
-pub fn fill_noise(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let b = x.to_le_bytes();
-        chunk.copy_from_slice(&b[..chunk.len()]);
-    }
-}
-
 /// A device-to-device copy of the first `bytes` of `src` into a fresh
 /// allocation on `stream`, timed with events, best of [`REPEATS`]: GB/s
 /// counting the bytes read plus the bytes written (the memory bandwidth
@@ -90,13 +78,6 @@ pub fn pinned_h2d_gbps(gpu: &Gpu) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn noise_is_not_zero() {
-        let mut b = vec![0u8; 1001];
-        fill_noise(&mut b, 0);
-        assert!(b.iter().filter(|&&x| x == 0).count() < 50);
-    }
 
     #[test]
     fn rates() {

@@ -13,31 +13,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
-fn normal(rng: &mut SmallRng, n: usize, std: f64) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n + 1);
-    while v.len() < n {
-        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
-        let u2: f64 = rng.random();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let a = std::f64::consts::TAU * u2;
-        v.push((r * a.cos()) as f32);
-        v.push((r * a.sin()) as f32);
-    }
-    v.truncate(n);
-    v
-}
-
-fn to_bytes(layout: Layout, values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * layout.elem_bytes());
-    for &v in values {
-        match layout {
-            Layout::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
-            Layout::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
-            Layout::F32 => out.extend_from_slice(&v.to_le_bytes()),
-        }
-    }
-    out
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{normal, to_bytes};
 
 /// Weights of a few kinds, one after the other: projections of several
 /// scales, heavy tails (Laplace), norms around 1.

@@ -70,12 +70,7 @@ impl Freshness {
     /// the module doc) and returns the model's epoch. The first sight of a
     /// model records its version as it is.
     pub fn check(&self, tiers: &Tiers, model: &ModelId) -> Result<u64, StillLeased> {
-        let dir = model
-            .as_str()
-            .parse::<ModelName>()
-            .ok()
-            .map(|n| tiers.transfers().store().model_dir(&n));
-        let now = dir.as_deref().and_then(Identity::of);
+        let now = stored_identity(tiers, model);
         {
             let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
             let k = known.entry(model.clone()).or_insert(Known {
@@ -105,12 +100,7 @@ impl Freshness {
     /// dropping its copies): the next check sees the new version as current
     /// and engines built on the old one as stale.
     pub fn changed(&self, tiers: &Tiers, model: &ModelId) {
-        let dir = model
-            .as_str()
-            .parse::<ModelName>()
-            .ok()
-            .map(|n| tiers.transfers().store().model_dir(&n));
-        let now = dir.as_deref().and_then(Identity::of);
+        let now = stored_identity(tiers, model);
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let k = known.entry(model.clone()).or_insert(Known {
             identity: now,
@@ -119,4 +109,10 @@ impl Freshness {
         k.identity = now;
         k.epoch += 1;
     }
+}
+
+/// The identity of `model`'s folder in the store now (`None`: not stored).
+fn stored_identity(tiers: &Tiers, model: &ModelId) -> Option<Identity> {
+    let name = model.as_str().parse::<ModelName>().ok()?;
+    Identity::of(&tiers.transfers().store().model_dir(&name))
 }

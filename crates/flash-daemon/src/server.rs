@@ -558,6 +558,17 @@ fn status_of(e: &TierError) -> Status {
     }
 }
 
+/// The copies an unload freed, as the reply lists them.
+fn tier_bytes(freed: Vec<(Tier, u64)>) -> Vec<proto::TierBytes> {
+    freed
+        .into_iter()
+        .map(|(t, b)| proto::TierBytes {
+            tier: t.to_string(),
+            bytes: b,
+        })
+        .collect()
+}
+
 fn store_status(e: StoreError) -> Status {
     let msg = e.to_string();
     match e {
@@ -880,13 +891,7 @@ impl Flash for Service {
             };
             let freed = d.tiers.unload(&id, tier).map_err(|e| status_of(&e))?;
             Ok(proto::UnloadReply {
-                freed: freed
-                    .into_iter()
-                    .map(|(t, b)| proto::TierBytes {
-                        tier: t.to_string(),
-                        bytes: b,
-                    })
-                    .collect(),
+                freed: tier_bytes(freed),
             })
         })
         .await
@@ -909,13 +914,7 @@ impl Flash for Service {
             info!(model = %id, "removed from the store");
             Ok(proto::RemoveReply {
                 model: id.to_string(),
-                freed: freed
-                    .into_iter()
-                    .map(|(t, b)| proto::TierBytes {
-                        tier: t.to_string(),
-                        bytes: b,
-                    })
-                    .collect(),
+                freed: tier_bytes(freed),
             })
         })
         .await

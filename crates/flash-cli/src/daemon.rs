@@ -4,10 +4,13 @@
 use crate::args::{AttachArgs, StartArgs};
 use anyhow::{anyhow, bail, Context, Result};
 use flash_check::daemon::{compare, reference};
-use flash_client::{Client, ClientError, Location, Place, StatusReply};
+use flash_client::{
+    Client, ClientError, FillReply, Lease, Location, ModelInfo, Place, StatusReply,
+};
 use flash_daemon::{DaemonConfig, LOCK_FILE, LOG_FILE, PID_FILE};
-use flash_load::LoadOptions;
+use flash_load::{HostModel, LoadOptions};
 use flash_store::Store;
+use flash_sys::cuda::Gpu;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -462,35 +465,77 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
         None
     };
     // A real client has its CUDA context before it attaches: make it first.
-    let early_gpu = match place {
+    let early_gpu = early_gpu(place);
+    let t0 = Instant::now();
+    let mut client = connect(&home)?;
+    let at = Attach {
+        a: &a,
+        place,
+        want: want.as_ref(),
+        early_gpu: early_gpu.as_ref(),
+        t0,
+    };
+    let mut hold: Held = Vec::new();
+    let (report, lease_to_release) = if a.copy {
+        (at.copy(&client, &mut hold)?, None)
+    } else {
+        let (report, lease) = at.share(&mut client, &mut hold)?;
+        (report, Some(lease))
+    };
+    print_attach(&report, a.json)?;
+    hold_for(a.hold);
+    drop(hold);
+    if let Some(l) = lease_to_release {
+        client.release(l).map_err(|e| anyhow!(e))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What keeps the attached bytes usable (a mapping, a buffer) until the
+/// attach ends.
+type Held = Vec<Box<dyn std::any::Any>>;
+
+/// The GPU of a `gpu:N` attach, bound to this thread, when it can be made.
+fn early_gpu(place: Place) -> Option<Gpu> {
+    match place {
         Place::Gpu(n) => flash_sys::cuda::probe()
             .ok()
             .and_then(|c| c.device(n as usize).ok())
             .filter(|g| g.bind_to_thread().is_ok()),
         _ => None,
-    };
-    let t0 = Instant::now();
-    let mut client = connect(&home)?;
-    let gpu_for = |device: u32| -> Result<flash_sys::cuda::Gpu> {
-        if let Some(g) = early_gpu
-            .as_ref()
-            .filter(|g| g.ordinal() == device as usize)
-        {
+    }
+}
+
+/// One attach: what was asked, the store's bytes to verify against, the GPU
+/// made before connecting, and when the clock started (at connecting).
+struct Attach<'a> {
+    a: &'a AttachArgs,
+    place: Place,
+    want: Option<&'a HostModel>,
+    early_gpu: Option<&'a Gpu>,
+    t0: Instant,
+}
+
+impl Attach<'_> {
+    /// The GPU `device`: the one made before connecting, else opened now.
+    fn gpu_for(&self, device: u32) -> Result<Gpu> {
+        if let Some(g) = self.early_gpu.filter(|g| g.ordinal() == device as usize) {
             return Ok(g.clone());
         }
         let cuda =
             flash_sys::cuda::probe().map_err(|e| anyhow!("a GPU copy needs CUDA here: {e}"))?;
         Ok(cuda.device(device as usize)?)
-    };
-    let report;
-    let mut hold: Vec<Box<dyn std::any::Any>> = Vec::new();
-    let mut lease_to_release = None;
-    if a.copy {
+    }
+
+    /// Copy mode: the daemon fills a buffer of this process (a shared-memory
+    /// file, or a GPU allocation for a GPU place).
+    fn copy(&self, client: &Client, hold: &mut Held) -> Result<AttachReport> {
+        let a = self.a;
         let info = client
             .info(&a.model)
             .map_err(|e| anyhow!(e))?
             .ok_or_else(|| anyhow!("model {} is not in the store (see `flash list`)", a.model))?;
-        let device = match place {
+        let device = match self.place {
             Place::Gpu(n) => Some(n),
             Place::Memory => None,
             Place::Auto => client
@@ -507,37 +552,13 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
                 hold.push(Box::new(file));
                 (bytes, r)
             }
-            Some(d) => {
-                let gpu = gpu_for(d)?;
-                let mem = gpu.alloc(info.image_bytes as usize)?;
-                let r = client
-                    .fill(
-                        &a.model,
-                        Place::Auto,
-                        &[flash_client::Region {
-                            target: flash_client::Target::Cuda {
-                                ipc_handle: mem.ipc_handle()?,
-                                device: d,
-                            },
-                            dst_offset: 0,
-                            src_offset: 0,
-                            length: info.image_bytes,
-                        }],
-                    )
-                    .map_err(|e| anyhow!(e))?;
-                let mut host = vec![0u8; mem.len()];
-                if a.verify {
-                    mem.copy_to_host(0, &mut host)?;
-                }
-                hold.push(Box::new(mem));
-                (host, r)
-            }
+            Some(d) => self.fill_gpu(client, &info, d, hold)?,
         };
-        let attach_seconds = t0.elapsed().as_secs_f64();
-        if let Some(w) = &want {
+        let attach_seconds = self.t0.elapsed().as_secs_f64();
+        if let Some(w) = self.want {
             compare(&a.model, &info.tensors, &image, w)?;
         }
-        report = AttachReport {
+        Ok(AttachReport {
             model: a.model.clone(),
             mode: "copy",
             tier: r.source_tier.clone(),
@@ -550,34 +571,56 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
             lease_id: None,
             daemon_seconds: r.seconds,
             attach_seconds,
-            verified: want.is_some(),
-        };
-    } else {
-        let lease = client.acquire(&a.model, place).map_err(|e| anyhow!(e))?;
-        let image: Vec<u8>;
-        match &lease.location {
-            Location::Shm { .. } => {
-                let view = lease.map_host().map_err(|e| anyhow!(e))?;
-                image = if a.verify { view.to_vec() } else { Vec::new() };
-                hold.push(Box::new(view));
-            }
-            Location::Cuda { device, .. } => {
-                let gpu = gpu_for(*device)?;
-                let mem = lease.map_gpu(&gpu).map_err(|e| anyhow!(e))?;
-                let mut host = Vec::new();
-                if a.verify {
-                    host = vec![0u8; mem.len()];
-                    mem.copy_to_host(0, &mut host)?;
-                }
-                image = host;
-                hold.push(Box::new(mem));
-            }
+            verified: self.want.is_some(),
+        })
+    }
+
+    /// Has the daemon fill a new allocation on GPU `d` with the whole image;
+    /// the image's bytes read back when verifying.
+    fn fill_gpu(
+        &self,
+        client: &Client,
+        info: &ModelInfo,
+        d: u32,
+        hold: &mut Held,
+    ) -> Result<(Vec<u8>, FillReply)> {
+        let gpu = self.gpu_for(d)?;
+        let mem = gpu.alloc(info.image_bytes as usize)?;
+        let r = client
+            .fill(
+                &self.a.model,
+                Place::Auto,
+                &[flash_client::Region {
+                    target: flash_client::Target::Cuda {
+                        ipc_handle: mem.ipc_handle()?,
+                        device: d,
+                    },
+                    dst_offset: 0,
+                    src_offset: 0,
+                    length: info.image_bytes,
+                }],
+            )
+            .map_err(|e| anyhow!(e))?;
+        let mut host = vec![0u8; mem.len()];
+        if self.a.verify {
+            mem.copy_to_host(0, &mut host)?;
         }
-        let attach_seconds = t0.elapsed().as_secs_f64();
-        if let Some(w) = &want {
+        hold.push(Box::new(mem));
+        Ok((host, r))
+    }
+
+    /// Share mode: leases the daemon's copy and maps it into this process.
+    fn share(&self, client: &mut Client, hold: &mut Held) -> Result<(AttachReport, Lease)> {
+        let a = self.a;
+        let lease = client
+            .acquire(&a.model, self.place)
+            .map_err(|e| anyhow!(e))?;
+        let image = self.map(&lease, hold)?;
+        let attach_seconds = self.t0.elapsed().as_secs_f64();
+        if let Some(w) = self.want {
             compare(&a.model, &lease.tensors, &image, w)?;
         }
-        report = AttachReport {
+        let report = AttachReport {
             model: lease.model.clone(),
             mode: "share",
             tier: lease.tier.clone(),
@@ -586,12 +629,45 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
             lease_id: Some(lease.id),
             daemon_seconds: lease.seconds,
             attach_seconds,
-            verified: want.is_some(),
+            verified: self.want.is_some(),
         };
-        lease_to_release = Some(lease);
+        Ok((report, lease))
     }
-    if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+
+    /// Maps a leased copy (a shared-memory range, or a GPU allocation through
+    /// CUDA IPC); its bytes when verifying, else none.
+    fn map(&self, lease: &Lease, hold: &mut Held) -> Result<Vec<u8>> {
+        match &lease.location {
+            Location::Shm { .. } => {
+                let view = lease.map_host().map_err(|e| anyhow!(e))?;
+                let image = if self.a.verify {
+                    view.to_vec()
+                } else {
+                    Vec::new()
+                };
+                hold.push(Box::new(view));
+                Ok(image)
+            }
+            Location::Cuda { device, .. } => {
+                let gpu = self.gpu_for(*device)?;
+                let mem = lease.map_gpu(&gpu).map_err(|e| anyhow!(e))?;
+                let mut host = Vec::new();
+                if self.a.verify {
+                    host = vec![0u8; mem.len()];
+                    mem.copy_to_host(0, &mut host)?;
+                }
+                hold.push(Box::new(mem));
+                Ok(host)
+            }
+        }
+    }
+}
+
+/// Prints the report (a JSON line with `--json`) and flushes it: a caller
+/// holding the lease reads it before the attach ends.
+fn print_attach(report: &AttachReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
     } else {
         println!(
             "{}: {} mode, {} in {} (from {}), usable after {:.2} ms{}",
@@ -609,7 +685,12 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
         );
     }
     std::io::stdout().flush()?;
-    if let Some(h) = a.hold {
+    Ok(())
+}
+
+/// `--hold`: keeps the attach this many seconds; 0 or less: until killed.
+fn hold_for(seconds: Option<f64>) {
+    if let Some(h) = seconds {
         if h <= 0.0 {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
@@ -617,9 +698,4 @@ pub fn attach(storage: &Option<PathBuf>, a: AttachArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_secs_f64(h));
     }
-    drop(hold);
-    if let Some(l) = lease_to_release {
-        client.release(l).map_err(|e| anyhow!(e))?;
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -131,6 +131,33 @@ pub fn run(ctx: &Ctx, a: &RunArgs, prompt: &str, started: Instant) -> Result<Exi
     let home = ctx.home();
     let model = model_name(&a.model)?.to_string();
     let status = daemon(&home, ctx.quiet)?;
+    let url = endpoint(&home, &status, a.raw)?;
+    let mut reader = send(&url, &body(a, prompt, &model))?;
+    let mut stdout = std::io::stdout().lock();
+    let Some(answer) = read_answer(&mut reader, &mut stdout, !a.json, &clock)? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let r = answer
+        .report
+        .ok_or_else(|| anyhow!("the daemon's answer ended without its report"))?;
+    // No text at all (an end-of-sequence first): the first token came with
+    // the report.
+    let ttft_s = answer.ttft.unwrap_or_else(|| clock.now());
+    if a.json {
+        let v = json_report(&model, &status.http, &answer.text, &r, ttft_s);
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        let _ = writeln!(stdout);
+    }
+    if !ctx.quiet {
+        print_summary(&r, ttft_s, &status.http);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The URL of the daemon's endpoint for this request; an error naming the
+/// way out when the daemon has no HTTP listener.
+fn endpoint(home: &Path, status: &StatusReply, raw: bool) -> Result<String> {
     if status.http.is_empty() {
         bail!(
             "the flash daemon on {} has no HTTP listener (started with --http off): restart it \
@@ -138,12 +165,20 @@ pub fn run(ctx: &Ctx, a: &RunArgs, prompt: &str, started: Instant) -> Result<Exi
             home.display()
         );
     }
-    let path = if a.raw {
+    let path = if raw {
         "/v1/completions"
     } else {
         "/v1/chat/completions"
     };
-    let url = format!("http://{}{path}", status.http);
+    Ok(format!("http://{}{path}", status.http))
+}
+
+/// The daemon's answer as it streams in.
+type Answer = BufReader<ureq::BodyReader<'static>>;
+
+/// Posts `body` to `url`; the answer's stream, or the daemon's refusal as an
+/// error.
+fn send(url: &str, body: &Value) -> Result<Answer> {
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .proxy(None)
@@ -151,9 +186,9 @@ pub fn run(ctx: &Ctx, a: &RunArgs, prompt: &str, started: Instant) -> Result<Exi
         .build()
         .new_agent();
     let resp = agent
-        .post(&url)
+        .post(url)
         .header("content-type", "application/json")
-        .send(body(a, prompt, &model).to_string())
+        .send(body.to_string())
         .with_context(|| format!("cannot reach the flash daemon at {url}"))?;
     let code = resp.status().as_u16();
     let mut reader = BufReader::new(resp.into_body().into_reader());
@@ -166,9 +201,27 @@ pub fn run(ctx: &Ctx, a: &RunArgs, prompt: &str, started: Instant) -> Result<Exi
             .unwrap_or(text);
         bail!("the flash daemon refused the request (HTTP {code}): {msg}");
     }
+    Ok(reader)
+}
 
-    let stream = !a.json;
-    let mut stdout = std::io::stdout().lock();
+/// What the event stream carried.
+struct Streamed {
+    text: String,
+    /// Seconds from the process's start to the first piece of text.
+    ttft: Option<f64>,
+    /// The daemon's report (the `flash` object of the last event).
+    report: Option<Value>,
+}
+
+/// Reads the server-sent events to `[DONE]` or the end, writing each piece
+/// of text to `stdout` as it comes when `stream`. `None` when stdout was
+/// closed (`| head`): the run ends quietly.
+fn read_answer(
+    reader: &mut Answer,
+    stdout: &mut std::io::StdoutLock,
+    stream: bool,
+    clock: &ProcessClock,
+) -> Result<Option<Streamed>> {
     let mut text = String::new();
     let mut ttft: Option<f64> = None;
     let mut report: Option<Value> = None;
@@ -214,58 +267,64 @@ pub fn run(ctx: &Ctx, a: &RunArgs, prompt: &str, started: Instant) -> Result<Exi
                 // A closed pipe (`| head`) ends it quietly; the daemon stops
                 // generating when this connection closes.
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    return Ok(ExitCode::SUCCESS);
+                    return Ok(None);
                 }
                 return Err(e).context("cannot write to stdout");
             }
         }
     }
-    let r = report.ok_or_else(|| anyhow!("the daemon's answer ended without its report"))?;
-    // No text at all (an end-of-sequence first): the first token came with
-    // the report.
-    let ttft_s = ttft.unwrap_or_else(|| clock.now());
-    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    Ok(Some(Streamed { text, ttft, report }))
+}
+
+/// A number of the daemon's report, 0 when absent.
+fn number(r: &Value, k: &str) -> f64 {
+    r[k].as_f64().unwrap_or(0.0)
+}
+
+/// `--json`'s line: the daemon's report, with the text and this process's
+/// time to the first token.
+fn json_report(model: &str, http: &str, text: &str, r: &Value, ttft_s: f64) -> Value {
+    let f = |k: &str| number(r, k);
     let device = r["device"].as_str().unwrap_or("?").to_string();
     let finish = r["finish_reason"].as_str().unwrap_or("?").to_string();
-    if a.json {
-        let v = json!({
-            "model": model,
-            "device": device,
-            "engine": if device == "cpu" { "cpu-f32" } else { "gpu-bf16" },
-            "via": "daemon",
-            "daemon_http": status.http,
-            "prompt_token_ids": r["prompt_token_ids"],
-            "token_ids": r["token_ids"],
-            "text": text,
-            "finish_reason": finish,
-            "load_s": f("load_s"),
-            "resident_s": f("resident_s"),
-            "engine_s": f("engine_s"),
-            "served_from": r["served_from"],
-            "queue_s": f("queue_s"),
-            "ttft_s": ttft_s,
-            "daemon_ttft_s": f("ttft_s"),
-            "prefill_s": f("prefill_s"),
-            "decode_s": f("decode_s"),
-            "tokens_per_s": f("tokens_per_s"),
-            "sampling": {"seed": r["seed"]},
-        });
-        println!("{}", serde_json::to_string(&v)?);
-    } else {
-        let _ = writeln!(stdout);
-    }
-    if !ctx.quiet {
-        let prompt_tokens = r["prompt_token_ids"].as_array().map_or(0, Vec::len);
-        let tokens = r["token_ids"].as_array().map_or(0, Vec::len);
-        eprintln!(
-            "load {:.2}s (from {}) · prompt {prompt_tokens} tokens, TTFT {ttft_s:.3}s from process start \
-             ({:.3}s in the daemon) · {tokens} tokens at {:.1} tokens/s · {device} ({finish}) · daemon {}",
-            f("load_s"),
-            r["served_from"].as_str().unwrap_or("?"),
-            f("ttft_s"),
-            f("tokens_per_s"),
-            status.http,
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    json!({
+        "model": model,
+        "device": device,
+        "engine": if device == "cpu" { "cpu-f32" } else { "gpu-bf16" },
+        "via": "daemon",
+        "daemon_http": http,
+        "prompt_token_ids": r["prompt_token_ids"],
+        "token_ids": r["token_ids"],
+        "text": text,
+        "finish_reason": finish,
+        "load_s": f("load_s"),
+        "resident_s": f("resident_s"),
+        "engine_s": f("engine_s"),
+        "served_from": r["served_from"],
+        "queue_s": f("queue_s"),
+        "ttft_s": ttft_s,
+        "daemon_ttft_s": f("ttft_s"),
+        "prefill_s": f("prefill_s"),
+        "decode_s": f("decode_s"),
+        "tokens_per_s": f("tokens_per_s"),
+        "sampling": {"seed": r["seed"]},
+    })
+}
+
+/// The one line of timings on stderr.
+fn print_summary(r: &Value, ttft_s: f64, http: &str) {
+    let f = |k: &str| number(r, k);
+    let device = r["device"].as_str().unwrap_or("?");
+    let finish = r["finish_reason"].as_str().unwrap_or("?");
+    let prompt_tokens = r["prompt_token_ids"].as_array().map_or(0, Vec::len);
+    let tokens = r["token_ids"].as_array().map_or(0, Vec::len);
+    eprintln!(
+        "load {:.2}s (from {}) · prompt {prompt_tokens} tokens, TTFT {ttft_s:.3}s from process start \
+         ({:.3}s in the daemon) · {tokens} tokens at {:.1} tokens/s · {device} ({finish}) · daemon {}",
+        f("load_s"),
+        r["served_from"].as_str().unwrap_or("?"),
+        f("ttft_s"),
+        f("tokens_per_s"),
+        http,
+    );
 }

@@ -3,12 +3,19 @@
 //! GPU — moves models between those tiers under byte budgets, and lends
 //! their memory to clients.
 //!
-//! - [`server`]: the daemon process — lock, pid, socket and token files in
-//!   `$FLASH_HOME`, the gRPC service `flash.v1.Flash` (generated in
-//!   `flash-client`) over the Unix socket and optionally TCP with a token,
-//!   sessions that own leases (released when a client's connection closes),
-//!   share mode (CUDA IPC handles, shared-memory ranges) and copy mode (fills
-//!   of the client's buffers), a graceful stop; [`run`] is the entry point.
+//! - [`server`]: the daemon process — its configuration, the state every
+//!   request shares, its start (tiers, the gRPC listeners on the Unix socket
+//!   and optionally TCP with a token, HTTP) and a graceful stop; [`run`] is
+//!   the entry point.
+//! - `home`: the daemon's files in `$FLASH_HOME` (lock, pid, socket, token)
+//!   and its shared-memory folder: created at start, a dead daemon's
+//!   removed, all removed at a clean stop.
+//! - `service`: the gRPC service `flash.v1.Flash` (generated in
+//!   `flash-client`): requests checked and mapped onto the store and the
+//!   tiers, tier and store errors onto gRPC codes.
+//! - `lease`: share mode (leases: CUDA IPC handles, shared-memory ranges),
+//!   copy mode (fills of the client's buffers) and the sessions that own
+//!   leases (released when a client's connection closes).
 //! - [`metrics`]: the HTTP listener's `/metrics` (Prometheus text) and
 //!   `/health`, an `axum::Router` that [`run`] extends with other routes.
 //! - [`serve`] and [`openai`]: the inference engines hosted by the daemon
@@ -30,10 +37,13 @@
 #![forbid(unsafe_code)]
 
 mod fresh;
+mod home;
+mod lease;
 pub mod metrics;
 pub mod openai;
 pub mod serve;
 pub mod server;
+mod service;
 pub mod tiers;
 
 /// The HTTP router type that [`run`] takes extra routes as.

@@ -23,7 +23,8 @@
 //! - `flash_sessions`, `flash_leases`, `flash_requests_total`,
 //!   `flash_errors_total`, `flash_uptime_seconds`.
 
-use crate::server::{status_reply, Daemon};
+use crate::server::Daemon;
+use crate::service::status_reply;
 use axum::routing::get;
 use flash_tier::{Tier, LOAD_SECONDS_BUCKETS};
 use std::collections::BTreeMap;

@@ -13,7 +13,10 @@
 #   load    the loaders side by side (steps 3-5 below); PEERS
 #           narrows the peers (default: all five);
 #   daemon  memory tier -> GPU and share-mode attach (DAEMON_SCENARIOS
-#           "upload"), the swap workload ("swap"; SWAP_SECONDS, default 300);
+#           "upload"), the swap workload ("swap"; SWAP_SECONDS, default 300),
+#           the swap workload of full-size models from a cold page cache
+#           beside the in-process cold load ("swap-cold", not in the
+#           default; SWAPCOLD_SECONDS, default 60);
 # SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
 #   engine  GPU engine vs transformers, decode/prefill vs roofline;
 #   ttft    time to first token of `flash run` through the daemon
@@ -565,6 +568,8 @@ elif stage ttft && [ -n "$M8" ]; then
                 evict_all "$FLASH_HOME/models/bench/qwen3-8b"
                 python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
             done
+            # The engine's buffers appear as a reservation (ENGINES) in the GPU tier.
+            "$FLASH" status 2>&1 | head -8
             "$FLASH" stop
         }
     fi
@@ -607,7 +612,7 @@ if stage daemon && [ -n "$M8" ] && [[ $DAEMON_SCENARIOS == *upload* ]]; then
         "$FLASH" stop
     }
 fi
-if stage daemon && [[ $DAEMON_SCENARIOS == *swap* ]]; then
+if stage daemon && [[ " $DAEMON_SCENARIOS " == *" swap "* ]]; then
     # 100 models of ~0.34 GB: the 8B safetensors folder goes first (disk).
     rm -rf "$SCRATCH/qwen3-8b"
     SWAP_SECONDS=${SWAP_SECONDS:-300}
@@ -620,6 +625,43 @@ if stage daemon && [[ $DAEMON_SCENARIOS == *swap* ]]; then
         "$FLASH" status --json >"$OUT/daemon-status.json" || true
         "$FLASH" stop
     }
+fi
+
+if stage daemon && [[ " $DAEMON_SCENARIOS " == *" swap-cold "* ]]; then
+    # The swap workload from a cold page cache, at full model size: 30
+    # Qwen3-0.6B-shaped models (1.19 GB each), a GPU tier of 3 and a memory
+    # tier of 6, Zipf 1.0; 1 client, then 4, each on a freshly started
+    # daemon with the store evicted from the page cache (the daemon reads
+    # with O_DIRECT, so it stays cold). The in-process cold load of one of
+    # the models is measured before, between and after, as the reference.
+    SWAPCOLD_SECONDS=${SWAPCOLD_SECONDS:-60}
+    SWAP_MODEL=bench/qwen3-0.6b-000
+    swap_ref() {
+        evict_all "$FLASH_HOME/models/bench"
+        timeout 60 "$FLASH" -q bench "$SWAP_MODEL" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json |
+            tag flash-format qwen3-0.6b cold | json_lines swap-cold
+    }
+    log "== daemon: swap from a cold page cache, 30 x qwen3-0.6b, GPU 3, memory 6, ${SWAPCOLD_SECONDS}s per run"
+    "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off &&
+        timeout 300 "$FLASH" -q bench-daemon --scenario swap --synth qwen3:0.6b --models 30 --duration 0 >/dev/null
+    "$FLASH" stop >/dev/null 2>&1
+    swap_ref
+    for clients in 1 4; do
+        in_budget || { skip "swap-cold $clients clients"; continue; }
+        evict_all "$FLASH_HOME/models/bench"
+        "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off && {
+            timeout $((SWAPCOLD_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap --synth qwen3:0.6b \
+                --models 30 --clients "$clients" --zipf 1.0 --duration "$SWAPCOLD_SECONDS" --json |
+                python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); print(json.dumps(d))' "$clients" |
+                json_lines swap-cold
+            "$FLASH" status --json >"$OUT/swap-cold-$clients-status.json" || true
+            "$FLASH" stop
+        }
+        swap_ref
+    done
 fi
 
 # 5. The table.

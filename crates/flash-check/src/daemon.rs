@@ -27,6 +27,8 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 const MODEL: &str = "selftest/daemon-tiny";
+/// The same model, compressed: its memory copy holds the stored bytes.
+const PACKED: &str = "selftest/daemon-tiny-packed";
 
 /// One step of the daemon's check (an element of `checks` in the JSON
 /// report).
@@ -156,7 +158,19 @@ pub fn selftest(flash: &Path, require_gpu: bool) -> Result<Vec<Step>> {
     let name = MODEL
         .parse()
         .map_err(|e| CheckError::Store(StoreError::from(e)))?;
-    Store::open(&d.home)?.import(&src, &name, &ImportOptions::default())?;
+    let store = Store::open(&d.home)?;
+    store.import(&src, &name, &ImportOptions::default())?;
+    let packed = PACKED
+        .parse()
+        .map_err(|e| CheckError::Store(StoreError::from(e)))?;
+    store.import(
+        &src,
+        &packed,
+        &ImportOptions {
+            compress: true,
+            ..ImportOptions::default()
+        },
+    )?;
     let want = reference(&d.home, MODEL)?;
     let mut steps = Steps::default();
     run_steps(&d, &want, require_gpu, &mut steps)?;
@@ -209,9 +223,17 @@ fn run_steps(d: &ScratchDaemon, want: &HostModel, require_gpu: bool, s: &mut Ste
                 )
             }),
     );
+    if let Some(g) = &gpu {
+        for model in [MODEL, PACKED] {
+            s.step(
+                &format!("{model}: memory copy filled by the load to the GPU"),
+                memory_copy_on_the_way(&mut client, model, g, want),
+            );
+        }
+    }
     s.step(
         &format!("share mode from this process ({place})"),
-        share_here(&mut client, place, gpu.as_ref(), want),
+        share_here(&mut client, MODEL, place, gpu.as_ref(), want),
     );
     s.step(
         "share mode from a second process",
@@ -253,15 +275,52 @@ fn start(d: &ScratchDaemon) -> Result<String> {
     }
 }
 
+/// A cold load to the GPU fills the memory tier in the same pass over the
+/// disk (compressed models: their stored bytes, decoded on the next
+/// upload): from nothing resident, load to GPU 0 from disk, drop the GPU
+/// copy, load again; that load must come from memory and every tensor must
+/// match.
+fn memory_copy_on_the_way(
+    client: &mut Client,
+    model: &str,
+    gpu: &Gpu,
+    want: &HostModel,
+) -> Result<String> {
+    let place = Place::Gpu(0);
+    client.unload(model, place)?;
+    client.unload(model, Place::Memory)?;
+    let cold = client.load(model, place, false)?;
+    if cold.served_from != "disk" {
+        return Err(failed(format!(
+            "the first load came from {}, not the disk",
+            cold.served_from
+        )));
+    }
+    client.unload(model, place)?;
+    let again = client.load(model, place, false)?;
+    if again.served_from != "memory" {
+        return Err(failed(format!(
+            "no memory copy was left: the second load came from {}",
+            again.served_from
+        )));
+    }
+    let checked = share_here(client, model, place, Some(gpu), want)?;
+    Ok(format!(
+        "disk -> GPU {:.3} s, memory -> GPU {:.3} s; {checked}",
+        cold.seconds, again.seconds
+    ))
+}
+
 /// Share mode from this process: lease, map, compare every tensor, release.
 fn share_here(
     client: &mut Client,
+    model: &str,
     place: Place,
     gpu: Option<&Gpu>,
     want: &HostModel,
 ) -> Result<String> {
     let t0 = Instant::now();
-    let lease = client.acquire(MODEL, place)?;
+    let lease = client.acquire(model, place)?;
     let (image, ms) = match gpu {
         Some(g) => {
             let mem = lease.map_gpu(g)?;
@@ -275,7 +334,7 @@ fn share_here(
             (view.to_vec(), t0.elapsed().as_secs_f64() * 1e3)
         }
     };
-    compare(MODEL, &lease.tensors, &image, want)?;
+    compare(model, &lease.tensors, &image, want)?;
     client.release(lease)?;
     Ok(format!("usable after {ms:.2} ms, every tensor matches"))
 }

@@ -302,8 +302,8 @@ pub fn status(storage: &Option<PathBuf>, json: bool) -> Result<ExitCode> {
     );
     println!();
     println!(
-        "{:<8} {:>11} {:>11} {:>6} {:>7} {:>7} {:>9} {:>10}",
-        "TIER", "BUDGET", "USED", "MODELS", "HITS", "MISSES", "COALESCED", "EVICTIONS"
+        "{:<8} {:>11} {:>11} {:>11} {:>6} {:>7} {:>7} {:>9} {:>10}",
+        "TIER", "BUDGET", "USED", "ENGINES", "MODELS", "HITS", "MISSES", "COALESCED", "EVICTIONS"
     );
     for t in &s.tiers {
         let mut name = t.tier.clone();
@@ -311,10 +311,11 @@ pub fn status(storage: &Option<PathBuf>, json: bool) -> Result<ExitCode> {
             name.push('*');
         }
         println!(
-            "{:<8} {:>11} {:>11} {:>6} {:>7} {:>7} {:>9} {:>10}",
+            "{:<8} {:>11} {:>11} {:>11} {:>6} {:>7} {:>7} {:>9} {:>10}",
             name,
             human(t.budget),
             human(t.used),
+            human(t.reserved),
             t.models.len(),
             t.hits,
             t.misses,

@@ -8,7 +8,8 @@
 //!
 //! Metrics (labels in braces):
 //! - `flash_tier_budget_bytes`, `flash_tier_used_bytes`,
-//!   `flash_tier_resident_bytes` {tier}: budgets and use;
+//!   `flash_tier_resident_bytes`, `flash_tier_reserved_bytes` {tier}:
+//!   budgets and use (reserved: engines' buffers);
 //! - `flash_tier_hits_total`, `flash_tier_coalesced_total`,
 //!   `flash_tier_misses_total`, `flash_tier_evictions_total`,
 //!   `flash_tier_evicted_bytes_total`, `flash_tier_loads_total`,
@@ -88,7 +89,7 @@ pub(crate) fn render(d: &Daemon) -> String {
     );
     let _ = writeln!(o, "flash_uptime_seconds {}", reply.uptime_seconds);
     type Field = fn(&flash_tier::TierReport) -> u64;
-    let per_tier: [(&str, &str, &str, Field); 12] = [
+    let per_tier: [(&str, &str, &str, Field); 13] = [
         (
             "flash_tier_budget_bytes",
             "Budget of the tier.",
@@ -97,7 +98,7 @@ pub(crate) fn render(d: &Daemon) -> String {
         ),
         (
             "flash_tier_used_bytes",
-            "Bytes counted in the tier (copies, loads, frees).",
+            "Bytes counted in the tier (copies, loads, frees, engines).",
             "gauge",
             |t| t.used,
         ),
@@ -106,6 +107,12 @@ pub(crate) fn render(d: &Daemon) -> String {
             "Bytes of complete copies in the tier.",
             "gauge",
             |t| t.resident,
+        ),
+        (
+            "flash_tier_reserved_bytes",
+            "Bytes of the tier held for engines' buffers (KV caches, activations).",
+            "gauge",
+            |t| t.reserved,
         ),
         ("flash_tier_models", "Copies in the tier.", "gauge", |t| {
             t.models.len() as u64

@@ -4,15 +4,18 @@
 //!
 //! - **Where the weights are.** With a GPU tier, a request leases the
 //!   model's copy on a GPU (a hit costs one lock; a miss swaps it in through
-//!   the tiers: memory → GPU, or disk → memory → GPU) and the GPU engine
+//!   the tiers: memory → GPU, or disk → GPU filling the memory tier on the
+//!   way) and the GPU engine
 //!   reads the weights **in place** in that `cuMemAlloc` allocation: the
 //!   engine is *bound* to the lease for the request and *unbound* after, so
 //!   an idle engine holds no lease and the tier may evict its copy under
 //!   budget pressure; the next request leases it again (and the engine
 //!   rebinds to wherever the copy now lies). The engine itself (kernels,
-//!   cuBLAS, activations, KV cache) stays. Without a GPU, the CPU engine is
-//!   built once from the memory tier's copy (leased while its weights are
-//!   converted to f32, then released: the CPU engine owns its f32 weights).
+//!   cuBLAS, activations, KV cache) stays, its buffers counted in the GPU
+//!   tier's budget (a reservation taken before they are allocated).
+//!   Without a GPU, the CPU engine is built once from the memory tier's
+//!   copy (leased while its weights are converted to f32, then released:
+//!   the CPU engine owns its f32 weights).
 //! - **One request at a time per engine.** Each model has a slot with a
 //!   fair (FIFO) async mutex; a request waits for it, then runs on a
 //!   blocking thread, and streams [`GenEvent`]s back through a channel.
@@ -41,7 +44,7 @@ use flash_format::DType;
 use flash_load::TensorView;
 use flash_store::ModelName;
 use flash_sys::cuda::{DeviceMemory, Gpu};
-use flash_tier::{ClientId, Lease, ModelId, Tier, TierError};
+use flash_tier::{ClientId, Lease, ModelId, Reservation, Tier, TierError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -441,7 +444,13 @@ impl LeasedWeights {
 
 enum EngineKind {
     Cpu(Box<CpuModel>),
-    Gpu { engine: Box<GpuEngine>, gpu: u16 },
+    Gpu {
+        engine: Box<GpuEngine>,
+        gpu: u16,
+        /// The engine's buffers in the GPU tier's budget; released after
+        /// the engine (fields drop in order).
+        _room: Reservation<StoreTransfers>,
+    },
 }
 
 /// A model's engine: tokenizer, template and backend with its KV cache.
@@ -932,15 +941,27 @@ impl EngineHost {
         epoch: u64,
     ) -> Result<Engine, ServeError> {
         let (cfg, tok) = self.text_parts(id)?;
+        // The engine's buffers come out of the GPU tier's budget, like the
+        // copies beside it: room is made (idle copies evicted) or the
+        // request is refused with what holds the tier, before any
+        // allocation can fail.
+        let bytes = self.inner.gpu_opts.engine_bytes(&cfg);
+        let room = self
+            .inner
+            .daemon
+            .tiers()
+            .reserve(Tier::Gpu(gpu), bytes, id)
+            .map_err(ServeError::from_tier)?;
         let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
             .map_err(|e| ServeError::from_build(id, e))?;
-        tracing::info!(model = %id, gpu, "GPU engine built");
+        tracing::info!(model = %id, gpu, reserved = bytes, "GPU engine built");
         Ok(Engine {
             cfg,
             tok,
             kind: EngineKind::Gpu {
                 engine: Box::new(engine),
                 gpu,
+                _room: room,
             },
             epoch,
         })

@@ -435,6 +435,7 @@ pub(crate) fn status_reply(d: &Daemon) -> proto::StatusReply {
                 used: t.used,
                 resident: t.resident,
                 loading: t.loading,
+                reserved: t.reserved,
                 hits: t.counters.hits,
                 coalesced: t.counters.coalesced,
                 misses: t.counters.misses,

@@ -448,6 +448,7 @@ impl Transfers for StoreTransfers {
         model: &ModelId,
         gpu: u16,
         dst: &mut GpuBuf<Self>,
+        keep: Option<&mut MemoryBuf<Self>>,
     ) -> Result<(), TierError> {
         let plan = self.plan(model)?;
         fits("the device buffer", dst.len(), plan.dest_len)?;
@@ -455,7 +456,14 @@ impl Transfers for StoreTransfers {
         // A `StagingPool` pinned at start would keep pinning off this path,
         // but a pool shared by concurrent loads must be sized so that every
         // reader gets a buffer; left for the daemon's start-up code.
-        let mut sink = CudaSink::new(dst, self.opts.staging_bytes as usize);
+        let mut sink = CudaSink::new(dst, self.opts.staging_bytes as usize)
+            .buffers(self.opts.staging_buffers, self.opts.threads);
+        if let Some(host) = keep {
+            fits("the host buffer", host.len(), plan.image_len)?;
+            // The memory copy is made from the staging buffers as the reads
+            // land: the disk is read once for both tiers.
+            sink = sink.keeping_stored_image(&mut host[..plan.image_len as usize]);
+        }
         let cell = plan.is_encoded().then(|| self.decoder(dst.gpu()));
         let decoder = cell.as_ref().and_then(|d| d.get()).and_then(Option::as_ref);
         let status = match decoder {

@@ -101,6 +101,35 @@ pub struct GpuOptions {
 /// longer chunks use cuBLAS.
 pub const FUSED_MAX_TOKENS: usize = 16;
 
+impl GpuOptions {
+    /// The most positions of a sequence and the most tokens of a forward
+    /// chunk the engine sizes its buffers for, for `cfg`.
+    fn shape(&self, cfg: &ModelConfig) -> (usize, usize) {
+        let max_seq = self
+            .max_seq_len
+            .unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_SEQ))
+            .max(1);
+        (max_seq, self.batch_tokens.clamp(1, 1 << 16))
+    }
+
+    /// Device memory an engine for `cfg` allocates beside the weights:
+    /// its buffers (KV cache, activations, RoPE tables), exactly, plus
+    /// [`ENGINE_LIBRARY_BYTES`] for cuBLAS's workspace and the kernels'
+    /// modules. The daemon reserves this much of the GPU tier's budget
+    /// before it builds the engine.
+    pub fn engine_bytes(&self, cfg: &ModelConfig) -> u64 {
+        let (max_seq, batch) = self.shape(cfg);
+        let lens = BufferLens::new(cfg, batch, max_seq);
+        lens.all().iter().map(|&n| n as u64).sum::<u64>() + ENGINE_LIBRARY_BYTES
+    }
+}
+
+/// An allowance for what an engine's libraries allocate on the device on
+/// their own (cuBLAS's workspace and handles, the kernels' modules): an
+/// upper bound chosen to cover cuBLAS's documented workspace on Hopper
+/// (32 MiB) with room to spare, not a measured figure.
+pub const ENGINE_LIBRARY_BYTES: u64 = 64 << 20;
+
 impl Default for GpuOptions {
     fn default() -> Self {
         GpuOptions {
@@ -265,11 +294,7 @@ impl Prepared {
                 cfg.head_dim
             )));
         }
-        let max_seq = opts
-            .max_seq_len
-            .unwrap_or(cfg.max_position_embeddings.min(DEFAULT_MAX_SEQ))
-            .max(1);
-        let batch = opts.batch_tokens.clamp(1, 1 << 16);
+        let (max_seq, batch) = opts.shape(cfg);
         let cache_dir = opts
             .kernel_cache
             .clone()
@@ -899,13 +924,12 @@ impl GpuEngine {
     }
 }
 
-impl Buffers {
-    fn new(
-        gpu: &Gpu,
-        cfg: &ModelConfig,
-        batch: usize,
-        max_seq: usize,
-    ) -> std::result::Result<Buffers, CudaError> {
+/// The byte length of each of [`Buffers`]' allocations: one place for the
+/// allocation and for [`GpuOptions::engine_bytes`].
+struct BufferLens([usize; 17]);
+
+impl BufferLens {
+    fn new(cfg: &ModelConfig, batch: usize, max_seq: usize) -> Self {
         let (h, qd, kvd, inter, v) = (
             cfg.hidden_size,
             cfg.q_dim(),
@@ -916,25 +940,65 @@ impl Buffers {
         let hd = cfg.head_dim;
         let half = hd / 2;
         let cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * max_seq * hd * 2;
-        let alloc = |bytes: usize| gpu.alloc(bytes.max(4));
+        // In the order of `Buffers`' fields; at least 4 bytes each.
+        BufferLens(
+            [
+                batch * h * 4,
+                batch * h * 2,
+                batch * qd * 2,
+                batch * kvd * 2,
+                batch * kvd * 2,
+                batch * qd * 2,
+                batch * inter * 2,
+                batch * inter * 2,
+                batch * h * 2,
+                LOGIT_ROWS * v * 4,
+                LOGIT_ROWS * v * 2,
+                batch * 4,
+                LOGIT_ROWS * 4,
+                attention_scratch_bytes(hd),
+                max_seq * half * 4,
+                max_seq * half * 4,
+                cache,
+            ]
+            .map(|n| n.max(4)),
+        )
+    }
+
+    fn all(&self) -> &[usize; 17] {
+        &self.0
+    }
+}
+
+impl Buffers {
+    fn new(
+        gpu: &Gpu,
+        cfg: &ModelConfig,
+        batch: usize,
+        max_seq: usize,
+    ) -> std::result::Result<Buffers, CudaError> {
+        let half = cfg.head_dim / 2;
+        let [x, xn, q, k, v, attn, gate, up, delta, logits, logits16, ids, argmax, scratch, cos, sin, kv] =
+            *BufferLens::new(cfg, batch, max_seq).all();
+        let alloc = |bytes: usize| gpu.alloc(bytes);
         let b = Buffers {
-            x: alloc(batch * h * 4)?,
-            xn: alloc(batch * h * 2)?,
-            q: alloc(batch * qd * 2)?,
-            k: alloc(batch * kvd * 2)?,
-            v: alloc(batch * kvd * 2)?,
-            attn: alloc(batch * qd * 2)?,
-            gate: alloc(batch * inter * 2)?,
-            up: alloc(batch * inter * 2)?,
-            delta: alloc(batch * h * 2)?,
-            logits: alloc(LOGIT_ROWS * v * 4)?,
-            logits16: alloc(LOGIT_ROWS * v * 2)?,
-            ids: alloc(batch * 4)?,
-            argmax: alloc(LOGIT_ROWS * 4)?,
-            scratch: alloc(attention_scratch_bytes(hd))?,
-            cos: alloc(max_seq * half * 4)?,
-            sin: alloc(max_seq * half * 4)?,
-            kv: alloc(cache)?,
+            x: alloc(x)?,
+            xn: alloc(xn)?,
+            q: alloc(q)?,
+            k: alloc(k)?,
+            v: alloc(v)?,
+            attn: alloc(attn)?,
+            gate: alloc(gate)?,
+            up: alloc(up)?,
+            delta: alloc(delta)?,
+            logits: alloc(logits)?,
+            logits16: alloc(logits16)?,
+            ids: alloc(ids)?,
+            argmax: alloc(argmax)?,
+            scratch: alloc(scratch)?,
+            cos: alloc(cos)?,
+            sin: alloc(sin)?,
+            kv: alloc(kv)?,
         };
         // Unwritten cache rows are never read (attention reads 0..=pos),
         // but zeros make a bug visible as zeros, not as garbage.

@@ -47,7 +47,7 @@ pub use cpu::{CpuModel, CpuOptions};
 pub use error::EngineError;
 pub use flash_format::DecoderShape;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
-pub use gpu::{GpuEngine, GpuOptions, FUSED_MAX_TOKENS};
+pub use gpu::{GpuEngine, GpuOptions, ENGINE_LIBRARY_BYTES, FUSED_MAX_TOKENS};
 pub use sampling::{Sampler, SamplingParams};
 pub use text::{Message, StreamDecoder, TextTokenizer};
 pub use weights::ModelTensors;

@@ -255,3 +255,26 @@ fn generation_is_deterministic_and_stops() {
     assert_eq!(d.finish_reason, FinishReason::Cancelled);
     assert!(d.token_ids.len() < 20);
 }
+
+#[test]
+fn engine_bytes_hold_the_kv_cache_and_grow_with_the_context() {
+    let spec = spec(Arch::Qwen3, "8b").unwrap();
+    let cfg = ModelConfig::from_json_str(&spec.config_json(DType::BF16).to_string()).unwrap();
+    // Qwen3-8B: 36 layers, 8 KV heads of 128; bf16 keys and values.
+    let kv = |positions: u64| 36 * 2 * 8 * positions * 128 * 2;
+    let o = flash_engine::GpuOptions::default();
+    let base = o.engine_bytes(&cfg);
+    let fixed = kv(4096) + flash_engine::ENGINE_LIBRARY_BYTES;
+    assert!(
+        base > fixed && base < fixed + (128 << 20),
+        "{base}: the 4096-position cache, the libraries and activations for 512 tokens"
+    );
+    let long = flash_engine::GpuOptions {
+        max_seq_len: Some(8192),
+        ..o
+    }
+    .engine_bytes(&cfg);
+    // Twice the positions: one more cache and one more pair of RoPE tables
+    // (f32 cos and sin of head_dim / 2 per position).
+    assert_eq!(long - base, kv(4096) + 2 * 4096 * 64 * 4);
+}

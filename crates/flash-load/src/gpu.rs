@@ -27,7 +27,7 @@ use flash_kernels::decode::{
 };
 use flash_kernels::DevView;
 use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stream};
-use flash_sys::os::AlignedBuf;
+use flash_sys::os::{AlignedBuf, SharedRegion};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
@@ -77,6 +77,9 @@ pub struct CudaSink<'d> {
     per_worker: usize,
     /// The GPU decoder for encoded windows (else they are decoded on the CPU).
     decode: Option<GpuDecode<'d>>,
+    /// A host image that keeps the stored bytes as they pass through the
+    /// staging buffers (see [`CudaSink::keeping_stored_image`]).
+    keep: Option<SharedRegion<'d>>,
 }
 
 /// What a sink needs to decode on the GPU: the decoder, and the status
@@ -137,7 +140,31 @@ impl<'d> CudaSink<'d> {
             piece: piece.max(4096),
             per_worker: 2,
             decode: None,
+            keep: None,
         }
+    }
+
+    /// Also copies every stored byte read into `image`, laid out as the
+    /// plan's stored image ([`LoadPlan::stored_image`]: a compressed model
+    /// stays compressed): the daemon's cold load fills its memory tier and
+    /// the GPU in one pass over the disk. The copy is made from the pinned
+    /// staging buffer each read lands in, on the reader's thread, while the
+    /// disk serves the other readers. `image` must hold the plan's
+    /// `image_len` bytes.
+    pub fn keeping_stored_image(mut self, image: &'d mut [u8]) -> Self {
+        self.keep = Some(SharedRegion::new(image));
+        self
+    }
+
+    /// Copies stored bytes read from the file into the kept image at `at`.
+    fn keep_bytes(&self, at: u64, bytes: &[u8]) -> Result<(), LoadError> {
+        if let Some(image) = &self.keep {
+            image
+                .claim(at as usize, bytes.len())
+                .map_err(|e| LoadError::Device(format!("kept host image: {e}")))?
+                .copy_from_slice(bytes);
+        }
+        Ok(())
     }
 
     /// Encoded windows are decoded on the GPU with `decode`.
@@ -162,6 +189,7 @@ impl<'d> CudaSink<'d> {
             piece: pool.buf_bytes,
             per_worker: 2,
             decode: None,
+            keep: None,
         }
     }
 }
@@ -284,6 +312,7 @@ impl CudaWorker<'_, '_> {
             let d = decode::at_least(&mut decoded, (range.end - range.start) as usize)?;
             for c in decode::job_chunks(plan, job) {
                 let stored = decode::stored_bytes(plan, job, c, &w[..n])?;
+                self.sink.keep_bytes(c.image_offset, stored)?;
                 let at = (c.dest_offset - range.start) as usize;
                 decode::decode_chunk(plan, c, stored, &mut d[at..at + c.decoded_len as usize])?;
             }
@@ -366,6 +395,7 @@ impl<'d> CudaWorker<'_, 'd> {
             );
             for c in decode::job_chunks(plan, job) {
                 let stored = decode::stored_bytes(plan, job, c, &bytes[..n])?;
+                self.sink.keep_bytes(c.image_offset, stored)?;
                 let layout = decode::codec_layout(plan.encoded[c.tensor as usize].layout);
                 let at = (c.file_offset - job.file_offset) as usize;
                 let chunk = DecodeChunk {
@@ -453,7 +483,11 @@ impl SinkWorker for CudaWorker<'_, '_> {
         while at < job.len {
             let mut buf = self.pinned_buffer()?;
             let want = piece.min(job.len - at) as usize;
-            let n = match read(&mut buf[..want], at) {
+            let n = match read(&mut buf[..want], at).and_then(|n| {
+                self.sink
+                    .keep_bytes(job.image_offset + at, &buf[..n])
+                    .map(|_| n)
+            }) {
                 Ok(n) => n,
                 Err(e) => {
                     self.free.push(buf);

@@ -66,13 +66,18 @@ pub trait Transfers: Send + Sync + 'static {
         dst: &mut GpuBuf<Self>,
     ) -> Result<(), TierError>;
 
-    /// Fills `dst` on GPU `gpu` straight from the store (used when the memory
-    /// tier holds no copy and cannot take one, or when the manager is not
-    /// inclusive). Must return only once the data is on the device.
+    /// Fills `dst` on GPU `gpu` straight from the store (a GPU load whose
+    /// model the memory tier does not hold). With `keep`, the same pass over
+    /// the disk also fills that memory-tier buffer, exactly as
+    /// [`disk_to_memory`](Self::disk_to_memory) would: an inclusive
+    /// manager's cold load leaves its memory copy without reading the disk
+    /// twice or waiting for the memory copy before the upload. Must return
+    /// only once the data is on the device and in `keep`.
     fn disk_to_gpu(
         &self,
         model: &ModelId,
         gpu: u16,
         dst: &mut GpuBuf<Self>,
+        keep: Option<&mut MemoryBuf<Self>>,
     ) -> Result<(), TierError>;
 }

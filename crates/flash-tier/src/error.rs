@@ -142,6 +142,8 @@ pub struct NoSpace {
     pub in_flight: u64,
     /// The copies that may not be evicted, largest first.
     pub held: Vec<Holder>,
+    /// Bytes reserved for engines' buffers (never evicted).
+    pub reserved: u64,
     /// How long the request waited for in-flight bytes before giving up
     /// (`None`: refused at once because waiting could not help).
     pub waited_ms: Option<u64>,
@@ -187,6 +189,9 @@ impl fmt::Display for NoSpace {
                 }
                 f.write_str(")")?;
             }
+        }
+        if self.reserved > 0 {
+            write!(f, "; {} reserved for engines", fmt_bytes(self.reserved))?;
         }
         if let Some(ms) = self.waited_ms {
             write!(f, "; waited {ms} ms for loads in flight")?;

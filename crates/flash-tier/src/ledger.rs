@@ -105,6 +105,8 @@ pub(crate) struct Ledger<P> {
     resident: u64,
     loading: u64,
     freeing: u64,
+    /// Bytes held by reservations (engines' buffers): never evicted.
+    reserved: u64,
     entries: HashMap<ModelId, Entry<P>>,
     pub counters: TierCounters,
     /// Requests waiting for room (status only).
@@ -121,6 +123,7 @@ impl<P> Ledger<P> {
             resident: 0,
             loading: 0,
             freeing: 0,
+            reserved: 0,
             entries: HashMap::new(),
             counters: TierCounters::default(),
             waiting: 0,
@@ -129,7 +132,10 @@ impl<P> Ledger<P> {
     }
 
     pub fn used(&self) -> u64 {
-        self.resident + self.loading + self.freeing
+        self.resident + self.loading + self.freeing + self.reserved
+    }
+    pub fn reserved(&self) -> u64 {
+        self.reserved
     }
     pub fn resident(&self) -> u64 {
         self.resident
@@ -181,6 +187,7 @@ impl<P> Ledger<P> {
         let mut b = Breakdown {
             free: self.free(),
             in_flight: self.loading + self.freeing,
+            held: self.reserved,
             ..Breakdown::default()
         };
         for e in self.entries.values() {
@@ -261,19 +268,7 @@ impl<P> Ledger<P> {
         from: Tier,
     ) -> (Vec<P>, u64) {
         debug_assert!(!self.entries.contains_key(model));
-        let mut images = Vec::with_capacity(victims.len());
-        let mut evicted = 0;
-        for m in victims {
-            let (image, b) = self.take(m);
-            evicted += b;
-            self.counters.evictions += 1;
-            self.counters.evicted_bytes += b;
-            images.push(image);
-        }
-        // Until the victims are dropped their memory is still allocated:
-        // the reservation covers `bytes` of it, `freeing` the rest.
-        let excess = evicted.saturating_sub(bytes);
-        self.freeing += excess;
+        let (images, excess) = self.evict_for(bytes, victims);
         self.loading += bytes;
         self.entries.insert(
             model.clone(),
@@ -288,6 +283,40 @@ impl<P> Ledger<P> {
         );
         debug_assert!(self.used() <= self.budget);
         (images, excess)
+    }
+
+    /// Reserves `bytes` for something other than a copy (an engine's
+    /// buffers), evicting `victims` (from [`Ledger::plan`], under the same
+    /// lock). Returns what [`Ledger::begin_load`] returns.
+    pub fn reserve(&mut self, bytes: u64, victims: &[ModelId]) -> (Vec<P>, u64) {
+        let evicted = self.evict_for(bytes, victims);
+        self.reserved += bytes;
+        debug_assert!(self.used() <= self.budget);
+        evicted
+    }
+
+    /// Evicts `victims` to make room for `bytes`: until their payloads are
+    /// dropped their memory is still allocated; the caller's `bytes` cover
+    /// that much of it, `freeing` the rest (the excess, returned).
+    fn evict_for(&mut self, bytes: u64, victims: &[ModelId]) -> (Vec<P>, u64) {
+        let mut images = Vec::with_capacity(victims.len());
+        let mut evicted = 0;
+        for m in victims {
+            let (image, b) = self.take(m);
+            evicted += b;
+            self.counters.evictions += 1;
+            self.counters.evicted_bytes += b;
+            images.push(image);
+        }
+        let excess = evicted.saturating_sub(bytes);
+        self.freeing += excess;
+        (images, excess)
+    }
+
+    /// Ends a reservation of `bytes`.
+    pub fn unreserve(&mut self, bytes: u64) {
+        debug_assert!(self.reserved >= bytes);
+        self.reserved -= bytes;
     }
 
     /// The load of `model` succeeded: the copy is ready, pinned once for each

@@ -23,10 +23,11 @@
 //!    it and shares its result, success or error (single-flight);
 //! 3. **miss**: the request loads it, from the highest tier that has it. For a
 //!    GPU tier that is the memory copy if there is one (or one being loaded);
-//!    otherwise, when the manager is inclusive (the default), the model is
-//!    first loaded into memory (a nested request on the memory tier, which
-//!    itself may hit, coalesce or miss) and then copied up, and when memory
-//!    has no room right now, it goes straight from disk to the GPU.
+//!    otherwise it goes straight from disk to the GPU, at the speed of a
+//!    direct load, and when the manager is inclusive (the default) the same
+//!    pass over the disk fills a memory copy (reserved beside the GPU's,
+//!    where the memory tier has room at once; requests for it wait on that
+//!    load as on any other).
 //!
 //! Room is made by evicting the least recently used copies of the tier that
 //! are neither leased, kept, nor being read by a transfer — as few as needed,
@@ -43,6 +44,13 @@
 //! bytes are copied down, since the disk always has the model. A use of a
 //! GPU copy also refreshes the model's memory copy in the LRU order, so an
 //! inclusive memory tier does not evict the models hottest on the GPU first.
+//!
+//! [`TierManager::reserve`] holds bytes of a tier's budget for memory that
+//! is not a copy: the daemon's GPU engines (KV cache, activations) take
+//! their room from the GPU tier's budget before they allocate, evicting idle
+//! copies as a load would, so that copies and engines together stay within
+//! the budget. A reservation is never evicted; dropping it gives the bytes
+//! back.
 //!
 //! [`TierManager::load`] prewarms (optionally `keep`: never evicted),
 //! [`TierManager::unload`] drops copies (refused while leased),
@@ -148,8 +156,17 @@
 //!         dst.copy_from_slice(src);
 //!         Ok(())
 //!     }
-//!     fn disk_to_gpu(&self, _: &ModelId, _gpu: u16, dst: &mut Vec<u8>) -> Result<(), TierError> {
+//!     fn disk_to_gpu(
+//!         &self,
+//!         _: &ModelId,
+//!         _gpu: u16,
+//!         dst: &mut Vec<u8>,
+//!         keep: Option<&mut Vec<u8>>,
+//!     ) -> Result<(), TierError> {
 //!         dst.fill(1);
+//!         if let Some(memory) = keep {
+//!             memory.fill(1); // the same read fills the memory copy
+//!         }
 //!         Ok(())
 //!     }
 //! }
@@ -158,7 +175,7 @@
 //! let model = ModelId::new("Qwen/Qwen3-0.6B");
 //!
 //! let lease = tiers.acquire(&model, Tier::Gpu(0), ClientId(7))?;
-//! assert_eq!(lease.served_from(), Tier::Memory); // disk -> memory, then copied up
+//! assert_eq!(lease.served_from(), Tier::Disk); // disk -> GPU, memory filled on the way
 //! assert_eq!(lease.gpu().unwrap()[0], 1);
 //!
 //! let id = lease.detach(); // the RPC layer keeps the id for the client
@@ -177,7 +194,7 @@ mod types;
 
 pub use backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
 pub use error::{Holder, NoSpace, TierError};
-pub use manager::{Lease, Loaded, TierBuilder, TierManager, DEFAULT_SPACE_WAIT};
+pub use manager::{Lease, Loaded, Reservation, TierBuilder, TierManager, DEFAULT_SPACE_WAIT};
 pub use status::{
     Bucket, LoadHistogram, ModelReport, ModelState, TierCounters, TierReport, TierStatus,
     LOAD_SECONDS_BUCKETS,

@@ -69,11 +69,11 @@ impl<X: Transfers> TierBuilder<X> {
         self
     }
 
-    /// Whether a GPU load from disk goes through the memory tier, leaving a
-    /// copy there (default: yes). When the memory tier has no room at once, the
-    /// load goes straight from disk to the GPU either way; when no, the memory
-    /// tier is used as a source only if it already holds (or is loading) the
-    /// model.
+    /// Whether a GPU load from disk also leaves a copy in the memory tier
+    /// (default: yes), filled in the same pass over the disk
+    /// ([`Transfers::disk_to_gpu`] with `keep`). When the memory tier has no
+    /// room at once, the load fills the GPU only; either way the memory tier
+    /// is used as the source when it already holds (or is loading) the model.
     pub fn inclusive(mut self, yes: bool) -> Self {
         self.inclusive = yes;
         self
@@ -207,6 +207,17 @@ enum Found {
     Absent,
 }
 
+/// Room reserved in the memory tier for a copy filled by a GPU load from
+/// disk ([`State::begin_memory_copy`]).
+struct MemoryCopy<X: Transfers> {
+    flight: Arc<Flight>,
+    bytes: u64,
+    /// Copies evicted for it, to drop outside the lock.
+    evicted: Vec<Image<X>>,
+    /// Evicted bytes beyond `bytes`, freed once `evicted` is dropped.
+    excess: u64,
+}
+
 /// The result of [`TierManager::load`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Loaded {
@@ -297,6 +308,58 @@ impl<X: Transfers> TierManager<X> {
             tier,
             bytes: o.bytes,
             served_from: o.served_from,
+        })
+    }
+
+    /// Reserves `bytes` of `tier`'s budget for memory that is not a copy:
+    /// the buffers (KV cache, activations) of an engine serving `owner`,
+    /// allocated by the caller beside the tier's copies. A reservation is
+    /// never evicted; making room for it evicts copies as a load would, waits
+    /// as a load would for loads in flight, and is refused as a load would
+    /// ([`TierError::NoSpace`] names `owner`). Dropping the
+    /// [`Reservation`] gives the bytes back.
+    pub fn reserve(
+        &self,
+        tier: Tier,
+        bytes: u64,
+        owner: &ModelId,
+    ) -> Result<Reservation<X>, TierError> {
+        let sh = &*self.shared;
+        let t = sh.index(tier)?;
+        let mut st = sh.lock();
+        let mut waiting_since: Option<Instant> = None;
+        let (evicted, excess) = loop {
+            let why = match st.tiers[t].plan(bytes) {
+                Plan::Fits => break st.tiers[t].reserve(bytes, &[]),
+                Plan::Evict(victims) => {
+                    debug!(%owner, %tier, ?victims, "evicted to make room for an engine");
+                    break st.tiers[t].reserve(bytes, &victims);
+                }
+                Plan::Wait => {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    let left = sh.space_wait.saturating_sub(since.elapsed());
+                    if !left.is_zero() {
+                        st.tiers[t].waiting += 1;
+                        st = sh.wait_timeout(st, left);
+                        st.tiers[t].waiting -= 1;
+                        continue;
+                    }
+                    Refusal::Full
+                }
+                Plan::Refuse(why) => why,
+            };
+            return Err(st.refusal(owner, t, bytes, why, waiting_since.map(|s| s.elapsed())));
+        };
+        drop(st);
+        drop(evicted);
+        if excess > 0 {
+            sh.lock().tiers[t].freed(excess);
+        }
+        sh.changed.notify_all();
+        Ok(Reservation {
+            shared: self.shared.clone(),
+            t,
+            bytes,
         })
     }
 
@@ -484,6 +547,7 @@ impl<X: Transfers> TierManager<X> {
                     resident: l.resident(),
                     loading: l.loading(),
                     freeing: l.freeing(),
+                    reserved: l.reserved(),
                     waiting: l.waiting,
                     models: models.into_iter().map(|(_, m)| m).collect(),
                     counters: l.counters,
@@ -538,6 +602,62 @@ impl<X: Transfers> State<X> {
     /// A use of `model` in tier `t`; also refreshes the memory copy behind a
     /// GPU copy, so that an inclusive memory tier does not see the hottest
     /// models as the coldest.
+    /// Reserves room in the memory tier for a copy of `model` that a GPU
+    /// load from disk fills on its way (`bytes`: its memory image), evicting
+    /// as a memory load would. `None` when the memory tier has no room at
+    /// once or another request is already making the copy.
+    fn begin_memory_copy(&mut self, model: &ModelId, bytes: u64) -> Option<MemoryCopy<X>> {
+        let ledger = &mut self.tiers[MEMORY];
+        if ledger.get(model).is_some() {
+            return None;
+        }
+        let victims = match ledger.plan(bytes) {
+            Plan::Fits => Vec::new(),
+            Plan::Evict(v) => v,
+            Plan::Wait | Plan::Refuse(_) => {
+                debug!(%model, "no room in the memory tier now: the GPU load keeps no memory copy");
+                return None;
+            }
+        };
+        let flight = Arc::new(Flight::default());
+        let (evicted, excess) =
+            ledger.begin_load(model, bytes, &victims, flight.clone(), Tier::Disk);
+        Some(MemoryCopy {
+            flight,
+            bytes,
+            evicted,
+            excess,
+        })
+    }
+
+    /// Ends the memory copy made on the way of a GPU load: ready when the
+    /// load succeeded, gone otherwise; requests waiting for it go on.
+    fn end_memory_copy(
+        &mut self,
+        model: &ModelId,
+        flight: Arc<Flight>,
+        buf: MemoryBuf<X>,
+        outcome: Result<(), &TierError>,
+        seconds: f64,
+    ) {
+        match outcome {
+            Ok(()) => {
+                self.tick += 1;
+                let tick = self.tick;
+                let ledger = &mut self.tiers[MEMORY];
+                let bytes = ledger.get(model).map_or(0, |e| e.bytes);
+                ledger.finish_ok(model, Image::Memory(Arc::new(buf)), tick, Instant::now());
+                ledger.load_times[0].observe(seconds);
+                let _ = flight.outcome.set(Ok(()));
+                info!(%model, tier = %Tier::Memory, from = %Tier::Disk, bytes = %fmt_bytes(bytes), seconds, "loaded on the way to a GPU");
+            }
+            Err(e) => {
+                self.tiers[MEMORY].finish_err(model);
+                let _ = flight.outcome.set(Err(e.clone()));
+            }
+        }
+    }
+
     fn touch(&mut self, model: &ModelId, t: usize) {
         self.tick += 1;
         let now = Instant::now();
@@ -658,6 +778,7 @@ impl<X: Transfers> State<X> {
                     evictable: b.evictable,
                     in_flight: b.in_flight,
                     held,
+                    reserved: l.reserved(),
                     waited_ms: waited.map(|d| d.as_millis() as u64),
                 }))
             }
@@ -734,6 +855,9 @@ impl<X: Transfers> Shared<X> {
         // was refused), found the copy on its first look, or got a copy
         // another request loaded.
         let mut count = Count::Miss;
+        // The model's size in the memory tier, when a load from disk should
+        // leave a copy there on its way to this GPU tier.
+        let mut keep_bytes: Option<u64> = None;
         let mut first_look = true;
         let mut waiting_since: Option<Instant> = None;
         let mut st = self.lock();
@@ -803,15 +927,7 @@ impl<X: Transfers> Shared<X> {
             }
             let Some(bytes) = size else {
                 drop(st);
-                let r = panic::catch_unwind(AssertUnwindSafe(|| {
-                    self.transfers.image_bytes(model, tier)
-                }))
-                .unwrap_or_else(|p| {
-                    Err(TierError::model(
-                        model,
-                        format!("sizing panicked: {}", panic_message(&*p)),
-                    ))
-                });
+                let r = self.image_bytes(model, tier);
                 st = self.lock();
                 match r {
                     Ok(b) => {
@@ -828,8 +944,10 @@ impl<X: Transfers> Shared<X> {
             if t != MEMORY && !tried_memory {
                 tried_memory = true;
                 if st.tiers[MEMORY].budget > 0 {
-                    // The memory tier: a hit, a load in flight to join, or
-                    // (inclusive) a load of its own. Never waits for room.
+                    // The memory tier as the source: a copy there, or a load
+                    // of it in flight to join. It is not loaded first: the
+                    // GPU would wait for the whole memory copy; instead the
+                    // load from disk fills both (inclusive).
                     drop(st);
                     let r = self.obtain(
                         model,
@@ -837,16 +955,23 @@ impl<X: Transfers> Shared<X> {
                         Want {
                             hold: Hold::Pin,
                             wait_for_space: false,
-                            may_load: self.inclusive,
+                            may_load: false,
                         },
                     );
-                    st = self.lock();
-                    match r {
-                        Ok(o) => source = Some(o),
-                        Err(e) if e.is_capacity() || matches!(e, TierError::NotResident { .. }) => {
-                            debug!(%model, %tier, reason = %e, "no memory copy: loading from disk");
+                    let r = match r {
+                        Err(TierError::NotResident { .. }) if self.inclusive => self
+                            .image_bytes(model, Tier::Memory)
+                            .map(|b| keep_bytes = Some(b)),
+                        Err(TierError::NotResident { .. }) => Ok(()),
+                        Ok(o) => {
+                            source = Some(o);
+                            Ok(())
                         }
-                        Err(e) => break Err(e),
+                        Err(e) => Err(e),
+                    };
+                    st = self.lock();
+                    if let Err(e) = r {
+                        break Err(e);
                     }
                     continue;
                 }
@@ -885,6 +1010,10 @@ impl<X: Transfers> Shared<X> {
             let flight = Arc::new(Flight::default());
             let (evicted, excess) =
                 st.tiers[t].begin_load(model, bytes, &victims, flight.clone(), from);
+            let keep = match keep_bytes.filter(|_| source.is_none()) {
+                Some(b) => st.begin_memory_copy(model, b),
+                None => None,
+            };
             drop(st);
             if !victims.is_empty() {
                 debug!(%model, %tier, ?victims, "evicted to make room");
@@ -894,15 +1023,21 @@ impl<X: Transfers> Shared<X> {
                 self.lock().tiers[t].freed(excess);
                 self.changed.notify_all();
             }
+            let mut keep = keep.and_then(|k| self.alloc_memory_copy(model, k));
             let started = Instant::now();
             let r = self.run_load(
                 model,
                 t,
                 bytes,
                 source.as_ref().and_then(|s| s.image.as_ref()),
+                keep.as_mut().map(|(_, buf)| buf),
             );
             let seconds = started.elapsed().as_secs_f64();
             st = self.lock();
+            if let Some((flight, buf)) = keep {
+                st.end_memory_copy(model, flight, buf, r.as_ref().map(|_| ()), seconds);
+                self.changed.notify_all();
+            }
             match r {
                 Ok(image) => {
                     st.tick += 1;
@@ -944,13 +1079,60 @@ impl<X: Transfers> Shared<X> {
         result
     }
 
-    /// Allocates and fills a copy of `model` in tier `t`. No lock held.
+    /// The size of `model`'s image in `tier`, a panic of the backend caught.
+    fn image_bytes(&self, model: &ModelId, tier: Tier) -> Result<u64, TierError> {
+        panic::catch_unwind(AssertUnwindSafe(|| self.transfers.image_bytes(model, tier)))
+            .unwrap_or_else(|p| {
+                Err(TierError::model(
+                    model,
+                    format!("sizing panicked: {}", panic_message(&*p)),
+                ))
+            })
+    }
+
+    /// Allocates the memory copy reserved by
+    /// [`State::begin_memory_copy`]; when that fails, the reservation ends
+    /// (requests waiting on it get the error) and the GPU load goes on
+    /// alone.
+    fn alloc_memory_copy(
+        &self,
+        model: &ModelId,
+        reserved: MemoryCopy<X>,
+    ) -> Option<(Arc<Flight>, MemoryBuf<X>)> {
+        let MemoryCopy {
+            flight,
+            bytes,
+            evicted,
+            excess,
+        } = reserved;
+        drop(evicted);
+        if excess > 0 {
+            self.lock().tiers[MEMORY].freed(excess);
+            self.changed.notify_all();
+        }
+        match self.alloc_evicting(MEMORY, bytes, |b| self.memory.alloc(b)) {
+            Ok(buf) => Some((flight, buf)),
+            Err(e) => {
+                warn!(%model, error = %e, "no memory copy on the way to the GPU");
+                let mut st = self.lock();
+                st.tiers[MEMORY].finish_err(model);
+                let _ = flight.outcome.set(Err(e));
+                drop(st);
+                self.changed.notify_all();
+                None
+            }
+        }
+    }
+
+    /// Allocates and fills a copy of `model` in tier `t` (and `keep`, a
+    /// memory copy filled on the way, for a GPU load from disk). No lock held.
     fn run_load(
         &self,
         model: &ModelId,
         t: usize,
         bytes: u64,
         source: Option<&Image<X>>,
+        keep: Option<&mut MemoryBuf<X>>,
     ) -> Result<Image<X>, TierError> {
         let from = if source.is_some() {
             Tier::Memory
@@ -969,7 +1151,7 @@ impl<X: Transfers> Shared<X> {
                     Some(Image::Memory(src)) => {
                         self.transfers.memory_to_gpu(model, src, g, &mut buf)?
                     }
-                    _ => self.transfers.disk_to_gpu(model, g, &mut buf)?,
+                    _ => self.transfers.disk_to_gpu(model, g, &mut buf, keep)?,
                 }
                 Ok(Image::Gpu(Arc::new(buf)))
             }
@@ -1012,6 +1194,38 @@ impl<X: Transfers> Shared<X> {
                 r => return r,
             }
         }
+    }
+}
+
+/// Bytes of a tier's budget held by [`TierManager::reserve`] until dropped.
+pub struct Reservation<X: Transfers> {
+    shared: Arc<Shared<X>>,
+    t: usize,
+    bytes: u64,
+}
+
+impl<X: Transfers> Reservation<X> {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    pub fn tier(&self) -> Tier {
+        tier_at(self.t)
+    }
+}
+
+impl<X: Transfers> Drop for Reservation<X> {
+    fn drop(&mut self) {
+        self.shared.lock().tiers[self.t].unreserve(self.bytes);
+        self.shared.changed.notify_all();
+    }
+}
+
+impl<X: Transfers> fmt::Debug for Reservation<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("tier", &self.tier())
+            .field("bytes", &self.bytes)
+            .finish()
     }
 }
 

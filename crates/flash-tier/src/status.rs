@@ -32,7 +32,7 @@ impl TierStatus {
 pub struct TierReport {
     pub tier: Tier,
     pub budget: u64,
-    /// `resident + loading + freeing`; never above `budget`.
+    /// `resident + loading + freeing + reserved`; never above `budget`.
     pub used: u64,
     /// Bytes of complete copies.
     pub resident: u64,
@@ -40,6 +40,8 @@ pub struct TierReport {
     pub loading: u64,
     /// Bytes of evicted copies whose memory is being returned.
     pub freeing: u64,
+    /// Bytes held for engines' buffers ([`TierManager::reserve`](crate::TierManager::reserve)).
+    pub reserved: u64,
     /// Requests waiting for loads in flight to leave room.
     pub waiting: u32,
     /// Loads in flight first, then copies from the most to the least

@@ -89,6 +89,8 @@ pub enum Op {
     DiskToMemory(ModelId),
     MemoryToGpu(ModelId, u16),
     DiskToGpu(ModelId, u16),
+    /// One pass over the disk filling the GPU copy and a memory copy.
+    DiskToGpuAndMemory(ModelId, u16),
 }
 
 /// Blocks transfers until opened; counts who is blocked.
@@ -234,9 +236,30 @@ impl Transfers for FakeTransfers {
         self.transfer(model, Op::MemoryToGpu(model.clone(), gpu), dst)
     }
 
-    fn disk_to_gpu(&self, model: &ModelId, gpu: u16, dst: &mut FakeBuf) -> Result<(), TierError> {
+    fn disk_to_gpu(
+        &self,
+        model: &ModelId,
+        gpu: u16,
+        dst: &mut FakeBuf,
+        keep: Option<&mut FakeBuf>,
+    ) -> Result<(), TierError> {
         assert_eq!(dst.tier, Tier::Gpu(gpu));
-        self.transfer(model, Op::DiskToGpu(model.clone(), gpu), dst)
+        match keep {
+            Some(mem) => {
+                assert_eq!(mem.tier, Tier::Memory);
+                self.transfer(model, Op::DiskToGpuAndMemory(model.clone(), gpu), dst)?;
+                if mem.bytes != dst.bytes {
+                    self.violations.lock().unwrap().push(format!(
+                        "{model}: memory copy of {} bytes beside a GPU image of {}",
+                        mem.bytes, dst.bytes
+                    ));
+                }
+                // Filled by the same pass: marked only when the pass succeeded.
+                mem.model = dst.model.clone();
+                Ok(())
+            }
+            None => self.transfer(model, Op::DiskToGpu(model.clone(), gpu), dst),
+        }
     }
 }
 
@@ -361,21 +384,25 @@ impl Rig {
     }
 
     /// Polls until the load of `model` in `tier` has `n` waiters.
-    pub fn wait_waiters(&self, model: &str, tier: Tier, n: u32) {
+    pub fn wait_waiters(&self, model: &str, tiers: &[Tier], n: u32) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let st = self.mgr.status();
-            let w = st
-                .tier(tier)
-                .unwrap()
-                .model(&m(model))
-                .map_or(0, |r| r.waiters);
+            let w: u32 = tiers
+                .iter()
+                .map(|&t| {
+                    st.tier(t)
+                        .unwrap()
+                        .model(&m(model))
+                        .map_or(0, |r| r.waiters)
+                })
+                .sum();
             if w >= n {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{model} in {tier}: {w} waiters, expected {n}"
+                "{model} in {tiers:?}: {w} waiters, expected {n}"
             );
             thread::sleep(Duration::from_millis(1));
         }

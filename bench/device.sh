@@ -24,6 +24,9 @@
 #           disk (--no-daemon) and of transformers; cold runs alternate with
 #           the cold load (TTFT_ROUNDS rounds, default 3); TTFT_DAEMON=0 runs
 #           only the in-process cold runs and the load, no daemon started;
+#   first   first requests: `flash run` on a freshly started daemon with the
+#           8B in memory or on the GPU, and the SDK's first load_model in a
+#           fresh process against from_pretrained (FIRST_ROUNDS, default 3);
 #   sdk     the SDK's GPU tests and its timing targets;
 #   disk    what the disk rewards: block device settings, cold reads with
 #           every read pattern (flash bench-disk), alternating;
@@ -423,8 +426,9 @@ print(json.dumps({"loader": "flash-info", "model": sys.argv[1], "scenario": "sto
                     json_lines compress
                 "$FLASH" ps --json | python3 -c '
 import json, sys
-for m in json.load(sys.stdin).get("models", []):
-    print(json.dumps({"loader": "daemon-ps", "model": m.get("model"), "tiers": m.get("tiers", m), "stage": "compress"}))' | tee -a "$RESULTS" || true
+ps = json.load(sys.stdin)
+for m in ps if isinstance(ps, list) else ps.get("models", []):
+    print(json.dumps({"loader": "daemon-ps", "model": m.get("model"), "tier": m.get("tier"), "bytes": m.get("bytes"), "stage": "compress"}))' | tee -a "$RESULTS" || true
                 "$FLASH" stop
             }
         fi
@@ -569,9 +573,59 @@ elif stage ttft && [ -n "$M8" ]; then
                 python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --scenario cold-no-daemon --no-daemon --extra=-v --card "$CARD" | json_lines ttft
             done
             # The engine's buffers appear as a reservation (ENGINES) in the GPU tier.
-            "$FLASH" status 2>&1 | head -8
+            "$FLASH" status 2>&1 | sed -n 8,12p
             "$FLASH" stop
         }
+    fi
+fi
+
+# First requests, as a user meets them: a freshly started daemon with the
+# 8B in its memory tier (or on the GPU), one `flash run` with a chat prompt
+# (TTFT from the client's process start); then the SDK's first
+# `load_model(backend="transformers")` in a fresh Python process against
+# `from_pretrained` in a fresh process, alternating (FIRST_ROUNDS, default 3).
+# FIRST_PARTS picks them: "run sdk" (default).
+FIRST_PARTS=${FIRST_PARTS:-run sdk}
+if stage first && [ -n "$M8" ] && [[ " $FIRST_PARTS " == *" run "* ]]; then
+    for i in $(seq 1 "${FIRST_ROUNDS:-3}"); do
+        in_budget || { skip "first requests round $i"; continue; }
+        for where in memory gpu; do
+            "$FLASH" stop >/dev/null 2>&1
+            evict_all "$FLASH_HOME/models/bench/qwen3-8b"
+            "$FLASH" start --mem-pool 20G --http 127.0.0.1:7777 >/dev/null || continue
+            if [ "$where" = memory ]; then "$FLASH" load "$M8" --memory | tail -1; else "$FLASH" load "$M8" --gpu 0 | tail -1; fi
+            log "== first request, fresh daemon, model in $where (round $i)"
+            python3 bench/ttft.py flash --flash "$FLASH" --model "$M8" --label qwen3-8b --chat \
+                --scenario "first-$where" --card "$CARD" |
+                python3 -c 'import json,sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        d=json.loads(l); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$i" | json_lines first
+        done
+    done
+    "$FLASH" stop >/dev/null 2>&1
+fi
+if stage first && [ -n "$M8" ] && [[ " $FIRST_PARTS " == *" sdk "* ]]; then
+    if ls .carry/wheels/flashtensors-*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site-sdk .carry/wheels/flashtensors-*.whl &&
+            export PYTHONPATH=/tmp/site-sdk:${PYTHONPATH:-}
+    fi
+    if python3 -c 'import flashtensors' 2>/dev/null; then
+        "$FLASH" start --mem-pool 20G --http off >/dev/null && "$FLASH" load "$M8" --memory | tail -1
+        python3 bench/first_load.py transformers --model-dir "$D8" --card "$CARD" | json_lines first # warms the page cache
+        for i in $(seq 1 "${FIRST_ROUNDS:-3}"); do
+            in_budget || { skip "first load_model round $i"; continue; }
+            for who in $( ((i % 2)) && echo "flash transformers" || echo "transformers flash"); do
+                log "== first load_model in a fresh process: $who (round $i)"
+                "$FLASH" unload "$M8" --tier gpu >/dev/null 2>&1
+                python3 bench/first_load.py "$who" --store "$FLASH_HOME" --model "$M8" --model-dir "$D8" \
+                    --round "$i" --card "$CARD" | json_lines first
+            done
+        done
+        "$FLASH" stop >/dev/null 2>&1
+    else
+        log "flashtensors is not importable (the sdk wheel): first load_model skipped"
     fi
 fi
 

@@ -23,6 +23,9 @@ import sys
 import time
 
 PROMPT = "The quick brown fox"
+# A chat message of about 30 tokens once templated (the count is printed by
+# `flash run` and kept in the output's stderr_tail).
+CHAT_PROMPT = "Say hello to the new user"
 
 TRANSFORMERS = r"""
 import sys, torch
@@ -66,9 +69,14 @@ def main():
     ap.add_argument("--card", default="unknown")
     ap.add_argument("--no-daemon", action="store_true", help="flash run --no-daemon (in-process)")
     ap.add_argument("--extra", default="", help="extra flash run arguments")
+    ap.add_argument("--chat", action="store_true",
+                    help="a chat message through the model's template (default: raw text)")
     a = ap.parse_args()
     if a.who == "flash":
-        cmd = [a.flash, "run", a.model, PROMPT, "--raw", "--max-tokens", "8", "--temperature", "0"]
+        cmd = [a.flash, "run", a.model, CHAT_PROMPT if a.chat else PROMPT, "--max-tokens", "8",
+               "--temperature", "0"]
+        if not a.chat:
+            cmd.append("--raw")
         if a.no_daemon:
             cmd.append("--no-daemon")
         cmd += a.extra.split()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -175,15 +176,21 @@ def _tokenizer(folder, trust_remote_code):
 def load(model_id: str, info: dict, dtype=None, device_map=None, copy: bool = False,
          trust_remote_code: bool = False, **_ignored):
     """`(model, tokenizer)` of a stored model (see the module doc)."""
+    # Only whether transformers is installed: importing its model and
+    # tokenizer stacks takes seconds, and happens below while the weights
+    # already stream in on the other thread.
     try:
         import torch
-        import transformers  # noqa: F401
-        from transformers import AutoTokenizer  # noqa: F401
     except ImportError as e:
         raise FlashError(
             f"the transformers backend needs torch and transformers ({e}): "
             "pip install 'flashtensors[transformers]'"
         ) from None
+    if importlib.util.find_spec("transformers") is None:
+        raise FlashError(
+            "the transformers backend needs torch and transformers (no module named "
+            "'transformers'): pip install 'flashtensors[transformers]'"
+        )
     from .flash import load_dict
 
     device = _single_device(torch, device_map)

@@ -160,26 +160,39 @@ fn budgets_evict_lru_and_respect_keep_and_leases() {
         "m1 evicted, the kept m0 stays"
     );
     assert_eq!(tier(&s, "memory")["evictions"], 1);
-    // Lease m2: now nothing can be evicted, and a request is refused at once
-    // with a message that says what holds the tier.
+    // Lease m2: nothing can be evicted until the lease ends, so a load
+    // queues behind it and goes on once the client releases it.
     let mut c = h.client();
     let lease = c.acquire(&m[2], Place::Memory).unwrap();
     assert_eq!(lease.served_from, "memory", "a hit");
+    let e = fails("unload leased", flash(&h.path, &["unload", &m[2]]));
+    assert!(e.contains("in use"), "{e}");
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        c.release(lease).unwrap();
+    });
     let t0 = Instant::now();
-    let e = fails("full tier", flash(&h.path, &["load", &m[3]]));
+    ok("load 3 behind the lease", flash(&h.path, &["load", &m[3]]));
+    let waited = t0.elapsed();
+    releaser.join().unwrap();
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_secs(20),
+        "queued until the release: {waited:?}"
+    );
+    assert!(resident(&h.status(), "memory").contains(&m[3]));
+    // Kept copies only: waiting cannot help, so a request is refused at
+    // once with a message that says what holds the tier.
+    ok("keep 3", flash(&h.path, &["load", &m[3], "--keep"]));
+    let t0 = Instant::now();
+    let e = fails("full tier", flash(&h.path, &["load", &m[1]]));
     assert!(
         t0.elapsed() < Duration::from_secs(10),
         "refused without waiting"
     );
     assert!(
-        e.contains("no room") && e.contains("kept") && e.contains("test/m2"),
+        e.contains("no room") && e.contains("kept") && e.contains("test/m3"),
         "{e}"
     );
-    let e = fails("unload leased", flash(&h.path, &["unload", &m[2]]));
-    assert!(e.contains("in use"), "{e}");
-    c.release(lease).unwrap();
-    ok("load 3", flash(&h.path, &["load", &m[3]]));
-    assert!(resident(&h.status(), "memory").contains(&m[3]));
     let out = ok(
         "unload kept",
         flash(&h.path, &["unload", &m[0], "--tier", "memory"]),

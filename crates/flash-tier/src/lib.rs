@@ -32,12 +32,15 @@
 //! Room is made by evicting the least recently used copies of the tier that
 //! are neither leased, kept, nor being read by a transfer — as few as needed,
 //! in LRU order, and none if that would not suffice. When the room is held
-//! only by loads in flight (which will end on their own), the request waits up
-//! to [`TierBuilder::space_wait`]; when leased and kept copies leave too
-//! little room even after every load ends, it is refused at once with
-//! [`TierError::NoSpace`], which names the model, the tier, the bytes needed,
-//! the budget, what is free, and every copy that is leased (by which clients)
-//! or kept. Waiting never depends on a client: nothing deadlocks.
+//! by loads in flight (which end on their own) or by copies other clients
+//! lease (given back when their requests end), the request waits up to
+//! [`TierBuilder::space_wait`]: a serving daemon queues a request behind
+//! the others rather than failing it. When kept copies, reservations and
+//! the requester's own leases leave too little room, waiting cannot help and
+//! it is refused at once. Either refusal is [`TierError::NoSpace`], which
+//! names the model, the tier, the bytes needed, the budget, what is free,
+//! and every copy that is leased (by which clients) or kept. Every wait is
+//! bounded: nothing deadlocks.
 //!
 //! Eviction only drops copies. A model evicted from a GPU keeps its memory
 //! copy if it has one, and one evicted from memory keeps its GPU copies; no

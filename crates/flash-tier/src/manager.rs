@@ -258,8 +258,9 @@ impl<X: Transfers> TierManager<X> {
     /// tiers only) or from disk, evicting least recently used copies as
     /// needed. Concurrent requests for the same copy share one load. Blocks
     /// for the load, and for at most `space_wait` when the room it needs is
-    /// held by loads in flight; refuses at once when leased and kept copies
-    /// leave too little room ([`TierError::NoSpace`] says which).
+    /// held by loads in flight or copies other clients lease; refuses at once
+    /// when kept copies, reservations and `client`'s own leases leave too
+    /// little room ([`TierError::NoSpace`] says which).
     pub fn acquire(
         &self,
         model: &ModelId,
@@ -602,6 +603,33 @@ impl<X: Transfers> State<X> {
     /// A use of `model` in tier `t`; also refreshes the memory copy behind a
     /// GPU copy, so that an inclusive memory tier does not see the hottest
     /// models as the coldest.
+    /// Whether `bytes` would fit in tier `t` once every lease of a client
+    /// other than the requester (`hold`'s) ended: what stays is kept copies,
+    /// reservations and copies the requester leases itself (waiting for
+    /// those could only end in a refusal).
+    fn fits_once_others_release(&self, t: usize, bytes: u64, hold: Hold) -> bool {
+        let me = match hold {
+            Hold::Lease(c) => Some(c),
+            Hold::Pin | Hold::Prewarm { .. } => None,
+        };
+        let ledger = &self.tiers[t];
+        let mine: std::collections::HashSet<&ModelId> = self
+            .leases
+            .values()
+            .filter(|r| r.tier == t && Some(r.client) == me)
+            .map(|r| &r.model)
+            .collect();
+        let stays: u64 = ledger
+            .entries()
+            .filter_map(|(m, e)| match &e.slot {
+                Slot::Ready(r) if r.kept || mine.contains(m) => Some(e.bytes),
+                _ => None,
+            })
+            .sum::<u64>()
+            + ledger.reserved();
+        bytes <= ledger.budget.saturating_sub(stays)
+    }
+
     /// Reserves room in the memory tier for a copy of `model` that a GPU
     /// load from disk fills on its way (`bytes`: its memory image), evicting
     /// as a memory load would. `None` when the memory tier has no room at
@@ -937,7 +965,17 @@ impl<X: Transfers> Shared<X> {
                     Err(e) => break Err(e),
                 }
             };
-            let plan = st.tiers[t].plan(bytes);
+            let plan = match st.tiers[t].plan(bytes) {
+                // Copies leased by other clients are given back within a
+                // request's time: a serving daemon queues behind them (up
+                // to `space_wait`) rather than refusing.
+                Plan::Refuse(Refusal::Full)
+                    if want.wait_for_space && st.fits_once_others_release(t, bytes, want.hold) =>
+                {
+                    Plan::Wait
+                }
+                plan => plan,
+            };
             if let Plan::Refuse(why) = plan {
                 break Err(st.refusal(model, t, bytes, why, waiting_since.map(|s| s.elapsed())));
             }

@@ -85,7 +85,9 @@ fn budget_full_of_held_copies_is_refused_at_once_with_the_details() {
         let la = r2.mgr.acquire(&m("a"), GPU, C1).unwrap();
         r2.mgr.load(&m("b"), GPU, true).unwrap();
         let started = Instant::now();
-        let err = r2.mgr.acquire(&m("c"), GPU, C2).unwrap_err();
+        // C1 asks for more while its own lease and a kept copy fill the
+        // tier: no one else can make room.
+        let err = r2.mgr.acquire(&m("c"), GPU, C1).unwrap_err();
         assert!(
             started.elapsed() < Duration::from_secs(1),
             "refused without waiting"
@@ -123,6 +125,39 @@ fn budget_full_of_held_copies_is_refused_at_once_with_the_details() {
         "a was evicted from the GPU once released"
     );
     drop(lc);
+    r.assert_sound();
+}
+
+#[test]
+fn a_request_queues_behind_other_clients_leases_for_a_bounded_time() {
+    let r = Arc::new(
+        rig(1000, &[200])
+            .models(&[("a", 200), ("b", 200)])
+            .space_wait(Duration::from_millis(300))
+            .build(),
+    );
+    // C1 holds the only room; C2's request waits for it, then loads.
+    let la = r.mgr.acquire(&m("a"), GPU, C1).unwrap();
+    let r2 = r.clone();
+    let waiter = thread::spawn(move || r2.mgr.acquire(&m("b"), GPU, C2).map(|l| l.served_from()));
+    r.wait_room_waiters(GPU, 1);
+    drop(la);
+    assert_eq!(
+        within(5, move || waiter.join().unwrap()).unwrap(),
+        Tier::Disk
+    );
+    assert_eq!(r.mgr.locate(&m("a")), [MEM], "a evicted once released");
+    // A lease never given back: refused once the wait is over, saying so.
+    let lb = r.mgr.acquire(&m("b"), GPU, C2).unwrap();
+    let started = Instant::now();
+    let e = r.mgr.acquire(&m("a"), GPU, C1).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let TierError::NoSpace(ns) = &e else {
+        panic!("{e}")
+    };
+    assert!(ns.waited_ms.is_some_and(|ms| ms >= 300), "{e}");
+    assert!(e.to_string().contains("leased by client 2"), "{e}");
+    drop(lb);
     r.assert_sound();
 }
 
@@ -243,13 +278,15 @@ fn failed_load_wakes_waiters_with_the_error_and_restores_the_budget() {
 fn client_gone_releases_its_leases_so_eviction_proceeds() {
     let r = rig(200, &[])
         .models(&[("a", 100), ("b", 100), ("c", 100)])
+        .space_wait(Duration::from_millis(50))
         .build();
     let ia = r.mgr.acquire(&m("a"), MEM, C1).unwrap().detach();
     let ib = r.mgr.acquire(&m("b"), MEM, C1).unwrap().detach();
     let kept = r.mgr.acquire(&m("b"), MEM, C2).unwrap(); // another client's lease on b
+                                                         // Client 1 never gives a back: refused after the wait.
     assert!(matches!(
         r.mgr.acquire(&m("c"), MEM, C2),
-        Err(TierError::NoSpace(_))
+        Err(TierError::NoSpace(ns)) if ns.waited_ms.is_some()
     ));
     assert_eq!(r.mgr.status().leases, 3);
     assert_eq!(r.mgr.client_gone(C1), 2);

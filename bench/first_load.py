@@ -1,0 +1,83 @@
+"""The first load of a model in a fresh Python process, as a user meets it:
+`ft.load_model(name, backend="transformers")` with the model in the
+daemon's memory tier, or transformers' `from_pretrained` on the
+safetensors folder. Each run is its own process; it prints one JSON line
+with the import time (`import torch, transformers` for both, and
+`flashtensors` for flash) and the load's time after the imports, until the
+weights are on the GPU; what either imports after that (the model's
+classes, the tokenizer's) is part of its load. Flash's run also keeps the
+SDK's debug line that says where its time went.
+
+    python3 bench/first_load.py flash --store STORE --model ORG/NAME
+    python3 bench/first_load.py transformers --model-dir DIR
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+FLASH = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import logging
+import torch, transformers
+import flashtensors as ft
+t1 = time.perf_counter()
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+logging.getLogger("flashtensors").setLevel(logging.DEBUG)
+ft.configure(storage_path=sys.argv[1])
+model, tok = ft.load_model(sys.argv[2], backend="transformers", dtype="bfloat16")
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1,
+                  "device": str(next(model.parameters()).device)}))
+"""
+
+TRANSFORMERS = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers
+t1 = time.perf_counter()
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], device_map="cuda:0", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1,
+                  "device": str(next(model.parameters()).device)}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("who", choices=("flash", "transformers"))
+    ap.add_argument("--store")
+    ap.add_argument("--model")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--label", default="qwen3-8b")
+    ap.add_argument("--card", default="unknown")
+    ap.add_argument("--round", type=int, default=None)
+    a = ap.parse_args()
+    if a.who == "flash":
+        cmd = [sys.executable, "-c", FLASH, a.store, a.model]
+        loader, scenario = "flash-load_model-transformers", "first-memory-tier"
+    else:
+        cmd = [sys.executable, "-c", TRANSFORMERS, a.model_dir]
+        loader, scenario = "transformers-from_pretrained", "first-page-cache"
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = {"loader": loader, "model": a.label, "scenario": scenario, "card": a.card}
+    if a.round is not None:
+        out["round"] = a.round
+    lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    if p.returncode != 0 or not lines:
+        out["error"] = f"rc {p.returncode}: {p.stderr[-400:]}"
+    else:
+        out.update(json.loads(lines[-1]))
+        why = [l for l in p.stderr.splitlines() if l.startswith(("load_model ", "load_dict "))]
+        if why:
+            out["breakdown"] = why
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -219,16 +219,19 @@ def _is_compressed(model):
     """Whether store model `model` is stored compressed (its manifest says;
     the daemon's Info does not)."""
     try:
-        info = _native.store_info(str(_daemon.store_root()), model)
+        info = _native.store_info(str(_daemon.store_root()), model.split("#")[0])
     except FlashError:
         return False
     return bool(info and json.loads(info).get("compressed"))
 
 
-def _load_blocks(path, device_map, copy, threads, chunk_size):
+def _load_blocks(path, device_map, copy, threads, chunk_size, rank=None):
     dm = _device_map_json(device_map)
     model = _store_model(path)
     c = _daemon.client(required=False)
+    if model is not None and rank is not None:
+        # The daemon keeps each rank of a split model as its own image.
+        model = f"{model}#{rank}"
     if model is not None:
         single = _single_device(dm)
         if c is not None and single is not None:
@@ -244,7 +247,7 @@ def _load_blocks(path, device_map, copy, threads, chunk_size):
                     f"device_map asks for GPU {single}, but this process sees {n} GPU(s)"
                 )
             return [c.fill_gpu(model, single) if copy else c.acquire(model, f"gpu:{single}")], model
-        folder = _native.store_model_dir(str(_daemon.store_root()), model)
+        folder = _native.store_model_dir(str(_daemon.store_root()), model.split("#")[0])
         if folder is None:
             raise ModelNotFoundError(f"model {model} is not in the store {_daemon.store_root()}")
         path = folder
@@ -256,11 +259,12 @@ def _load_blocks(path, device_map, copy, threads, chunk_size):
                 hint = " (to load a store model, call flashtensors.configure() first)"
             raise FileNotFoundError(f"{p}: no such file or folder{hint}")
         path = p
-    return _native.load_local(str(path), dm, threads, chunk_size), None
+    return _native.load_local(str(path), dm, threads, chunk_size, rank), None
 
 
 def load_dict(path, device_map=None, copy: bool = False, *, framework: str | None = None,
-              threads: int | None = None, chunk_size: int | None = None) -> dict:
+              threads: int | None = None, chunk_size: int | None = None,
+              rank: int | None = None) -> dict:
     """Loads a state dict.
 
     `device_map`: `{"": 0}` (default: GPU 0), `{"": "cuda:1"}`, `{"": "cpu"}`
@@ -270,7 +274,13 @@ def load_dict(path, device_map=None, copy: bool = False, *, framework: str | Non
     the daemon's memory, seen by every process sharing them).
     Returns `{name: tensor}` in the checkpoint's order, exact dtypes and
     shapes; tied tensors (aliases) are the same object.
+    `rank`: for a model stored split for tensor parallelism (`flash pull
+    --tp N`), the tensors of rank `rank` alone (the process that runs that
+    rank loads them, on its GPU): the checkpoint's names, the shard's
+    shapes. A split model must be loaded by rank.
     """
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise InvalidRequestError(f"rank must be a non-negative int, not {rank!r}")
     fw = _framework(framework)
     if fw == "numpy" and _single_device(_device_map_json(device_map)) not in ("cpu", None):
         raise DeviceError(
@@ -278,7 +288,7 @@ def load_dict(path, device_map=None, copy: bool = False, *, framework: str | Non
             "or load with device_map={'': 'cpu'}"
         )
     t0 = time.perf_counter()
-    blocks, model = _load_blocks(path, device_map, copy, threads, chunk_size)
+    blocks, model = _load_blocks(path, device_map, copy, threads, chunk_size, rank)
     t1 = time.perf_counter()
     out = _tensors.to_numpy(blocks) if fw == "numpy" else _tensors.to_torch(blocks)
     _log.debug("load_dict %s: bytes %.3f s (%s), tensors %.3f s (%d)", model or path, t1 - t0,

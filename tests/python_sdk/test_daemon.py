@@ -4,6 +4,7 @@ shutdown, and the error cases."""
 
 import gc
 import json
+import os
 import subprocess
 import time
 
@@ -89,7 +90,6 @@ def test_register_converts_dtype(ft, daemon, synth_qwen3):
 
 def test_load_dict_through_the_daemon(ft, daemon, synth_qwen3):
     ft.register_model(str(synth_qwen3))
-    ref = read_safetensors(synth_qwen3 / "model.safetensors") if False else None
     # bf16 checkpoint: compare bytes with the safetensors file, read by hand.
     header = _raw_safetensors(synth_qwen3 / "model.safetensors")
     for copy in (False, True):
@@ -103,7 +103,47 @@ def test_load_dict_through_the_daemon(ft, daemon, synth_qwen3):
         del sd
         gc.collect()
         assert lease_count(ft) == 0
-    assert ref is None
+
+
+def test_load_dict_one_rank_of_a_split_model(ft, daemon, flash_bin, synth_qwen3, tmp_path):
+    env = {**os.environ, "FLASH_HOME": str(daemon)}
+
+    def flash(*args):
+        r = subprocess.run([flash_bin, "-q", *args], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+
+    flash("pull", "--from", str(synth_qwen3), "--name", "t/tp", "--tp", "2")
+    wants = []
+    for rank in (0, 1):
+        flash("export", "t/tp", "--rank", str(rank), "--to", str(tmp_path / f"r{rank}"))
+        wants.append(_raw_safetensors(tmp_path / f"r{rank}" / "model.safetensors"))
+    assert wants[0] != wants[1]
+
+    def same(sd, want):
+        assert set(sd) == set(want)
+        for name, (dtype, shape, raw) in want.items():
+            assert list(sd[name].shape) == shape, name
+            assert sd[name].tobytes() == raw, name
+
+    # Through the daemon: each rank its own image, shared or copied.
+    for rank in (0, 1):
+        for copy in (False, True):
+            same(ft.load_dict("t/tp", {"": "cpu"}, copy=copy, rank=rank), wants[rank])
+            gc.collect()
+    mem = next(t for t in ft.status()["tiers"] if t["tier"] == "memory")
+    assert sorted(m["model"] for m in mem["models"]) == ["t/tp#0", "t/tp#1"]
+    with pytest.raises(ft.InvalidRequestError, match="2 tensor-parallel ranks"):
+        ft.load_dict("t/tp", {"": "cpu"})
+    with pytest.raises(ft.InvalidRequestError, match="#0 to #1"):
+        ft.load_dict("t/tp", {"": "cpu"}, rank=2)
+    with pytest.raises(ft.InvalidRequestError, match="rank"):
+        ft.load_dict("t/tp", {"": "cpu"}, rank=-1)
+    # In this process (no daemon): the same bytes.
+    assert ft.shutdown_server() is True
+    same(ft.load_dict("t/tp", {"": "cpu"}, rank=1), wants[1])
+    with pytest.raises(ft.FlashError, match="not rank 3"):
+        ft.load_dict("t/tp", {"": "cpu"}, rank=3)
 
 
 def _raw_safetensors(path):

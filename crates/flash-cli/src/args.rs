@@ -137,6 +137,7 @@ pub enum Command {
     },
     /// Load a model into a tier of the daemon ahead of use (prewarm)
     Load {
+        /// ORG/NAME, or ORG/NAME#R for rank R of a model pulled with --tp
         model: String,
         /// GPU ordinal [default: GPU 0 when the daemon has one, else memory]
         #[arg(long, value_name = "N")]
@@ -207,6 +208,7 @@ pub struct StartArgs {
 
 #[derive(Args, Debug)]
 pub struct AttachArgs {
+    /// ORG/NAME, or ORG/NAME#R for rank R of a model pulled with --tp
     pub model: String,
     /// memory, gpu, gpu:N [default: GPU 0 when the daemon has one, else memory]
     #[arg(long, default_value = "auto")]

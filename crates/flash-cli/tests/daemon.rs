@@ -484,3 +484,113 @@ fn concurrent_requests_for_one_model_cause_one_load_and_stop_waits_for_it() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(!h.path.join("flash.sock").exists());
 }
+
+#[test]
+fn ranks_of_a_split_model_are_images_of_their_own() {
+    let h = Home::new(0);
+    let src = h.path.parent().unwrap().join("src-tp");
+    ok(
+        "synth",
+        flash(
+            &h.path,
+            &[
+                "synth",
+                "qwen3",
+                "tiny",
+                src.to_str().unwrap(),
+                "--seed",
+                "7",
+            ],
+        ),
+    );
+    ok(
+        "pull --tp 2",
+        flash(
+            &h.path,
+            &[
+                "pull",
+                "--from",
+                src.to_str().unwrap(),
+                "--name",
+                "test/tp",
+                "--tp",
+                "2",
+            ],
+        ),
+    );
+    let store = Store::open(&h.path).unwrap();
+    let dir = store.existing(&"test/tp".parse().unwrap()).unwrap();
+    let rank_ref = |r: u32| {
+        let src = flash_load::ModelSource::open_rank(&dir, r).unwrap();
+        flash_load::load_to_host(&src, None, &flash_load::LoadOptions::default())
+            .unwrap()
+            .0
+    };
+    h.start(&[]);
+    let mut c = h.client();
+    for r in 0..2u32 {
+        let lease = c.acquire(&format!("test/tp#{r}"), Place::Memory).unwrap();
+        let want = rank_ref(r);
+        let q = lease
+            .tensors
+            .iter()
+            .find(|t| t.name == "model.layers.0.self_attn.q_proj.weight")
+            .unwrap();
+        assert_eq!(q.shape, [32, 64], "rank {r}: half the heads");
+        same_bytes(&lease.tensors, &lease.map_host().unwrap(), &want);
+        c.release(lease).unwrap();
+    }
+    // Each rank is its own copy in the tier.
+    let mut r = resident(&h.status(), "memory");
+    r.sort();
+    assert_eq!(r, ["test/tp#0", "test/tp#1"]);
+    // Without a rank, or a rank it does not have: clear refusals.
+    let e = c.acquire("test/tp", Place::Memory).unwrap_err().to_string();
+    assert!(
+        e.contains("2 tensor-parallel ranks") && e.contains("test/tp#R"),
+        "{e}"
+    );
+    let e = c
+        .acquire("test/tp#2", Place::Memory)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("#0 to #1"), "{e}");
+    let e = fails("load a rank of an unsplit", {
+        ok(
+            "pull whole",
+            flash(
+                &h.path,
+                &[
+                    "pull",
+                    "--from",
+                    src.to_str().unwrap(),
+                    "--name",
+                    "test/whole",
+                ],
+            ),
+        );
+        flash(&h.path, &["load", "test/whole#1"])
+    });
+    assert!(e.contains("not split into ranks"), "{e}");
+    let e = c
+        .acquire("test/tp#x", Place::Memory)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank after '#'"), "{e}");
+    // Unloading the model by its name unloads its ranks; `flash load`
+    // takes a rank.
+    ok("unload", flash(&h.path, &["unload", "test/tp"]));
+    assert!(resident(&h.status(), "memory").is_empty());
+    ok(
+        "load #1",
+        flash(&h.path, &["load", "test/tp#1", "--memory"]),
+    );
+    assert_eq!(resident(&h.status(), "memory"), ["test/tp#1"]);
+    // Removing the model drops every rank's copy first.
+    ok(
+        "load #0",
+        flash(&h.path, &["load", "test/tp#0", "--memory"]),
+    );
+    ok("rm", flash(&h.path, &["rm", "test/tp"]));
+    assert!(resident(&h.status(), "memory").is_empty());
+}

@@ -104,20 +104,36 @@ fn requests_swap_models_through_the_tiers() {
         assert_eq!(r["token_ids"], local["token_ids"], "{m}");
     }
 
-    // A third model needs the room that a client's lease holds: 503, and
-    // the message says what holds it. Once released, it is served.
+    // A third model needs the room that a client's lease holds: the request
+    // queues behind the lease and is served once the client releases it.
     let c = &h.models[2];
     let mut client = Client::connect(&h.path).unwrap();
     let lease = client.acquire(b, Place::Memory).unwrap();
-    let out = flash(&h.path, &["run", c, "Hello", "--max-tokens", "4"]);
-    assert!(!out.status.success());
-    let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("HTTP 503") && e.contains(b.as_str()), "{e}");
-    // `a` still has its CPU engine (f32 weights of its own): no copy needed.
+    // Meanwhile `a` still has its CPU engine (f32 weights of its own): no
+    // copy needed, so it is served at once.
     let again = h.run(a, "Hello", &sampled);
     assert_eq!(again["token_ids"], ra["token_ids"]);
-    client.release(lease).unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        client.release(lease).unwrap();
+    });
+    let t0 = std::time::Instant::now();
     let rc = h.run(c, "Hello", &[]);
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(1),
+        "it waited for the lease"
+    );
+    releaser.join().unwrap();
     assert_eq!(rc["served_from"], "disk");
     assert_eq!(resident(&h.status(), "memory"), vec![c.clone()]);
+    // A kept copy cannot make room: 503 at once, and the message says what
+    // holds the tier.
+    ok("keep c", flash(&h.path, &["load", c, "--keep"]));
+    let out = flash(&h.path, &["run", b, "Hello", "--max-tokens", "4"]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("HTTP 503") && e.contains(c.as_str()) && e.contains("kept"),
+        "{e}"
+    );
 }

@@ -13,7 +13,7 @@
 
 use crate::tiers::Tiers;
 use flash_format::manifest::MANIFEST_FILE;
-use flash_store::ModelName;
+use flash_store::RankedName;
 use flash_tier::{ModelId, TierError};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -111,8 +111,9 @@ impl Freshness {
     }
 }
 
-/// The identity of `model`'s folder in the store now (`None`: not stored).
+/// The identity of `model`'s folder in the store now (`None`: not stored);
+/// a rank's image (`ORG/NAME#R`) is its model's.
 fn stored_identity(tiers: &Tiers, model: &ModelId) -> Option<Identity> {
-    let name = model.as_str().parse::<ModelName>().ok()?;
-    Identity::of(&tiers.transfers().store().model_dir(&name))
+    let ranked = model.as_str().parse::<RankedName>().ok()?;
+    Identity::of(&tiers.transfers().store().model_dir(&ranked.name))
 }

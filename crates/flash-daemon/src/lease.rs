@@ -78,7 +78,7 @@ pub(crate) fn acquire(
 ) -> Result<proto::AcquireReply, Status> {
     let t0 = Instant::now();
     d.live_session(session)?;
-    let (_, id) = d.model(&r.model)?;
+    let (_, id) = d.model_image(&r.model)?;
     let tier = d.tier(&r.tier)?;
     check_shareable(d, &id, tier)?;
     let tensors = if r.no_tensors {
@@ -213,7 +213,7 @@ pub(crate) fn fill(
     r: proto::FillRequest,
 ) -> Result<proto::FillReply, Status> {
     let t0 = Instant::now();
-    let (_, id) = d.model(&r.model)?;
+    let (_, id) = d.model_image(&r.model)?;
     if r.regions.is_empty() {
         return Err(Status::invalid_argument("a fill needs at least one region"));
     }

@@ -11,7 +11,7 @@ use crate::server::Daemon;
 use flash_client::proto;
 use flash_client::proto::flash_server::Flash;
 use flash_client::SESSION_HEADER;
-use flash_store::{DtypeChoice, ImportOptions, ModelName, StoreError};
+use flash_store::{DtypeChoice, ImportOptions, ModelName, RankedName, StoreError};
 use flash_tier::{ClientId, ModelId, Tier, TierError};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -119,21 +119,91 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::SessionEvent, Statu
 impl Daemon {
     /// The store name of a request's model, checked; NOT_FOUND when absent.
     pub(crate) fn model(&self, s: &str) -> Result<(ModelName, ModelId), Status> {
-        let name: ModelName = s
+        let ranked: RankedName = s
             .parse()
             .map_err(|e: flash_store::name::NameError| Status::invalid_argument(e.to_string()))?;
+        let id = ModelId::new(ranked.to_string());
         // A model replaced or removed since its copies were made: they go
         // first (refused while leased).
         self.fresh
-            .check(&self.tiers, &ModelId::new(name.to_string()))
+            .check(&self.tiers, &id)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let name = ranked.name;
         if !self.store.contains(&name) {
             return Err(Status::not_found(format!(
                 "model {name} is not in the store (see `flash list`)"
             )));
         }
-        let id = ModelId::new(name.to_string());
+        if let Some(rank) = ranked.rank {
+            let ranks = self.ranks(&name)?;
+            if rank >= ranks {
+                return Err(Status::invalid_argument(if ranks == 1 {
+                    format!("{id}: {name} is not split into ranks (`flash pull --tp N`); name it without '#'")
+                } else {
+                    format!(
+                        "{id}: {name} has {ranks} tensor-parallel ranks (#0 to #{})",
+                        ranks - 1
+                    )
+                }));
+            }
+        }
         Ok((name, id))
+    }
+
+    /// As [`Daemon::model`], for requests on a model's image in a tier: a
+    /// model split into ranks has one image per rank, so the request must
+    /// name one.
+    pub(crate) fn model_image(&self, s: &str) -> Result<(ModelName, ModelId), Status> {
+        let (name, id) = self.model(s)?;
+        if id.as_str() == name.to_string() {
+            let ranks = self.ranks(&name)?;
+            if ranks > 1 {
+                return Err(Status::invalid_argument(format!(
+                    "{name} is split into {ranks} tensor-parallel ranks, one image per GPU: \
+                     name one as {name}#R (R from 0 to {})",
+                    ranks - 1
+                )));
+            }
+        }
+        Ok((name, id))
+    }
+
+    /// How many tensor-parallel ranks `name` is stored as (1: not split).
+    fn ranks(&self, name: &ModelName) -> Result<u32, Status> {
+        let dir = self.store.existing(name).map_err(store_status)?;
+        flash_load::ModelSource::ranks(&dir).map_err(|e| Status::internal(format!("{name}: {e}")))
+    }
+
+    /// Unloads the copies of `name` and of each of its ranks from `tier`,
+    /// or from every tier (before the store replaces or removes it): all or
+    /// nothing per image, refused while a client holds one.
+    pub(crate) fn unload_everywhere(
+        &self,
+        name: &ModelName,
+        tier: Option<Tier>,
+    ) -> Result<Vec<(Tier, u64)>, Status> {
+        let base = name.to_string();
+        let mut ids: Vec<ModelId> = vec![ModelId::new(base.clone())];
+        for t in self.tiers.status().tiers {
+            for m in t.models {
+                let of_name = m
+                    .model
+                    .as_str()
+                    .parse::<RankedName>()
+                    .is_ok_and(|r| r.rank.is_some() && r.name == *name);
+                if of_name && !ids.contains(&m.model) {
+                    ids.push(m.model);
+                }
+            }
+        }
+        let mut freed = Vec::new();
+        for id in &ids {
+            freed.extend(self.tiers.unload(id, tier).map_err(|e| status_of(&e))?);
+            if tier.is_none() {
+                self.tiers.transfers().forget(id);
+            }
+        }
+        Ok(freed)
     }
 
     /// The tier a request names; empty or `auto`: GPU 0 when there is one,
@@ -239,13 +309,18 @@ impl Flash for Service {
             let (name, id) = d.model(&r.model)?;
             let info = d.store.info(&name).map_err(store_status)?;
             let mut out = model_info(&d, info, &id);
-            out.image_bytes = d
-                .tiers
-                .transfers()
-                .decoded_bytes(&id)
-                .map_err(|e| status_of(&e))?;
-            if r.tensors {
-                out.tensors = tensors_of(&d, &id)?;
+            // A split model named without a rank has no one image: its
+            // facts only (each rank's with `#R`).
+            let one_image = id.as_str() != name.to_string() || d.ranks(&name)? == 1;
+            if one_image {
+                out.image_bytes = d
+                    .tiers
+                    .transfers()
+                    .decoded_bytes(&id)
+                    .map_err(|e| status_of(&e))?;
+                if r.tensors {
+                    out.tensors = tensors_of(&d, &id)?;
+                }
             }
             Ok(out)
         })
@@ -272,7 +347,7 @@ impl Flash for Service {
         let r = req.into_inner();
         let res = blocking(move || {
             let t0 = Instant::now();
-            let (_, id) = d.model(&r.model)?;
+            let (_, id) = d.model_image(&r.model)?;
             let tier = d.tier(&r.tier)?;
             let l = d.tiers.load(&id, tier, r.keep).map_err(|e| status_of(&e))?;
             if r.keep {
@@ -334,13 +409,18 @@ impl Flash for Service {
         let d = self.d.clone();
         let r = req.into_inner();
         blocking(move || {
-            let (_, id) = d.model(&r.model)?;
+            let (name, id) = d.model(&r.model)?;
             let tier = if r.tier.is_empty() {
                 None
             } else {
                 Some(d.tier(&r.tier)?)
             };
-            let freed = d.tiers.unload(&id, tier).map_err(|e| status_of(&e))?;
+            // A model named without a rank: its ranks' images too.
+            let freed = if id.as_str() == name.to_string() {
+                d.unload_everywhere(&name, tier)?
+            } else {
+                d.tiers.unload(&id, tier).map_err(|e| status_of(&e))?
+            };
             Ok(proto::UnloadReply {
                 freed: tier_bytes(freed),
             })
@@ -357,10 +437,15 @@ impl Flash for Service {
         let r = req.into_inner();
         blocking(move || {
             let (name, id) = d.model(&r.model)?;
-            // The copies first: a client holding one keeps the model.
-            let freed = d.tiers.unload(&id, None).map_err(|e| status_of(&e))?;
+            if id.as_str() != name.to_string() {
+                return Err(Status::invalid_argument(format!(
+                    "{id}: remove the model ({name}), not one of its ranks"
+                )));
+            }
+            // The copies first (every rank's): a client holding one keeps
+            // the model.
+            let freed = d.unload_everywhere(&name, None)?;
             d.store.remove(&name).map_err(store_status)?;
-            d.tiers.transfers().forget(&id);
             d.fresh.changed(&d.tiers, &id);
             info!(model = %id, "removed from the store");
             Ok(proto::RemoveReply {
@@ -495,8 +580,9 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
         None => d.store.settings().map_err(store_status)?.compress,
     };
     if r.force && d.store.contains(&name) {
-        // The old bytes must leave the tiers first; refused while leased.
-        d.tiers.unload(&id, None).map_err(|e| status_of(&e))?;
+        // The old bytes must leave the tiers first (every rank's); refused
+        // while leased.
+        d.unload_everywhere(&name, None)?;
     }
     let report = if r.from_dir.is_empty() {
         let hub = flash_hub::HubClient::from_env();

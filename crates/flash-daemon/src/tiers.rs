@@ -24,7 +24,7 @@
 use flash_kernels::decode::GpuDecoder;
 use flash_load::gpu::{check_decode_status, decode_status, upload_image, GpuDecode};
 use flash_load::{execute, CudaSink, HostSink, LoadOptions, LoadPlan, ModelSource, TensorView};
-use flash_store::{ModelName, Store, StoreError};
+use flash_store::{RankedName, Store, StoreError};
 use flash_sys::cuda::{self, Cuda, CudaError, DeviceMemory, Gpu};
 use flash_sys::os::AlignedBuf;
 use flash_sys::shm::{HostPool, PoolSlice};
@@ -338,21 +338,26 @@ impl StoreTransfers {
     }
 
     fn make_plan(&self, model: &ModelId) -> Result<LoadPlan, TierError> {
-        let name: ModelName =
+        let ranked: RankedName =
             model
                 .as_str()
                 .parse()
                 .map_err(|e: flash_store::name::NameError| {
                     TierError::model(model, format!("not a model name: {}", e.why))
                 })?;
-        let dir = self.store.existing(&name).map_err(|e| match e {
+        let dir = self.store.existing(&ranked.name).map_err(|e| match e {
             StoreError::NotFound(_) => {
                 TierError::model(model, "not in the store (see `flash list`)")
             }
             e => TierError::model(model, e.to_string()),
         })?;
-        let source = ModelSource::open(&dir)
-            .map_err(|e| TierError::model(model, format!("cannot open it: {e}")))?;
+        // A rank of a split model is its own image: that rank's tensors,
+        // with their shard shapes.
+        let source = match ranked.rank {
+            Some(rank) => ModelSource::open_rank(&dir, rank),
+            None => ModelSource::open(&dir),
+        }
+        .map_err(|e| TierError::model(model, format!("cannot open it: {e}")))?;
         LoadPlan::new(&source, None)
             .map_err(|e| TierError::model(model, format!("cannot plan its load: {e}")))
     }

@@ -160,39 +160,51 @@ fn lru_eviction_and_reload_from_disk() {
 }
 
 #[test]
-fn leased_copies_are_not_evicted_and_the_refusal_names_the_model() {
+fn leased_copies_are_not_evicted_and_requests_queue_behind_them() {
     let f = fixture(3);
     let tiers = cpu_tiers(&f.root, 2 * f.image + f.image / 2);
     let [a, b, c] = [&f.models[0], &f.models[1], &f.models[2]];
     let la = tiers.acquire(a, Tier::Memory, ClientId(1)).unwrap();
     let lb = tiers.acquire(b, Tier::Memory, ClientId(2)).unwrap();
 
-    let err = tiers.acquire(c, Tier::Memory, ClientId(3)).unwrap_err();
+    // c needs the room a or b holds: it waits for a release.
+    let (t, c2) = (tiers.clone(), c.clone());
+    let waiter = std::thread::spawn(move || {
+        t.acquire(&c2, Tier::Memory, ClientId(3))
+            .map(|l| l.detach())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!waiter.is_finished(), "queued behind the leases");
+    assert_eq!(tiers.locate(a), [Tier::Memory]);
+    assert_eq!(tiers.locate(b), [Tier::Memory]);
+    // Once a is released, c fits by evicting it; b stays (leased).
+    drop(la);
+    let lc = waiter.join().unwrap().unwrap();
+    assert!(tiers.locate(a).is_empty());
+    assert_same_bytes(&tiers, &lb, &reference(&f.root, b));
+    tiers.release(lc).unwrap();
+
+    // A client that itself holds every copy in the way is refused at once,
+    // and the refusal names the model and who holds what.
+    let lc = tiers.acquire(c, Tier::Memory, ClientId(2)).unwrap();
+    assert_same_bytes(&tiers, &lc, &reference(&f.root, c));
+    let started = std::time::Instant::now();
+    let err = tiers.acquire(a, Tier::Memory, ClientId(2)).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     let TierError::NoSpace(ns) = &err else {
         panic!("expected NoSpace, got {err}");
     };
-    assert_eq!(&ns.model, c);
+    assert_eq!(&ns.model, a);
     assert_eq!(ns.tier, Tier::Memory);
     assert_eq!(ns.needed, f.image);
     let mut held: Vec<&str> = ns.held.iter().map(|h| h.model.as_str()).collect();
     held.sort();
-    assert_eq!(held, [a.as_str(), b.as_str()]);
+    assert_eq!(held, [b.as_str(), c.as_str()]);
     let msg = err.to_string();
-    assert!(msg.contains(c.as_str()), "{msg}");
     assert!(
-        msg.contains("client 1") && msg.contains("client 2"),
+        msg.contains(a.as_str()) && msg.contains("client 2"),
         "{msg}"
     );
-    assert_eq!(tiers.locate(a), [Tier::Memory]);
-    assert_eq!(tiers.locate(b), [Tier::Memory]);
-    assert!(tiers.locate(c).is_empty());
-
-    // Once a is released, c fits by evicting it; b stays (leased).
-    drop(la);
-    let lc = tiers.acquire(c, Tier::Memory, ClientId(3)).unwrap();
-    assert_same_bytes(&tiers, &lc, &reference(&f.root, c));
-    assert!(tiers.locate(a).is_empty());
-    assert_same_bytes(&tiers, &lb, &reference(&f.root, b));
     drop((lb, lc));
     tiers.check_invariants().unwrap();
 }

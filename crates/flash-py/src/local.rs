@@ -109,21 +109,31 @@ fn gpus_for(map: &DeviceMap) -> PyResult<Vec<flash_sys::cuda::Gpu>> {
 
 /// Loads a model folder or safetensors file in this process, placed by
 /// `device_map` (JSON: `{"": 0}`, `{"": "cpu"}`, `"auto"`); one block per device.
+/// `rank`: one tensor-parallel rank of a flash folder stored split.
 #[pyfunction]
-#[pyo3(signature = (path, device_map, threads=None, chunk_bytes=None))]
+#[pyo3(signature = (path, device_map, threads=None, chunk_bytes=None, rank=None))]
 pub fn load_local(
     py: Python<'_>,
     path: PathBuf,
     device_map: &str,
     threads: Option<usize>,
     chunk_bytes: Option<u64>,
+    rank: Option<u32>,
 ) -> PyResult<Vec<Block>> {
     let map = DeviceMap::from_json(device_map).map_err(device)?;
     let gpus = gpus_for(&map)?;
     let opts = options(threads, chunk_bytes);
     let placed = py
         .detach(|| {
-            let source = open_source(&path)?;
+            let source = match rank {
+                Some(r) if path.is_dir() => ModelSource::open_rank(&path, r)?,
+                Some(_) => return Err(flash_load::LoadError::model(
+                    &path,
+                    "a rank names a part of a flash folder stored split (`flash pull --tp N`), \
+                         not of a safetensors file",
+                )),
+                None => open_source(&path)?,
+            };
             load_placed(&source, &map, &gpus, &opts)
         })
         .map_err(load_err)?;

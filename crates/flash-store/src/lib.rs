@@ -19,5 +19,5 @@ pub mod tp;
 
 pub use convert::DtypeChoice;
 pub use error::StoreError;
-pub use name::ModelName;
+pub use name::{ModelName, RankedName};
 pub use store::{ImportOptions, ImportReport, ModelInfo, Store, StoreSettings, VerifyReport};

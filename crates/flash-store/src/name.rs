@@ -117,9 +117,75 @@ impl fmt::Display for ModelName {
     }
 }
 
+/// A model, or one tensor-parallel rank of a model stored split (`flash
+/// pull --tp N`): `ORG/NAME[:REVISION][#RANK]`. The daemon keeps each rank
+/// as its own image (`#` cannot appear in a name, so the forms never clash).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RankedName {
+    pub name: ModelName,
+    pub rank: Option<u32>,
+}
+
+impl FromStr for RankedName {
+    type Err = NameError;
+    fn from_str(input: &str) -> Result<Self, NameError> {
+        let (model, rank) = match input.split_once('#') {
+            Some((m, r)) => {
+                let rank = r.parse::<u32>().map_err(|_| NameError {
+                    input: input.to_string(),
+                    why: format!(
+                        "the rank after '#' must be a number (0 for the first GPU's), not {r:?}"
+                    ),
+                })?;
+                (m, Some(rank))
+            }
+            None => (input, None),
+        };
+        let name = model.parse::<ModelName>().map_err(|e| NameError {
+            input: input.to_string(),
+            why: e.why,
+        })?;
+        Ok(RankedName { name, rank })
+    }
+}
+
+impl fmt::Display for RankedName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.name)?;
+        if let Some(r) = self.rank {
+            write!(f, "#{r}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranked_names_parse_and_print_back() {
+        let r: RankedName = "Qwen/Qwen3-8B:main#1".parse().unwrap();
+        assert_eq!(r.name.to_string(), "Qwen/Qwen3-8B:main");
+        assert_eq!(r.rank, Some(1));
+        assert_eq!(r.to_string(), "Qwen/Qwen3-8B:main#1");
+        let plain: RankedName = "Qwen/Qwen3-8B".parse().unwrap();
+        assert_eq!(
+            (plain.rank, plain.to_string().as_str()),
+            (None, "Qwen/Qwen3-8B")
+        );
+        for bad in [
+            "Qwen/Qwen3-8B#",
+            "Qwen/Qwen3-8B#x",
+            "Qwen/Qwen3-8B#-1",
+            "Qwen#1",
+        ] {
+            let e = bad.parse::<RankedName>().unwrap_err();
+            assert_eq!(e.input, bad);
+        }
+        let e = "o/m#two".parse::<RankedName>().unwrap_err();
+        assert!(e.why.contains("\"two\""), "{e}");
+    }
 
     #[test]
     fn accepts_hub_style_names() {

@@ -503,21 +503,13 @@ fn ranks_of_a_split_model_are_images_of_their_own() {
             ],
         ),
     );
-    ok(
-        "pull --tp 2",
-        flash(
-            &h.path,
-            &[
-                "pull",
-                "--from",
-                src.to_str().unwrap(),
-                "--name",
-                "test/tp",
-                "--tp",
-                "2",
-            ],
-        ),
-    );
+    let src_arg = src.to_str().unwrap();
+    let pull = |name: &str, extra: &[&str]| {
+        let mut args = vec!["pull", "--from", src_arg, "--name", name];
+        args.extend_from_slice(extra);
+        flash(&h.path, &args)
+    };
+    ok("pull --tp 2", pull("test/tp", &["--tp", "2"]));
     let store = Store::open(&h.path).unwrap();
     let dir = store.existing(&"test/tp".parse().unwrap()).unwrap();
     let rank_ref = |r: u32| {
@@ -555,22 +547,11 @@ fn ranks_of_a_split_model_are_images_of_their_own() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("#0 to #1"), "{e}");
-    let e = fails("load a rank of an unsplit", {
-        ok(
-            "pull whole",
-            flash(
-                &h.path,
-                &[
-                    "pull",
-                    "--from",
-                    src.to_str().unwrap(),
-                    "--name",
-                    "test/whole",
-                ],
-            ),
-        );
-        flash(&h.path, &["load", "test/whole#1"])
-    });
+    ok("pull whole", pull("test/whole", &[]));
+    let e = fails(
+        "load a rank of an unsplit",
+        flash(&h.path, &["load", "test/whole#1"]),
+    );
     assert!(e.contains("not split into ranks"), "{e}");
     let e = c
         .acquire("test/tp#x", Place::Memory)

@@ -982,34 +982,12 @@ impl<X: Transfers> Shared<X> {
             if t != MEMORY && !tried_memory {
                 tried_memory = true;
                 if st.tiers[MEMORY].budget > 0 {
-                    // The memory tier as the source: a copy there, or a load
-                    // of it in flight to join. It is not loaded first: the
-                    // GPU would wait for the whole memory copy; instead the
-                    // load from disk fills both (inclusive).
                     drop(st);
-                    let r = self.obtain(
-                        model,
-                        MEMORY,
-                        Want {
-                            hold: Hold::Pin,
-                            wait_for_space: false,
-                            may_load: false,
-                        },
-                    );
-                    let r = match r {
-                        Err(TierError::NotResident { .. }) if self.inclusive => self
-                            .image_bytes(model, Tier::Memory)
-                            .map(|b| keep_bytes = Some(b)),
-                        Err(TierError::NotResident { .. }) => Ok(()),
-                        Ok(o) => {
-                            source = Some(o);
-                            Ok(())
-                        }
-                        Err(e) => Err(e),
-                    };
+                    let r = self.memory_source(model);
                     st = self.lock();
-                    if let Err(e) = r {
-                        break Err(e);
+                    match r {
+                        Ok((src, keep)) => (source, keep_bytes) = (src, keep),
+                        Err(e) => break Err(e),
                     }
                     continue;
                 }
@@ -1039,69 +1017,18 @@ impl<X: Transfers> Shared<X> {
                 }
                 Plan::Refuse(_) => unreachable!("handled above"),
             };
-            // Begin the load: reserve, evict, publish the flight.
-            let from = if source.is_some() {
-                Tier::Memory
-            } else {
-                Tier::Disk
-            };
-            let flight = Arc::new(Flight::default());
-            let (evicted, excess) =
-                st.tiers[t].begin_load(model, bytes, &victims, flight.clone(), from);
-            let keep = match keep_bytes.filter(|_| source.is_none()) {
-                Some(b) => st.begin_memory_copy(model, b),
-                None => None,
-            };
-            drop(st);
-            if !victims.is_empty() {
-                debug!(%model, %tier, ?victims, "evicted to make room");
-            }
-            drop(evicted); // before allocating: the memory must be back first
-            if excess > 0 {
-                self.lock().tiers[t].freed(excess);
-                self.changed.notify_all();
-            }
-            let mut keep = keep.and_then(|k| self.alloc_memory_copy(model, k));
-            let started = Instant::now();
-            let r = self.run_load(
+            let (guard, loaded) = self.load_into(
+                st,
                 model,
                 t,
                 bytes,
+                &victims,
                 source.as_ref().and_then(|s| s.image.as_ref()),
-                keep.as_mut().map(|(_, buf)| buf),
+                keep_bytes.filter(|_| source.is_none()),
+                want.hold,
             );
-            let seconds = started.elapsed().as_secs_f64();
-            st = self.lock();
-            if let Some((flight, buf)) = keep {
-                st.end_memory_copy(model, flight, buf, r.as_ref().map(|_| ()), seconds);
-                self.changed.notify_all();
-            }
-            match r {
-                Ok(image) => {
-                    st.tick += 1;
-                    let tick = st.tick;
-                    let ledger = &mut st.tiers[t];
-                    ledger.finish_ok(model, image, tick, Instant::now());
-                    ledger.load_times[usize::from(from == Tier::Memory)].observe(seconds);
-                    let _ = flight.outcome.set(Ok(()));
-                    let (image, lease, bytes) = st.hold(model, t, want.hold);
-                    self.changed.notify_all();
-                    info!(%model, %tier, %from, bytes = %fmt_bytes(bytes), seconds, "loaded");
-                    break Ok(Obtained {
-                        image,
-                        lease,
-                        bytes,
-                        served_from: from,
-                    });
-                }
-                Err(e) => {
-                    st.tiers[t].finish_err(model);
-                    let _ = flight.outcome.set(Err(e.clone()));
-                    self.changed.notify_all();
-                    warn!(%model, %tier, %from, error = %e, "load failed");
-                    break Err(e);
-                }
-            }
+            st = guard;
+            break loaded;
         };
         let c = &mut st.tiers[t].counters;
         match count {
@@ -1115,6 +1042,108 @@ impl<X: Transfers> Shared<X> {
         }
         drop(st);
         result
+    }
+
+    /// For a GPU load of `model`: the memory tier's copy as its source (a
+    /// copy there, or a load of it in flight to join; pinned), and when
+    /// there is none and the manager is inclusive, the size of the memory
+    /// copy the load from disk fills on its way. The memory copy is not
+    /// loaded first: the GPU would wait for the whole of it. Called
+    /// without the lock.
+    fn memory_source(
+        &self,
+        model: &ModelId,
+    ) -> Result<(Option<Obtained<X>>, Option<u64>), TierError> {
+        let found = self.obtain(
+            model,
+            MEMORY,
+            Want {
+                hold: Hold::Pin,
+                wait_for_space: false,
+                may_load: false,
+            },
+        );
+        match found {
+            Ok(o) => Ok((Some(o), None)),
+            Err(TierError::NotResident { .. }) if self.inclusive => {
+                Ok((None, Some(self.image_bytes(model, Tier::Memory)?)))
+            }
+            Err(TierError::NotResident { .. }) => Ok((None, None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads `model` into tier `t` once its room is planned: under the lock
+    /// `st`, reserves `bytes`, evicts `victims` and publishes the load for
+    /// other requests to wait on (and, with `keep_bytes`, a memory copy the
+    /// same pass fills); without it, runs the transfer from `source`, else
+    /// from disk; then, locked again, publishes the outcome and takes
+    /// `hold` on the new copy. Returns the lock with the result.
+    #[allow(clippy::too_many_arguments)]
+    fn load_into<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State<X>>,
+        model: &ModelId,
+        t: usize,
+        bytes: u64,
+        victims: &[ModelId],
+        source: Option<&Image<X>>,
+        keep_bytes: Option<u64>,
+        hold: Hold,
+    ) -> (MutexGuard<'a, State<X>>, Result<Obtained<X>, TierError>) {
+        let tier = tier_at(t);
+        let from = if source.is_some() {
+            Tier::Memory
+        } else {
+            Tier::Disk
+        };
+        let flight = Arc::new(Flight::default());
+        let (evicted, excess) = st.tiers[t].begin_load(model, bytes, victims, flight.clone(), from);
+        let keep = keep_bytes.and_then(|b| st.begin_memory_copy(model, b));
+        drop(st);
+        if !victims.is_empty() {
+            debug!(%model, %tier, ?victims, "evicted to make room");
+        }
+        drop(evicted); // before allocating: the memory must be back first
+        if excess > 0 {
+            self.lock().tiers[t].freed(excess);
+            self.changed.notify_all();
+        }
+        let mut keep = keep.and_then(|k| self.alloc_memory_copy(model, k));
+        let started = Instant::now();
+        let r = self.run_load(model, t, bytes, source, keep.as_mut().map(|(_, buf)| buf));
+        let seconds = started.elapsed().as_secs_f64();
+        let mut st = self.lock();
+        if let Some((flight, buf)) = keep {
+            st.end_memory_copy(model, flight, buf, r.as_ref().map(|_| ()), seconds);
+            self.changed.notify_all();
+        }
+        let result = match r {
+            Ok(image) => {
+                st.tick += 1;
+                let tick = st.tick;
+                let ledger = &mut st.tiers[t];
+                ledger.finish_ok(model, image, tick, Instant::now());
+                ledger.load_times[usize::from(from == Tier::Memory)].observe(seconds);
+                let _ = flight.outcome.set(Ok(()));
+                let (image, lease, bytes) = st.hold(model, t, hold);
+                info!(%model, %tier, %from, bytes = %fmt_bytes(bytes), seconds, "loaded");
+                Ok(Obtained {
+                    image,
+                    lease,
+                    bytes,
+                    served_from: from,
+                })
+            }
+            Err(e) => {
+                st.tiers[t].finish_err(model);
+                let _ = flight.outcome.set(Err(e.clone()));
+                warn!(%model, %tier, %from, error = %e, "load failed");
+                Err(e)
+            }
+        };
+        self.changed.notify_all();
+        (st, result)
     }
 
     /// The size of `model`'s image in `tier`, a panic of the backend caught.

@@ -79,9 +79,10 @@ impl<X: Transfers> TierBuilder<X> {
         self
     }
 
-    /// How long a request waits for bytes in flight before it is refused
-    /// (default [`DEFAULT_SPACE_WAIT`]). Requests that cannot be met even once
-    /// every load has finished are refused at once, whatever this is.
+    /// How long a request waits for bytes in flight, or for copies other
+    /// clients lease, before it is refused (default [`DEFAULT_SPACE_WAIT`]).
+    /// Requests that cannot be met even once every load has finished and
+    /// every other client's lease has ended are refused at once.
     pub fn space_wait(mut self, wait: Duration) -> Self {
         self.space_wait = wait;
         self
@@ -205,6 +206,17 @@ enum Found {
     Ready(Tier),
     Loading(Arc<Flight>, Tier),
     Absent,
+}
+
+/// A load [`Shared::load_into`] runs: the copy's bytes, the copies evicted
+/// for it, where it comes from (a memory copy, else the disk), the memory
+/// copy to fill on the way, and what the request holds on the result.
+struct LoadJob<'s, X: Transfers> {
+    bytes: u64,
+    victims: &'s [ModelId],
+    source: Option<&'s Image<X>>,
+    keep_bytes: Option<u64>,
+    hold: Hold,
 }
 
 /// Room reserved in the memory tier for a copy filled by a GPU load from
@@ -1017,16 +1029,14 @@ impl<X: Transfers> Shared<X> {
                 }
                 Plan::Refuse(_) => unreachable!("handled above"),
             };
-            let (guard, loaded) = self.load_into(
-                st,
-                model,
-                t,
+            let job = LoadJob {
                 bytes,
-                &victims,
-                source.as_ref().and_then(|s| s.image.as_ref()),
-                keep_bytes.filter(|_| source.is_none()),
-                want.hold,
-            );
+                victims: &victims,
+                source: source.as_ref().and_then(|s| s.image.as_ref()),
+                keep_bytes: keep_bytes.filter(|_| source.is_none()),
+                hold: want.hold,
+            };
+            let (guard, loaded) = self.load_into(st, model, t, job);
             st = guard;
             break loaded;
         };
@@ -1079,18 +1089,20 @@ impl<X: Transfers> Shared<X> {
     /// same pass fills); without it, runs the transfer from `source`, else
     /// from disk; then, locked again, publishes the outcome and takes
     /// `hold` on the new copy. Returns the lock with the result.
-    #[allow(clippy::too_many_arguments)]
     fn load_into<'a>(
         &'a self,
         mut st: MutexGuard<'a, State<X>>,
         model: &ModelId,
         t: usize,
-        bytes: u64,
-        victims: &[ModelId],
-        source: Option<&Image<X>>,
-        keep_bytes: Option<u64>,
-        hold: Hold,
+        job: LoadJob<'_, X>,
     ) -> (MutexGuard<'a, State<X>>, Result<Obtained<X>, TierError>) {
+        let LoadJob {
+            bytes,
+            victims,
+            source,
+            keep_bytes,
+            hold,
+        } = job;
         let tier = tier_at(t);
         let from = if source.is_some() {
             Tier::Memory

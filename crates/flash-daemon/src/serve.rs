@@ -950,7 +950,7 @@ impl EngineHost {
             .inner
             .daemon
             .tiers()
-            .reserve(Tier::Gpu(gpu), bytes, id)
+            .reserve(Tier::Gpu(gpu), bytes, id, ENGINE_CLIENT)
             .map_err(ServeError::from_tier)?;
         let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
             .map_err(|e| ServeError::from_build(id, e))?;

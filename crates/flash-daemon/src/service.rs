@@ -117,8 +117,9 @@ pub(crate) fn tensors_of(d: &Daemon, model: &ModelId) -> Result<Vec<proto::Tenso
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::SessionEvent, Status>> + Send>>;
 
 impl Daemon {
-    /// The store name of a request's model, checked; NOT_FOUND when absent.
-    pub(crate) fn model(&self, s: &str) -> Result<(ModelName, ModelId), Status> {
+    /// The store name (and rank, `ORG/NAME#R`) of a request's model,
+    /// checked, and the id of its image in the tiers; NOT_FOUND when absent.
+    pub(crate) fn model(&self, s: &str) -> Result<(RankedName, ModelId), Status> {
         let ranked: RankedName = s
             .parse()
             .map_err(|e: flash_store::name::NameError| Status::invalid_argument(e.to_string()))?;
@@ -128,14 +129,14 @@ impl Daemon {
         self.fresh
             .check(&self.tiers, &id)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let name = ranked.name;
-        if !self.store.contains(&name) {
+        let name = &ranked.name;
+        if !self.store.contains(name) {
             return Err(Status::not_found(format!(
                 "model {name} is not in the store (see `flash list`)"
             )));
         }
         if let Some(rank) = ranked.rank {
-            let ranks = self.ranks(&name)?;
+            let ranks = self.ranks(name)?;
             if rank >= ranks {
                 return Err(Status::invalid_argument(if ranks == 1 {
                     format!("{id}: {name} is not split into ranks (`flash pull --tp N`); name it without '#'")
@@ -147,16 +148,17 @@ impl Daemon {
                 }));
             }
         }
-        Ok((name, id))
+        Ok((ranked, id))
     }
 
     /// As [`Daemon::model`], for requests on a model's image in a tier: a
     /// model split into ranks has one image per rank, so the request must
     /// name one.
-    pub(crate) fn model_image(&self, s: &str) -> Result<(ModelName, ModelId), Status> {
-        let (name, id) = self.model(s)?;
-        if id.as_str() == name.to_string() {
-            let ranks = self.ranks(&name)?;
+    pub(crate) fn model_image(&self, s: &str) -> Result<(RankedName, ModelId), Status> {
+        let (ranked, id) = self.model(s)?;
+        if ranked.rank.is_none() {
+            let name = &ranked.name;
+            let ranks = self.ranks(name)?;
             if ranks > 1 {
                 return Err(Status::invalid_argument(format!(
                     "{name} is split into {ranks} tensor-parallel ranks, one image per GPU: \
@@ -165,7 +167,7 @@ impl Daemon {
                 )));
             }
         }
-        Ok((name, id))
+        Ok((ranked, id))
     }
 
     /// How many tensor-parallel ranks `name` is stored as (1: not split).
@@ -306,12 +308,13 @@ impl Flash for Service {
         let d = self.d.clone();
         let r = req.into_inner();
         blocking(move || {
-            let (name, id) = d.model(&r.model)?;
-            let info = d.store.info(&name).map_err(store_status)?;
+            let (ranked, id) = d.model(&r.model)?;
+            let name = &ranked.name;
+            let info = d.store.info(name).map_err(store_status)?;
             let mut out = model_info(&d, info, &id);
             // A split model named without a rank has no one image: its
             // facts only (each rank's with `#R`).
-            let one_image = id.as_str() != name.to_string() || d.ranks(&name)? == 1;
+            let one_image = ranked.rank.is_some() || d.ranks(name)? == 1;
             if one_image {
                 out.image_bytes = d
                     .tiers
@@ -409,15 +412,15 @@ impl Flash for Service {
         let d = self.d.clone();
         let r = req.into_inner();
         blocking(move || {
-            let (name, id) = d.model(&r.model)?;
+            let (ranked, id) = d.model(&r.model)?;
             let tier = if r.tier.is_empty() {
                 None
             } else {
                 Some(d.tier(&r.tier)?)
             };
             // A model named without a rank: its ranks' images too.
-            let freed = if id.as_str() == name.to_string() {
-                d.unload_everywhere(&name, tier)?
+            let freed = if ranked.rank.is_none() {
+                d.unload_everywhere(&ranked.name, tier)?
             } else {
                 d.tiers.unload(&id, tier).map_err(|e| status_of(&e))?
             };
@@ -436,8 +439,9 @@ impl Flash for Service {
         let d = self.d.clone();
         let r = req.into_inner();
         blocking(move || {
-            let (name, id) = d.model(&r.model)?;
-            if id.as_str() != name.to_string() {
+            let (ranked, id) = d.model(&r.model)?;
+            let name = ranked.name;
+            if ranked.rank.is_some() {
                 return Err(Status::invalid_argument(format!(
                     "{id}: remove the model ({name}), not one of its ranks"
                 )));

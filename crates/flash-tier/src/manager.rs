@@ -325,17 +325,18 @@ impl<X: Transfers> TierManager<X> {
     }
 
     /// Reserves `bytes` of `tier`'s budget for memory that is not a copy:
-    /// the buffers (KV cache, activations) of an engine serving `owner`,
-    /// allocated by the caller beside the tier's copies. A reservation is
-    /// never evicted; making room for it evicts copies as a load would, waits
-    /// as a load would for loads in flight, and is refused as a load would
-    /// ([`TierError::NoSpace`] names `owner`). Dropping the
-    /// [`Reservation`] gives the bytes back.
+    /// the buffers (KV cache, activations) of an engine serving `owner` for
+    /// `client`, allocated by the caller beside the tier's copies. A
+    /// reservation is never evicted; making room for it evicts copies, waits
+    /// for loads in flight and other clients' leases, and is refused, as
+    /// [`TierManager::acquire`] for `client` would ([`TierError::NoSpace`]
+    /// names `owner`). Dropping the [`Reservation`] gives the bytes back.
     pub fn reserve(
         &self,
         tier: Tier,
         bytes: u64,
         owner: &ModelId,
+        client: ClientId,
     ) -> Result<Reservation<X>, TierError> {
         let sh = &*self.shared;
         let t = sh.index(tier)?;
@@ -348,13 +349,15 @@ impl<X: Transfers> TierManager<X> {
                     debug!(%owner, %tier, ?victims, "evicted to make room for an engine");
                     break st.tiers[t].reserve(bytes, &victims);
                 }
-                Plan::Wait => {
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    let left = sh.space_wait.saturating_sub(since.elapsed());
-                    if !left.is_zero() {
-                        st.tiers[t].waiting += 1;
-                        st = sh.wait_timeout(st, left);
-                        st.tiers[t].waiting -= 1;
+                Plan::Refuse(Refusal::Full)
+                    if !st.fits_once_others_release(t, bytes, Hold::Lease(client)) =>
+                {
+                    Refusal::Full
+                }
+                Plan::Wait | Plan::Refuse(Refusal::Full) => {
+                    let (guard, more) = sh.wait_for_room(st, t, &mut waiting_since);
+                    st = guard;
+                    if more {
                         continue;
                     }
                     Refusal::Full
@@ -612,9 +615,6 @@ impl<X: Transfers> TierManager<X> {
 }
 
 impl<X: Transfers> State<X> {
-    /// A use of `model` in tier `t`; also refreshes the memory copy behind a
-    /// GPU copy, so that an inclusive memory tier does not see the hottest
-    /// models as the coldest.
     /// Whether `bytes` would fit in tier `t` once every lease of a client
     /// other than the requester (`hold`'s) ended: what stays is kept copies,
     /// reservations and copies the requester leases itself (waiting for
@@ -698,6 +698,9 @@ impl<X: Transfers> State<X> {
         }
     }
 
+    /// A use of `model` in tier `t`; also refreshes the memory copy behind a
+    /// GPU copy, so that an inclusive memory tier does not see the hottest
+    /// models as the coldest.
     fn touch(&mut self, model: &ModelId, t: usize) {
         self.tick += 1;
         let now = Instant::now();
@@ -827,6 +830,26 @@ impl<X: Transfers> State<X> {
 }
 
 impl<X: Transfers> Shared<X> {
+    /// Waits, under `space_wait` counted from the first wait (`since`), for
+    /// a change that may leave room in tier `t`. Returns the lock again,
+    /// and whether there is time left to look once more.
+    fn wait_for_room<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State<X>>,
+        t: usize,
+        since: &mut Option<Instant>,
+    ) -> (MutexGuard<'a, State<X>>, bool) {
+        let first = *since.get_or_insert_with(Instant::now);
+        let left = self.space_wait.saturating_sub(first.elapsed());
+        if left.is_zero() {
+            return (st, false);
+        }
+        st.tiers[t].waiting += 1;
+        st = self.wait_timeout(st, left);
+        st.tiers[t].waiting -= 1;
+        (st, true)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<X>> {
         // No code outside this crate runs under the lock, and the state is
         // consistent between statements, so a poisoned lock is still usable.
@@ -1008,21 +1031,13 @@ impl<X: Transfers> Shared<X> {
                 Plan::Fits => Vec::new(),
                 Plan::Evict(v) => v,
                 Plan::Wait if want.wait_for_space => {
-                    let since = *waiting_since.get_or_insert_with(Instant::now);
-                    let left = self.space_wait.saturating_sub(since.elapsed());
-                    if left.is_zero() {
-                        break Err(st.refusal(
-                            model,
-                            t,
-                            bytes,
-                            Refusal::Full,
-                            Some(since.elapsed()),
-                        ));
+                    let (guard, more) = self.wait_for_room(st, t, &mut waiting_since);
+                    st = guard;
+                    if more {
+                        continue;
                     }
-                    st.tiers[t].waiting += 1;
-                    st = self.wait_timeout(st, left);
-                    st.tiers[t].waiting -= 1;
-                    continue;
+                    let waited = waiting_since.map(|s| s.elapsed());
+                    break Err(st.refusal(model, t, bytes, Refusal::Full, waited));
                 }
                 Plan::Wait => {
                     break Err(st.refusal(model, t, bytes, Refusal::Full, None));

@@ -767,7 +767,7 @@ fn reservations_count_in_the_budget_evict_copies_and_are_refused_by_name() {
     drop(r.mgr.acquire(&m("a"), GPU, C1).unwrap());
     drop(r.mgr.acquire(&m("b"), GPU, C1).unwrap());
     // 100 free: an engine of 250 evicts the least recently used copy (a).
-    let engine = r.mgr.reserve(GPU, 250, &m("b")).unwrap();
+    let engine = r.mgr.reserve(GPU, 250, &m("b"), C1).unwrap();
     assert_eq!((engine.bytes(), engine.tier()), (250, GPU));
     assert_eq!(r.mgr.locate(&m("a")), [MEM], "a evicted from the GPU");
     let gpu = r.mgr.status().tier(GPU).unwrap().clone();
@@ -776,8 +776,14 @@ fn reservations_count_in_the_budget_evict_copies_and_are_refused_by_name() {
     // The reservation is never evicted: c fits only by evicting b.
     let lc = r.mgr.acquire(&m("c"), GPU, C2).unwrap();
     assert_eq!(r.mgr.locate(&m("b")), [MEM]);
-    // Now 250 reserved + 200 leased: nothing can make room for another 250.
-    let e = r.mgr.reserve(GPU, 250, &m("c")).unwrap_err();
+    // Now 250 reserved + 200 leased by C2 itself: nothing can make room for
+    // another 250 of C2's, so it is refused at once...
+    let started = Instant::now();
+    let e = r.mgr.reserve(GPU, 250, &m("c"), C2).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(40),
+        "without waiting"
+    );
     let TierError::NoSpace(ns) = &e else {
         panic!("{e}")
     };
@@ -787,9 +793,15 @@ fn reservations_count_in_the_budget_evict_copies_and_are_refused_by_name() {
     );
     assert_eq!(ns.reserved, 250);
     assert!(e.to_string().contains("250 B reserved for engines"), "{e}");
+    // ... while C1's request waits for C2's lease, then is refused.
+    let e = r.mgr.reserve(GPU, 250, &m("a"), C1).unwrap_err();
+    assert!(
+        matches!(&e, TierError::NoSpace(ns) if ns.waited_ms.is_some_and(|ms| ms >= 50)),
+        "{e}"
+    );
     // More than the whole budget: refused at once.
     assert!(matches!(
-        r.mgr.reserve(GPU, 501, &m("c")),
+        r.mgr.reserve(GPU, 501, &m("c"), C2),
         Err(TierError::TooLarge { .. })
     ));
     drop(lc);

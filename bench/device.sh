@@ -22,7 +22,8 @@
 #   ttft    time to first token of `flash run` through the daemon
 #           (GPU-resident, memory tier, cold from disk), in-process cold from
 #           disk (--no-daemon) and of transformers; cold runs alternate with
-#           the cold load (TTFT_ROUNDS rounds, default 3); TTFT_DAEMON=0 runs
+#           the cold load (TTFT_ROUNDS rounds, default 3; TTFT_TRANSFORMERS=0
+#           leaves out transformers' TTFT); TTFT_DAEMON=0 runs
 #           only the in-process cold runs and the load, no daemon started;
 #   first   first requests: `flash run` on a freshly started daemon with the
 #           8B in memory or on the GPU, and the SDK's first load_model in a
@@ -322,7 +323,8 @@ fi
 # COLD_ROUNDS rounds (default 5) with the order rotated each round: the
 # safetensors folder and the flash format with the loader's defaults, plus
 # the safetensors folder with each of COLD_PATTERNS (default: the disk
-# stage's best two). Per-round times and the median ratio at the end.
+# stage's best two) and the flash format with each of COLD_FLAGS (flags of
+# `flash bench`). Per-round times and the median ratio at the end.
 cold_stage() { # cold_stage MODEL...
     for model in "$@"; do
         dir=${DIRS[$model]:-}
@@ -331,13 +333,21 @@ cold_stage() { # cold_stage MODEL...
         [ -n "${STORE[$model]:-}" ] && contenders+=("flash:${STORE[$model]}")
         [ -n "${STORE[$model-packed]:-}" ] && contenders+=("flash:${STORE[$model-packed]}")
         for p in ${COLD_PATTERNS:-${BEST_PATTERNS:-}}; do contenders+=("flash:$dir:$p"); done
+        # COLD_FLAGS: "NAME=FLAG,FLAG ..." (e.g. s16=--staging-size=16M,--chunk-size=16M),
+        # each a contender on the flash format labelled flash-format@NAME.
+        if [ -n "${STORE[$model]:-}" ]; then
+            for f in ${COLD_FLAGS:-}; do contenders+=("flags:${STORE[$model]}:$f"); done
+        fi
         n=${#contenders[@]}
         for round in $(seq 1 "${COLD_ROUNDS:-5}"); do
             if ! in_budget; then skip "cold $model round $round"; continue; fi
             log "== cold $model round $round"
             for k in $(seq 0 $((n - 1))); do
                 c=${contenders[$(((round + k) % n))]}
-                IFS=: read -r kind target pattern <<<"$c"
+                # KIND:TARGET:REST, REST a read pattern (flash) or NAME=FLAGS (flags).
+                IFS=: read -r kind target rest <<<"$c"
+                pattern=; flags=
+                if [ "$kind" = flags ]; then flags=$rest; else pattern=$rest; fi
                 if [ "$kind" = peer ]; then
                     run_peer "$target" "$dir" "$model" cold | python3 -c '
 import json, sys
@@ -350,6 +360,10 @@ for l in sys.stdin:
                     [[ "$target" == *-packed ]] && label=flash-compressed
                     extra=()
                     if [ -n "$pattern" ]; then extra=(--pattern "$pattern"); label="$label@$pattern"; fi
+                    if [ -n "$flags" ]; then
+                        IFS=, read -r -a extra <<<"${flags#*=}"
+                        label="$label@${flags%%=*}"
+                    fi
                     python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
                     timeout "$PEER_TIMEOUT" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
                         --loader flash "${extra[@]}" --json 2>"$OUT/flash.err" | tag "$label" "$model" cold |
@@ -540,8 +554,10 @@ if stage ttft && [ -n "$M8" ] && [ "${TTFT_DAEMON:-1}" = 0 ]; then
     done
 elif stage ttft && [ -n "$M8" ]; then
     if true; then
-        log "== TTFT: transformers (python -c start, from_pretrained, generate)"
-        python3 bench/ttft.py transformers --model-dir "$D8" --label qwen3-8b --scenario warm --card "$CARD" | json_lines ttft
+        if [ "${TTFT_TRANSFORMERS:-1}" = 1 ]; then
+            log "== TTFT: transformers (python -c start, from_pretrained, generate)"
+            python3 bench/ttft.py transformers --model-dir "$D8" --label qwen3-8b --scenario warm --card "$CARD" | json_lines ttft
+        fi
         log "== TTFT: flash run through the daemon (GPU-resident, memory tier, cold from disk)"
         "$FLASH" start --mem-pool 20G --http 127.0.0.1:7777 && {
             # Warm-up: builds the GPU engine once (kernels from the on-disk cache);
@@ -601,6 +617,8 @@ if stage first && [ -n "$M8" ] && [[ " $FIRST_PARTS " == *" run "* ]]; then
 for l in sys.stdin:
     if l.startswith("{"):
         d=json.loads(l); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$i" | json_lines first
+            # Where the daemon's time went: its warm-up, the engine's build.
+            grep -a "GPU prepared\|GPU engine built" "$FLASH_HOME/daemon.log" | tail -2
         done
     done
     "$FLASH" stop >/dev/null 2>&1

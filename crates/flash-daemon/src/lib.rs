@@ -23,6 +23,8 @@
 //!   one request at a time each) and the OpenAI-compatible HTTP API on them
 //!   (`/v1/models`, `/v1/completions`, `/v1/chat/completions`), added to the
 //!   HTTP listener by passing [`openai::routes`] to [`run`].
+//! - `text`: each served model's config and tokenizer, parsed once per
+//!   version, ahead of its first request when it is put in a tier.
 //! - [`tiers`]: the [`TierBackend`](flash_tier::TierBackend)s of the memory
 //!   tier ([`HostMemory`], images carved from one shared, pinned-once host
 //!   pool) and of each GPU ([`GpuMemory`]), the byte movers of the store's
@@ -44,6 +46,7 @@ pub mod openai;
 pub mod serve;
 pub mod server;
 mod service;
+mod text;
 pub mod tiers;
 
 /// The HTTP router type that [`run`] takes extra routes as.

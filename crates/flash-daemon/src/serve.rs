@@ -456,7 +456,7 @@ enum EngineKind {
 /// A model's engine: tokenizer, template and backend with its KV cache.
 struct Engine {
     cfg: ModelConfig,
-    tok: TextTokenizer,
+    tok: Arc<TextTokenizer>,
     kind: EngineKind,
     /// The model's epoch it was built at (`DaemonHandle::fresh`): another
     /// epoch means the store replaced the model since, and the engine's
@@ -488,8 +488,9 @@ struct HostInner {
 /// Prepares, once and in the background from the daemon's start, what the
 /// first request on each GPU would otherwise pay for: the decoder of
 /// compressed models and the engine's kernels (from the kernel cache, or
-/// compiled), and cuBLAS's libraries (hundreds of MB read from disk on a
-/// cold start; the process keeps them loaded). Building an engine then
+/// compiled), cuBLAS's libraries (hundreds of MB read from disk on a cold
+/// start; the process keeps them loaded) and its kernels for the GEMMs of a
+/// prefill ([`flash_kernels::blas::Blas::warm_up`]). Building an engine then
 /// costs its own buffers and a cuBLAS handle. Failures are logged: the
 /// request that needs the piece makes it and reports why it cannot.
 pub fn warm_up(daemon: &DaemonHandle) {
@@ -510,9 +511,10 @@ pub fn warm_up(daemon: &DaemonHandle) {
                 let cache = flash_kernels::default_kernel_cache(Some(daemon.home()));
                 let kernels = flash_kernels::ops::Kernels::load(&gpu, cache.as_deref())
                     .map(|k| k.info().cache_hit);
-                let blas = gpu
-                    .stream()
-                    .and_then(|s| flash_kernels::blas::Blas::new(&s).map(drop));
+                let blas = gpu.stream().and_then(|s| {
+                    let blas = flash_kernels::blas::Blas::new(&s)?;
+                    blas.warm_up()
+                });
                 tracing::info!(
                     gpu = gpu.ordinal(),
                     decoder = decoder_ok,
@@ -757,6 +759,10 @@ impl EngineHost {
         if slot_engine.as_ref().is_some_and(|e| e.epoch != epoch) {
             *slot_engine = None;
         }
+        if slot_engine.is_none() {
+            // The tokenizer parses while the weights are made resident.
+            self.inner.daemon.prefetch_text(&id, epoch);
+        }
         let mut resident_s = 0.0;
         let mut engine_s = 0.0;
         let mut served_from = String::from("engine");
@@ -844,25 +850,21 @@ impl EngineHost {
         Ok(())
     }
 
-    fn model_dir(&self, id: &ModelId) -> Result<std::path::PathBuf, ServeError> {
-        let name: ModelName = id
-            .as_str()
-            .parse()
-            .map_err(|e: flash_store::name::NameError| ServeError::NotFound(e.to_string()))?;
-        self.inner
+    /// `id`'s config and tokenizer at `epoch` (parsed ahead when they could
+    /// be, see [`crate::text`]).
+    fn text_parts(
+        &self,
+        id: &ModelId,
+        epoch: u64,
+    ) -> Result<(ModelConfig, Arc<TextTokenizer>), ServeError> {
+        let t = Instant::now();
+        let parts = self
+            .inner
             .daemon
-            .tiers()
-            .transfers()
-            .store()
-            .existing(&name)
-            .map_err(|e| ServeError::NotFound(e.to_string()))
-    }
-
-    fn text_parts(&self, id: &ModelId) -> Result<(ModelConfig, TextTokenizer), ServeError> {
-        let dir = self.model_dir(id)?;
-        let cfg = ModelConfig::from_dir(&dir).map_err(|e| ServeError::Internal(e.to_string()))?;
-        let tok = TextTokenizer::from_dir(&dir).map_err(|e| ServeError::Internal(e.to_string()))?;
-        Ok((cfg, tok))
+            .text_parts(id, epoch)
+            .map_err(ServeError::Internal)?;
+        tracing::debug!(model = %id, waited_s = t.elapsed().as_secs_f64(), "text side ready");
+        Ok((parts.cfg.clone(), parts.tok.clone()))
     }
 
     /// The CPU engine of `id` from its memory-tier copy (converted to f32).
@@ -872,7 +874,7 @@ impl EngineHost {
         lease: &Lease<StoreTransfers>,
         epoch: u64,
     ) -> Result<Engine, ServeError> {
-        let (cfg, tok) = self.text_parts(id)?;
+        let (cfg, tok) = self.text_parts(id, epoch)?;
         let Some(image) = lease.memory() else {
             return Err(ServeError::Internal(format!(
                 "the memory lease of {id} has no buffer"
@@ -940,7 +942,9 @@ impl EngineHost {
         gpu: u16,
         epoch: u64,
     ) -> Result<Engine, ServeError> {
-        let (cfg, tok) = self.text_parts(id)?;
+        let t0 = Instant::now();
+        let (cfg, tok) = self.text_parts(id, epoch)?;
+        let text_s = t0.elapsed().as_secs_f64();
         // The engine's buffers come out of the GPU tier's budget, like the
         // copies beside it: room is made (idle copies evicted) or the
         // request is refused with what holds the tier, before any
@@ -952,9 +956,18 @@ impl EngineHost {
             .tiers()
             .reserve(Tier::Gpu(gpu), bytes, id, ENGINE_CLIENT)
             .map_err(ServeError::from_tier)?;
+        let t1 = Instant::now();
         let engine = GpuEngine::with_weights(cfg.clone(), weights, &self.inner.gpu_opts)
             .map_err(|e| ServeError::from_build(id, e))?;
-        tracing::info!(model = %id, gpu, reserved = bytes, "GPU engine built");
+        tracing::info!(
+            model = %id,
+            gpu,
+            reserved = bytes,
+            text_s,
+            room_s = (t1 - t0).as_secs_f64() - text_s,
+            engine_s = t1.elapsed().as_secs_f64(),
+            "GPU engine built"
+        );
         Ok(Engine {
             cfg,
             tok,

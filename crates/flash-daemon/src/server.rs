@@ -15,11 +15,12 @@ use crate::fresh::Freshness;
 use crate::home;
 use crate::metrics::{self, Histograms};
 use crate::service::Service;
+use crate::text::{TextCache, TextParts};
 use crate::tiers::{build_tiers_with, HostMemory, SetupError, TierConfig, Tiers};
 use flash_client::proto::flash_server::FlashServer;
 use flash_client::{AUTH_HEADER, SOCKET_FILE};
 use flash_load::LoadOptions;
-use flash_store::{Store, StoreError};
+use flash_store::{ModelName, Store, StoreError};
 use flash_sys::cuda::{self, Cuda};
 use flash_tier::{ModelId, Tier};
 use std::collections::{HashMap, HashSet};
@@ -124,6 +125,19 @@ impl DaemonHandle {
             .check(&self.inner.tiers, model)
             .map_err(|e| e.to_string())
     }
+
+    /// The config and tokenizer of `model` at `epoch` (see [`crate::text`]):
+    /// cached, waited for when a parse is in flight, else parsed now.
+    pub fn text_parts(&self, model: &ModelId, epoch: u64) -> Result<Arc<TextParts>, String> {
+        let dir = self.inner.model_dir(model)?;
+        self.inner.text.get(model, epoch, &dir)
+    }
+
+    /// Starts parsing `model`'s config and tokenizer in the background
+    /// unless they are cached or being parsed.
+    pub fn prefetch_text(&self, model: &ModelId, epoch: u64) {
+        self.inner.prefetch_text(model, epoch);
+    }
 }
 
 /// The daemon's state shared by every request.
@@ -150,9 +164,28 @@ pub(crate) struct Daemon {
     pub memory_pinned: bool,
     /// Which version of each model the tiers' copies and the engines hold.
     pub(crate) fresh: Freshness,
+    /// Each served model's config and tokenizer, parsed ahead of requests.
+    pub(crate) text: TextCache,
 }
 
 impl Daemon {
+    /// The store folder of the plain (unranked) model `model`.
+    pub(crate) fn model_dir(&self, model: &ModelId) -> Result<PathBuf, String> {
+        let name: ModelName = model
+            .as_str()
+            .parse()
+            .map_err(|e: flash_store::name::NameError| e.to_string())?;
+        self.store.existing(&name).map_err(|e| e.to_string())
+    }
+
+    /// [`DaemonHandle::prefetch_text`]; a model not in the store is skipped
+    /// (its request reports that).
+    pub(crate) fn prefetch_text(&self, model: &ModelId, epoch: u64) {
+        if let Ok(dir) = self.model_dir(model) {
+            self.text.prefetch(model, epoch, dir);
+        }
+    }
+
     /// Records a request's latency (acquire, fill) by tier and source.
     pub(crate) fn observe(&self, tier: Tier, from: Tier, seconds: f64) {
         self.switch
@@ -225,6 +258,7 @@ fn serve(
         memory_shareable,
         memory_pinned,
         fresh: Freshness::default(),
+        text: TextCache::default(),
     });
     let handle = DaemonHandle {
         inner: daemon.clone(),

@@ -350,8 +350,16 @@ impl Flash for Service {
         let r = req.into_inner();
         let res = blocking(move || {
             let t0 = Instant::now();
-            let (_, id) = d.model_image(&r.model)?;
+            let (ranked, id) = d.model_image(&r.model)?;
             let tier = d.tier(&r.tier)?;
+            if ranked.rank.is_none() && !d.http.is_empty() {
+                // A model put in a tier is about to be served: its tokenizer
+                // parses while it loads, so that a request sent as soon as
+                // the load returns finds it ready.
+                if let Ok(epoch) = d.fresh.check(&d.tiers, &id) {
+                    d.prefetch_text(&id, epoch);
+                }
+            }
             let l = d.tiers.load(&id, tier, r.keep).map_err(|e| status_of(&e))?;
             if r.keep {
                 // `load` keeps an existing mark; make sure it is set.

@@ -80,4 +80,45 @@ impl Blas {
         self.handle
             .gemm_bf16(&x, &w, &y, out == OutType::F32, m, n, k, accumulate)
     }
+
+    /// Runs the GEMMs an engine's first prefill runs (bf16 outputs, f32
+    /// outputs added to a residual, f32 logits; a few prompt lengths; the
+    /// widths of an 8B-class layer) on scratch memory, and waits for them.
+    /// cuBLAS loads its kernels and builds its heuristics' state lazily, on
+    /// the first GEMM of each kind in the process: about 0.1 s that the
+    /// first request of a fresh process would otherwise pay. The scratch
+    /// (under 150 MiB) is freed before this returns; its contents are
+    /// whatever the allocator left (only the kernels' loading matters).
+    pub fn warm_up(&self) -> Result<(), CudaError> {
+        const WIDTH: usize = 4096;
+        const INNER: usize = 3 * WIDTH;
+        const TOKENS: [usize; 4] = [1, 8, 32, 256];
+        let gpu = self.stream().gpu();
+        let max_m = TOKENS[TOKENS.len() - 1];
+        let x = gpu.alloc(max_m * INNER * 2)?;
+        let w = gpu.alloc(INNER * WIDTH * 2)?;
+        let y = gpu.alloc(max_m * INNER * 4)?;
+        // (n, k): attention and MLP projections in, the MLP's projection out.
+        for (n, k) in [(WIDTH, WIDTH), (INNER, WIDTH), (WIDTH, INNER)] {
+            for m in TOKENS {
+                for (out, accumulate) in [
+                    (OutType::Bf16, false),
+                    (OutType::F32, true),
+                    (OutType::F32, false),
+                ] {
+                    self.gemm(
+                        DevView::new(&x, 0, m * k * 2)?,
+                        DevView::new(&w, 0, n * k * 2)?,
+                        DevView::new(&y, 0, m * n * out.size())?,
+                        out,
+                        m,
+                        n,
+                        k,
+                        accumulate,
+                    )?;
+                }
+            }
+        }
+        self.stream().synchronize()
+    }
 }

@@ -4,7 +4,7 @@
 use crate::backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
 use crate::error::{Holder, NoSpace, TierError};
 use crate::ledger::{Flight, Ledger, Plan, Refusal, Slot};
-use crate::status::{ModelReport, ModelState, TierReport, TierStatus};
+use crate::status::{ModelReport, ModelState, TierCounters, TierReport, TierStatus};
 use crate::types::{fmt_bytes, ClientId, LeaseId, ModelId, Tier};
 use std::collections::HashMap;
 use std::fmt;
@@ -199,6 +199,16 @@ enum Count {
     Hit,
     Coalesced,
     Miss,
+}
+
+impl Count {
+    fn add_to(self, c: &mut TierCounters) {
+        match self {
+            Count::Hit => c.hits += 1,
+            Count::Coalesced => c.coalesced += 1,
+            Count::Miss => c.misses += 1,
+        }
+    }
 }
 
 enum Found {
@@ -775,6 +785,31 @@ impl<X: Transfers> State<X> {
         v
     }
 
+    /// How room for `bytes` of `model` in tier `t` can be made, or the
+    /// refusal. Copies leased by other clients are given back within a
+    /// request's time: a request that may wait for space (a serving daemon)
+    /// queues behind them, up to `space_wait`, rather than being refused.
+    fn plan_room(
+        &self,
+        model: &ModelId,
+        t: usize,
+        bytes: u64,
+        want: &Want,
+        waiting_since: Option<Instant>,
+    ) -> Result<Plan, TierError> {
+        match self.tiers[t].plan(bytes) {
+            Plan::Refuse(Refusal::Full)
+                if want.wait_for_space && self.fits_once_others_release(t, bytes, want.hold) =>
+            {
+                Ok(Plan::Wait)
+            }
+            Plan::Refuse(why) => {
+                Err(self.refusal(model, t, bytes, why, waiting_since.map(|s| s.elapsed())))
+            }
+            plan => Ok(plan),
+        }
+    }
+
     /// The error for a request of `bytes` in tier `t` that cannot be met.
     fn refusal(
         &self,
@@ -928,60 +963,14 @@ impl<X: Transfers> Shared<X> {
             return Err(st.refusal(model, t, 0, Refusal::Disabled, None));
         }
         let result = loop {
-            let found = match st.tiers[t].get(model).map(|e| &e.slot) {
-                Some(Slot::Ready(r)) => Found::Ready(r.from),
-                Some(Slot::Loading(l)) => Found::Loading(l.flight.clone(), l.from),
-                None => Found::Absent,
-            };
-            match found {
-                Found::Ready(from) => {
-                    // Found on arrival: a hit. Found after a gap (sizing,
-                    // filling memory, waiting for room): another request
-                    // loaded it meanwhile, as if we had waited for its load.
-                    let (c, served_from) = if first_look {
-                        (Count::Hit, tier)
-                    } else {
-                        (Count::Coalesced, from)
-                    };
-                    count = c;
-                    st.touch(model, t);
-                    let (image, lease, bytes) = st.hold(model, t, want.hold);
-                    break Ok(Obtained {
-                        image,
-                        lease,
-                        bytes,
-                        served_from,
-                    });
-                }
-                Found::Loading(flight, from) => {
-                    count = Count::Coalesced;
-                    if let Some(src) = source.take() {
-                        // Someone else is loading this copy: our source is not needed.
-                        st.unpin(model, MEMORY, src.image);
-                        self.changed.notify_all();
-                    }
-                    st.tiers[t].loading_mut(model).expect("loading").waiters += 1;
-                    while flight.outcome.get().is_none() {
-                        st = self.wait(st);
-                    }
-                    match flight.outcome.get().expect("outcome set") {
-                        Ok(()) => {
-                            // The loader left a pin for us: the copy is there.
-                            st.tiers[t].ready_mut(model).expect("pinned for us").pins -= 1;
-                            st.touch(model, t);
-                            let (image, lease, bytes) = st.hold(model, t, want.hold);
-                            break Ok(Obtained {
-                                image,
-                                lease,
-                                bytes,
-                                served_from: from,
-                            });
-                        }
-                        Err(e) => break Err(e.clone()),
-                    }
-                }
-                Found::Absent => first_look = false,
+            let (guard, existing) =
+                self.join_existing(st, model, t, want.hold, first_look, &mut source);
+            st = guard;
+            if let Some((result, c)) = existing {
+                count = c;
+                break result;
             }
+            first_look = false;
             if !want.may_load {
                 break Err(TierError::NotResident {
                     model: model.clone(),
@@ -1000,20 +989,10 @@ impl<X: Transfers> Shared<X> {
                     Err(e) => break Err(e),
                 }
             };
-            let plan = match st.tiers[t].plan(bytes) {
-                // Copies leased by other clients are given back within a
-                // request's time: a serving daemon queues behind them (up
-                // to `space_wait`) rather than refusing.
-                Plan::Refuse(Refusal::Full)
-                    if want.wait_for_space && st.fits_once_others_release(t, bytes, want.hold) =>
-                {
-                    Plan::Wait
-                }
-                plan => plan,
+            let plan = match st.plan_room(model, t, bytes, &want, waiting_since) {
+                Ok(plan) => plan,
+                Err(e) => break Err(e),
             };
-            if let Plan::Refuse(why) = plan {
-                break Err(st.refusal(model, t, bytes, why, waiting_since.map(|s| s.elapsed())));
-            }
             if t != MEMORY && !tried_memory {
                 tried_memory = true;
                 if st.tiers[MEMORY].budget > 0 {
@@ -1055,18 +1034,90 @@ impl<X: Transfers> Shared<X> {
             st = guard;
             break loaded;
         };
-        let c = &mut st.tiers[t].counters;
-        match count {
-            Count::Hit => c.hits += 1,
-            Count::Coalesced => c.coalesced += 1,
-            Count::Miss => c.misses += 1,
-        }
+        count.add_to(&mut st.tiers[t].counters);
         if let Some(src) = source {
             st.unpin(model, MEMORY, src.image);
             self.changed.notify_all();
         }
         drop(st);
         result
+    }
+
+    /// Takes what tier `t` already has of `model`: a ready copy, held as
+    /// `hold`, or a load in flight, waited for (dropping `source`, the pin
+    /// on a memory copy this request no longer needs) and then held.
+    /// Returns the lock, and the request's result with how it counts, or
+    /// `None` when the tier has neither.
+    #[allow(clippy::type_complexity)]
+    fn join_existing<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State<X>>,
+        model: &ModelId,
+        t: usize,
+        hold: Hold,
+        first_look: bool,
+        source: &mut Option<Obtained<X>>,
+    ) -> (
+        MutexGuard<'a, State<X>>,
+        Option<(Result<Obtained<X>, TierError>, Count)>,
+    ) {
+        let found = match st.tiers[t].get(model).map(|e| &e.slot) {
+            Some(Slot::Ready(r)) => Found::Ready(r.from),
+            Some(Slot::Loading(l)) => Found::Loading(l.flight.clone(), l.from),
+            None => Found::Absent,
+        };
+        let outcome = match found {
+            Found::Absent => None,
+            Found::Ready(from) => {
+                // Found on arrival: a hit. Found after a gap (sizing,
+                // filling memory, waiting for room): another request
+                // loaded it meanwhile, as if we had waited for its load.
+                let (count, served_from) = if first_look {
+                    (Count::Hit, tier_at(t))
+                } else {
+                    (Count::Coalesced, from)
+                };
+                st.touch(model, t);
+                let (image, lease, bytes) = st.hold(model, t, hold);
+                Some((
+                    Ok(Obtained {
+                        image,
+                        lease,
+                        bytes,
+                        served_from,
+                    }),
+                    count,
+                ))
+            }
+            Found::Loading(flight, from) => {
+                if let Some(src) = source.take() {
+                    // Someone else is loading this copy: our source is not needed.
+                    st.unpin(model, MEMORY, src.image);
+                    self.changed.notify_all();
+                }
+                st.tiers[t].loading_mut(model).expect("loading").waiters += 1;
+                while flight.outcome.get().is_none() {
+                    st = self.wait(st);
+                }
+                let result = match flight.outcome.get().expect("outcome set") {
+                    Ok(()) => {
+                        // The loader left a pin for us: the copy is there.
+                        st.tiers[t].ready_mut(model).expect("pinned for us").pins -= 1;
+                        st.touch(model, t);
+                        let (image, lease, bytes) = st.hold(model, t, hold);
+                        Ok(Obtained {
+                            image,
+                            lease,
+                            bytes,
+                            served_from: from,
+                        })
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                Some((result, Count::Coalesced))
+            }
+        };
+        (st, outcome)
     }
 
     /// For a GPU load of `model`: the memory tier's copy as its source (a

@@ -137,3 +137,31 @@ fn requests_swap_models_through_the_tiers() {
         "{e}"
     );
 }
+
+/// `flash load` of a model parses its tokenizer while the weights load, so
+/// that the first request finds it ready (the daemon logs the parse); a
+/// request then generates as before.
+#[test]
+fn load_parses_the_tokenizer_ahead_of_the_first_request() {
+    let h = Home::new(1);
+    h.start(&[]);
+    let m = &h.models[0];
+    ok("flash load", flash(&h.path, &["load", m, "--memory"]));
+    let log = h.path.join(flash_daemon::LOG_FILE);
+    let want = format!("tokenizer parsed ahead of the first request model={m}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {want:?} in the daemon's log:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = h.run(m, "Hello there", &[]);
+    assert_eq!(r["via"], "daemon", "{r}");
+    assert!(!r["token_ids"].as_array().unwrap().is_empty(), "{r}");
+}

@@ -97,8 +97,11 @@ impl TextCache {
         }
         let spawned = std::thread::Builder::new()
             .name("flash-text".into())
-            .spawn(move || {
-                parse.get_or_init(|| parse_logged(&dir));
+            .spawn({
+                let model = model.clone();
+                move || {
+                    parse.get_or_init(|| parse_logged(&model, &dir));
+                }
             });
         if let Err(e) = spawned {
             // The request that needs the parts parses them itself.
@@ -122,18 +125,18 @@ fn parse(dir: &Path) -> Result<Arc<TextParts>, String> {
     }))
 }
 
-fn parse_logged(dir: &Path) -> Result<Arc<TextParts>, String> {
+fn parse_logged(model: &ModelId, dir: &Path) -> Result<Arc<TextParts>, String> {
     let t = std::time::Instant::now();
     let r = parse(dir);
     match &r {
-        Ok(_) => tracing::debug!(
-            dir = %dir.display(),
+        Ok(_) => tracing::info!(
+            %model,
             seconds = t.elapsed().as_secs_f64(),
             "tokenizer parsed ahead of the first request"
         ),
         // Not every stored model is a language model the engine can run;
         // a request for it reports this error.
-        Err(e) => tracing::debug!(dir = %dir.display(), "no text side: {e}"),
+        Err(e) => tracing::debug!(%model, "no text side: {e}"),
     }
     r
 }

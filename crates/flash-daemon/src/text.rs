@@ -19,7 +19,7 @@ use flash_engine::{ModelConfig, TextTokenizer};
 use flash_tier::ModelId;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Models whose text side is kept parsed (a Qwen3 tokenizer holds tens of
@@ -33,11 +33,16 @@ pub struct TextParts {
 }
 
 /// A parse, done or in flight: the first caller runs it, the others wait.
-type Parse = Arc<OnceLock<Result<Arc<TextParts>, String>>>;
+#[derive(Default)]
+struct Parse {
+    result: OnceLock<Result<Arc<TextParts>, String>>,
+    /// Set by the first prefetch, so that a second one starts no thread.
+    prefetched: AtomicBool,
+}
 
 struct Entry {
     epoch: u64,
-    parse: Parse,
+    parse: Arc<Parse>,
     used: u64,
 }
 
@@ -51,14 +56,14 @@ pub(crate) struct TextCache {
 impl TextCache {
     /// The parse of `model` at `epoch`: the cached one, or a new (empty)
     /// one replacing an older epoch's.
-    fn parse_of(&self, model: &ModelId, epoch: u64) -> Parse {
+    fn parse_of(&self, model: &ModelId, epoch: u64) -> Arc<Parse> {
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = entries.get_mut(model).filter(|e| e.epoch == epoch) {
             e.used = now;
             return e.parse.clone();
         }
-        let parse = Parse::default();
+        let parse = Arc::new(Parse::default());
         entries.insert(
             model.clone(),
             Entry {
@@ -84,6 +89,7 @@ impl TextCache {
     /// `dir`), parsed now unless cached or in flight (then waited for).
     pub fn get(&self, model: &ModelId, epoch: u64, dir: &Path) -> Result<Arc<TextParts>, String> {
         self.parse_of(model, epoch)
+            .result
             .get_or_init(|| parse(dir))
             .clone()
     }
@@ -92,7 +98,7 @@ impl TextCache {
     /// is cached or in flight; returns at once.
     pub fn prefetch(&self, model: &ModelId, epoch: u64, dir: PathBuf) {
         let parse = self.parse_of(model, epoch);
-        if parse.get().is_some() {
+        if parse.result.get().is_some() || parse.prefetched.swap(true, Ordering::Relaxed) {
             return;
         }
         let spawned = std::thread::Builder::new()
@@ -100,7 +106,7 @@ impl TextCache {
             .spawn({
                 let model = model.clone();
                 move || {
-                    parse.get_or_init(|| parse_logged(&model, &dir));
+                    parse.result.get_or_init(|| parse_logged(&model, &dir));
                 }
             });
         if let Err(e) = spawned {

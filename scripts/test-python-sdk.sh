@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python SDK's tests: builds the abi3 wheel with maturin (the
-# `flash` binary bundled), installs it into a fresh venv of CPython 3.11 and
+# `flash` binary bundled), installs it into an environment of CPython 3.11
+# (made once per machine, scripts/ci-env.sh) and
 # runs tests/python_sdk against a real daemon on the CPU (numpy only, no
 # torch), then installs the same wheel into CPython 3.12 and runs the suite
 # again when that interpreter is present. Called by scripts/test.sh after the
@@ -20,9 +21,9 @@ cargo test -q --workspace --no-run --locked
 # times smaller without debug info, and the wheel is zipped).
 strip -o target/flash-for-wheel target/debug/flash
 
-venv=target/sdk-venv
-python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -r tests/python_sdk/requirements.txt
+# maturin and the suite's packages, in an environment made once per machine.
+source scripts/ci-env.sh
+venv=$(ci_env sdk python3 tests/python_sdk/requirements.txt)
 
 echo "== python sdk: maturin build"
 # maturin compiles flash-py alone; with the workspace's features it reuses
@@ -31,21 +32,20 @@ bash scripts/check-wheel-features.sh
 rm -rf target/sdk-wheels
 # Debug profile: reuses what `cargo test` built; --strip keeps the wheel small.
 (cd python && FLASHTENSORS_FLASH_BIN="$PWD/../target/flash-for-wheel" \
-    "../$venv/bin/maturin" build --strip -i "../$venv/bin/python" --out ../target/sdk-wheels)
+    "$venv/bin/maturin" build --strip -i "$venv/bin/python" --out ../target/sdk-wheels)
 wheel=$(ls target/sdk-wheels/flashtensors-*-abi3-*.whl)
 
+# run_suite ENV: the wheel of this checkout into ENV (an environment of
+# ci_env with the suite's packages), then the suite.
 run_suite() {
-    local py=$1 env=$2
-    "$py" -m venv "$env"
-    "$env/bin/python" -m pip install -q --disable-pip-version-check \
-        pytest numpy safetensors ml_dtypes
+    local env=$1
     "$env/bin/python" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel"
     echo "== python sdk: pytest ($("$env/bin/python" --version))"
     # FLASH_BIN unset: the SDK must use the binary bundled in the wheel.
     env -u FLASH_BIN -u FLASH_HOME "$env/bin/python" -m pytest -q -p no:cacheprovider tests/python_sdk
 }
 
-run_suite python3 "$venv"
+run_suite "$venv"
 # The same abi3 wheel on CPython 3.12, where one is installed (pyenv or PATH).
 py312=""
 for c in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
@@ -55,7 +55,7 @@ for c in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; d
     fi
 done
 if [ -n "$py312" ]; then
-    run_suite "$py312" target/sdk-venv-312
+    run_suite "$(ci_env sdk-suite "$py312" pytest numpy safetensors ml_dtypes)"
 else
     echo "== python sdk: no CPython 3.12 here, the 3.11 run stands for the abi3 wheel"
 fi

@@ -3,7 +3,8 @@
 # (warnings denied), the Rust tests, the CUDA kernels compiled by NVRTC, then
 # the Python compatibility tests that check flash against the reference
 # safetensors/tokenizers/transformers packages, the SDK's tests and vLLM.
-# Installs what it needs (Python packages into target/pyenv).
+# Installs what it needs (Python packages into environments made once per
+# machine, scripts/ci-env.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -21,13 +22,15 @@ export RUSTC_WORKSPACE_WRAPPER=clippy-driver
 export RUSTFLAGS="-D warnings"
 cargo test --workspace --locked
 echo "== python"
-python3 -m venv target/pyenv
-target/pyenv/bin/python -m pip install -q --disable-pip-version-check -r tests/python/requirements.txt
+# The reference packages and NVRTC, in an environment made once per machine
+# (scripts/ci-env.sh).
+source scripts/ci-env.sh
+pyenv=$(ci_env compat python3 tests/python/requirements.txt "nvidia-cuda-nvrtc>=13,<14")
+echo "using $pyenv"
 echo "== CUDA kernels (NVRTC, no GPU needed)"
 # Every CUDA source the binary carries compiles for Hopper: NVRTC comes as a
 # wheel (no GPU, no CUDA toolkit), loaded at run time as on a GPU machine.
-target/pyenv/bin/python -m pip install -q --disable-pip-version-check "nvidia-cuda-nvrtc>=13,<14"
-nvrtc_lib=$(dirname "$(find target/pyenv -name 'libnvrtc.so.13*' -print -quit)")
+nvrtc_lib=$(dirname "$(find "$pyenv" -name 'libnvrtc.so.13*' -print -quit)")
 LD_LIBRARY_PATH="$nvrtc_lib" target/debug/flash kernels --compile-only --arch sm_90
 # Checkpoints for the transformers/tokenizers compatibility tests.
 synth=target/synth-compat
@@ -35,6 +38,6 @@ rm -rf "$synth"
 target/debug/flash -q synth qwen3 tiny "$synth/qwen3-tiny" --seed 1
 target/debug/flash -q synth llama tiny "$synth/llama-tiny-f32" --seed 1 --dtype fp32 --shard-size 60000
 export FLASH_SYNTH_DIR="$synth/qwen3-tiny:$synth/llama-tiny-f32"
-FLASH_BIN="$PWD/target/debug/flash" target/pyenv/bin/python -m pytest -q tests/python
+FLASH_BIN="$PWD/target/debug/flash" "$pyenv/bin/python" -m pytest -q -p no:cacheprovider tests/python
 echo "== python sdk"
 bash scripts/test-python-sdk.sh

@@ -149,7 +149,10 @@ impl fmt::Display for ReadPattern {
 
 /// The patterns `flash doctor` probes: the loader's default, the way of the
 /// fastest peer measured on the GPU machine (one buffered stream per file),
-/// and their neighbours in queue depth, request size and readahead.
+/// their neighbours in queue depth, request size and readahead, and one
+/// strictly sequential stream over all the files (buffered, and O_DIRECT
+/// with reads in flight): on a virtual disk whose host reads ahead only for
+/// sequential access, that may be what the disk rewards.
 pub fn candidates() -> Vec<ReadPattern> {
     [
         "direct:shared:16x32M",
@@ -158,6 +161,8 @@ pub fn candidates() -> Vec<ReadPattern> {
         "buffered:per-file:8x16M",
         "buffered:per-file:4x16M:willneed",
         "direct:per-file:4x8M:qd8",
+        "buffered:shared:1x16M",
+        "direct:shared:1x16M:qd16",
     ]
     .iter()
     .map(|s| s.parse().expect("built-in patterns parse"))

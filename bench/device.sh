@@ -332,7 +332,11 @@ cold_stage() { # cold_stage MODEL...
         contenders=("peer:fastsafetensors" "flash:$dir" )
         [ -n "${STORE[$model]:-}" ] && contenders+=("flash:${STORE[$model]}")
         [ -n "${STORE[$model-packed]:-}" ] && contenders+=("flash:${STORE[$model-packed]}")
-        for p in ${COLD_PATTERNS:-${BEST_PATTERNS:-}}; do contenders+=("flash:$dir:$p"); done
+        for p in ${COLD_PATTERNS:-${BEST_PATTERNS:-}}; do
+            # io_uring depths (qdN) exist in the disk probe only, not in loads.
+            if [[ "$p" == *:qd* ]]; then log "cold: $p is a probe-only pattern, left out"; continue; fi
+            contenders+=("flash:$dir:$p")
+        done
         # COLD_FLAGS: "NAME=FLAG,FLAG ..." (e.g. s16=--staging-size=16M,--chunk-size=16M),
         # each a contender on the flash format labelled flash-format@NAME.
         if [ -n "${STORE[$model]:-}" ]; then

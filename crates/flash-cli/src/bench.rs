@@ -72,6 +72,15 @@ fn load_options(a: &BenchArgs) -> Result<LoadOptions> {
     Ok(match &a.pattern {
         Some(p) => {
             let p: flash_load::ReadPattern = p.parse().map_err(anyhow::Error::msg)?;
+            if p.queue_depth.is_some() {
+                // The load pipeline's readers make one blocking read at a
+                // time: a load run with this pattern would not be what its
+                // label says.
+                anyhow::bail!(
+                    "--pattern {p}: loads read with one read at a time per reader; io_uring queue \
+                     depths (qdN) are for the disk probe (`flash bench-disk`, `flash doctor`)"
+                );
+            }
             p.apply(&opts)
         }
         None => opts,

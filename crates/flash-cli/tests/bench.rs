@@ -101,6 +101,10 @@ fn bench_refuses_bad_arguments() {
             &["bench", "nope/missing"],
             &["nope/missing", "not in the store"],
         ),
+        (
+            &["bench", "--pattern", "direct:shared:1x16M:qd16", "X"],
+            &["direct:shared:1x16M:qd16", "flash bench-disk"],
+        ),
     ];
     for (args, needles) in cases {
         let out = flash(&store, args);

@@ -350,38 +350,34 @@ impl<X: Transfers> TierManager<X> {
     ) -> Result<Reservation<X>, TierError> {
         let sh = &*self.shared;
         let t = sh.index(tier)?;
+        // Waits and refusals as for a copy `client` asks for.
+        let want = Want {
+            hold: Hold::Lease(client),
+            wait_for_space: true,
+            may_load: true,
+        };
         let mut st = sh.lock();
         let mut waiting_since: Option<Instant> = None;
         let (evicted, excess) = loop {
-            let why = match st.tiers[t].plan(bytes) {
+            match st.plan_room(owner, t, bytes, &want, waiting_since)? {
                 Plan::Fits => break st.tiers[t].reserve(bytes, &[]),
                 Plan::Evict(victims) => {
                     debug!(%owner, %tier, ?victims, "evicted to make room for an engine");
                     break st.tiers[t].reserve(bytes, &victims);
                 }
-                Plan::Refuse(Refusal::Full)
-                    if !st.fits_once_others_release(t, bytes, Hold::Lease(client)) =>
-                {
-                    Refusal::Full
-                }
-                Plan::Wait | Plan::Refuse(Refusal::Full) => {
+                Plan::Wait => {
                     let (guard, more) = sh.wait_for_room(st, t, &mut waiting_since);
                     st = guard;
-                    if more {
-                        continue;
+                    if !more {
+                        let waited = waiting_since.map(|s| s.elapsed());
+                        return Err(st.refusal(owner, t, bytes, Refusal::Full, waited));
                     }
-                    Refusal::Full
                 }
-                Plan::Refuse(why) => why,
-            };
-            return Err(st.refusal(owner, t, bytes, why, waiting_since.map(|s| s.elapsed())));
+                Plan::Refuse(_) => unreachable!("plan_room refuses with an error"),
+            }
         };
         drop(st);
-        drop(evicted);
-        if excess > 0 {
-            sh.lock().tiers[t].freed(excess);
-        }
-        sh.changed.notify_all();
+        sh.drop_evicted(t, evicted, excess);
         Ok(Reservation {
             shared: self.shared.clone(),
             t,
@@ -1182,11 +1178,8 @@ impl<X: Transfers> Shared<X> {
         if !victims.is_empty() {
             debug!(%model, %tier, ?victims, "evicted to make room");
         }
-        drop(evicted); // before allocating: the memory must be back first
-        if excess > 0 {
-            self.lock().tiers[t].freed(excess);
-            self.changed.notify_all();
-        }
+        // Before allocating: the memory must be back first.
+        self.drop_evicted(t, evicted, excess);
         let mut keep = keep.and_then(|k| self.alloc_memory_copy(model, k));
         let started = Instant::now();
         let r = self.run_load(model, t, bytes, source, keep.as_mut().map(|(_, buf)| buf));
@@ -1224,6 +1217,17 @@ impl<X: Transfers> Shared<X> {
         (st, result)
     }
 
+    /// Drops the copies a reservation of tier `t` evicted (no lock held: a
+    /// free may be slow), then gives `excess`, the evicted bytes beyond the
+    /// reservation, back to the tier's free budget.
+    fn drop_evicted(&self, t: usize, evicted: Vec<Image<X>>, excess: u64) {
+        drop(evicted);
+        if excess > 0 {
+            self.lock().tiers[t].freed(excess);
+        }
+        self.changed.notify_all();
+    }
+
     /// The size of `model`'s image in `tier`, a panic of the backend caught.
     fn image_bytes(&self, model: &ModelId, tier: Tier) -> Result<u64, TierError> {
         panic::catch_unwind(AssertUnwindSafe(|| self.transfers.image_bytes(model, tier)))
@@ -1250,11 +1254,7 @@ impl<X: Transfers> Shared<X> {
             evicted,
             excess,
         } = reserved;
-        drop(evicted);
-        if excess > 0 {
-            self.lock().tiers[MEMORY].freed(excess);
-            self.changed.notify_all();
-        }
+        self.drop_evicted(MEMORY, evicted, excess);
         match self.alloc_evicting(MEMORY, bytes, |b| self.memory.alloc(b)) {
             Ok(buf) => Some((flight, buf)),
             Err(e) => {

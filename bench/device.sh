@@ -34,6 +34,8 @@
 #   cold    the fastest peer against flash (safetensors folder, flash
 #           format, compressed flash format), whole checkpoints, fresh
 #           processes, COLD_ROUNDS rounds in rotated order; median ratios;
+#           COLD_IDLE seconds of idle disk after each eviction (default 0),
+#           COLD_IDLE_VARIANTS adds flash contenders that wait longer;
 #   compress  decode speed alone (CPU core, all cores, GPU) and the pinned
 #           (memory tier) upload of the compressed model beside the plain;
 #   probe   measurements behind design choices (PROBES, default "cold
@@ -325,6 +327,23 @@ fi
 # the safetensors folder with each of COLD_PATTERNS (default: the disk
 # stage's best two) and the flash format with each of COLD_FLAGS (flags of
 # `flash bench`). Per-round times and the median ratio at the end.
+# The machine's NUMA layout and the GPU's node: fastsafetensors runs its
+# reader threads and bounce buffers on the GPU's node.
+numa_layout() {
+    local bus node
+    bus=$(nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader 2>/dev/null | head -1 | tr 'A-F' 'a-f')
+    bus=${bus#0000}
+    GPU_CPUS=$(cat "/sys/bus/pci/devices/$bus/local_cpulist" 2>/dev/null)
+    node=$(cat "/sys/bus/pci/devices/$bus/numa_node" 2>/dev/null)
+    log "numa: nodes $(ls -d /sys/devices/system/node/node* 2>/dev/null | wc -l), GPU $bus on node ${node:-?} with CPUs ${GPU_CPUS:-?}, online CPUs $(cat /sys/devices/system/cpu/online)"
+    for n in /sys/devices/system/node/node*; do
+        [ -d "$n" ] && log "  $(basename "$n"): CPUs $(cat "$n/cpulist"), $(grep -m1 MemTotal "$n/meminfo" | awk '{print $4 " " $5}')"
+    done
+    # Every CPU local to the GPU is no binding at all.
+    [ "$GPU_CPUS" = "$(cat /sys/devices/system/cpu/online)" ] && GPU_CPUS=
+    return 0
+}
+GPU_CPUS=
 cold_stage() { # cold_stage MODEL...
     for model in "$@"; do
         dir=${DIRS[$model]:-}
@@ -342,6 +361,22 @@ cold_stage() { # cold_stage MODEL...
         if [ -n "${STORE[$model]:-}" ]; then
             for f in ${COLD_FLAGS:-}; do contenders+=("flags:${STORE[$model]}:$f"); done
         fi
+        # COLD_IDLE_VARIANTS: "SECONDS ..." each a contender on the flash
+        # format (and the compressed one) that waits that long after the
+        # eviction before its process starts (flash-format@idleN): whether
+        # the disk reads faster after an idle spell, as the peer's timed read
+        # comes after seconds of imports.
+        # COLD_BIND=1: the flash folder and format again with the process
+        # bound to the CPUs of the GPU's NUMA node (taskset; memory follows
+        # first touch), as fastsafetensors binds its reader threads.
+        if [ "${COLD_BIND:-0}" = 1 ] && [ -n "$GPU_CPUS" ]; then
+            contenders+=("bind:$dir:")
+            [ -n "${STORE[$model]:-}" ] && contenders+=("bind:${STORE[$model]}:")
+        fi
+        for secs in ${COLD_IDLE_VARIANTS:-}; do
+            [ -n "${STORE[$model]:-}" ] && contenders+=("idle:${STORE[$model]}:$secs")
+            [ -n "${STORE[$model-packed]:-}" ] && contenders+=("idle:${STORE[$model-packed]}:$secs")
+        done
         n=${#contenders[@]}
         for round in $(seq 1 "${COLD_ROUNDS:-5}"); do
             if ! in_budget; then skip "cold $model round $round"; continue; fi
@@ -350,8 +385,16 @@ cold_stage() { # cold_stage MODEL...
                 c=${contenders[$(((round + k) % n))]}
                 # KIND:TARGET:REST, REST a read pattern (flash) or NAME=FLAGS (flags).
                 IFS=: read -r kind target rest <<<"$c"
-                pattern=; flags=
-                if [ "$kind" = flags ]; then flags=$rest; else pattern=$rest; fi
+                pattern=; flags=; idle=${COLD_IDLE:-0}
+                case $kind in
+                    flags) flags=$rest ;;
+                    idle) idle=$((idle + rest)) ;;
+                    *) pattern=$rest ;;
+                esac
+                # Every contender: the eviction, then COLD_IDLE seconds (plus
+                # an idle variant's own) of an idle disk, then its process.
+                python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
+                [ "$idle" != 0 ] && sleep "$idle"
                 if [ "$kind" = peer ]; then
                     run_peer "$target" "$dir" "$model" cold | python3 -c '
 import json, sys
@@ -368,8 +411,10 @@ for l in sys.stdin:
                         IFS=, read -r -a extra <<<"${flags#*=}"
                         label="$label@${flags%%=*}"
                     fi
-                    python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
-                    timeout "$PEER_TIMEOUT" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
+                    [ "$kind" = idle ] && label="$label@idle$rest"
+                    wrap=()
+                    if [ "$kind" = bind ]; then wrap=(taskset -c "$GPU_CPUS"); label="$label@numa-bound"; fi
+                    timeout "$PEER_TIMEOUT" "${wrap[@]}" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
                         --loader flash "${extra[@]}" --json 2>"$OUT/flash.err" | tag "$label" "$model" cold |
                         python3 -c '
 import json, sys
@@ -405,11 +450,14 @@ for model in sorted({m for m, _ in by}):
             if l == peer: continue
             worst = max((by[(model, r)][l] / by[(model, r)][peer] for r in rounds if l in by[(model, r)] and peer in by[(model, r)]), default=float("nan"))
             print(f"  {l}: median ratio to {peer} {med[l] / med[peer]:.3f}, worst round {worst:.3f}")
+    setup = [d["setup_seconds"] for d in rows if d.get("model") == model and d.get("loader") == peer and "setup_seconds" in d]
+    if setup:
+        print(f"  {peer}: {statistics.median(setup):.1f} s from its eviction to its timed read (imports, CUDA context; median)")
 PY
 }
 # The 8B first (the headline), the smaller COLD_LATE_MODELS after the
 # compression stage.
-stage cold && cold_stage ${COLD_MODELS:-qwen3-8b}
+stage cold && numa_layout && cold_stage ${COLD_MODELS:-qwen3-8b}
 
 
 # Compression: decoding alone (one CPU core, every core, the GPU

@@ -361,11 +361,6 @@ cold_stage() { # cold_stage MODEL...
         if [ -n "${STORE[$model]:-}" ]; then
             for f in ${COLD_FLAGS:-}; do contenders+=("flags:${STORE[$model]}:$f"); done
         fi
-        # COLD_IDLE_VARIANTS: "SECONDS ..." each a contender on the flash
-        # format (and the compressed one) that waits that long after the
-        # eviction before its process starts (flash-format@idleN): whether
-        # the disk reads faster after an idle spell, as the peer's timed read
-        # comes after seconds of imports.
         # COLD_BIND=1: the flash folder and format again with the process
         # bound to the CPUs of the GPU's NUMA node (taskset; memory follows
         # first touch), as fastsafetensors binds its reader threads.
@@ -373,6 +368,11 @@ cold_stage() { # cold_stage MODEL...
             contenders+=("bind:$dir:")
             [ -n "${STORE[$model]:-}" ] && contenders+=("bind:${STORE[$model]}:")
         fi
+        # COLD_IDLE_VARIANTS: "SECONDS ..." each a contender on the flash
+        # format (and the compressed one) that waits that long after the
+        # eviction before its process starts (flash-format@idleN): whether
+        # the disk reads faster after an idle spell, as the peer's timed read
+        # comes after seconds of imports (it did not: cold-idle results).
         for secs in ${COLD_IDLE_VARIANTS:-}; do
             [ -n "${STORE[$model]:-}" ] && contenders+=("idle:${STORE[$model]}:$secs")
             [ -n "${STORE[$model-packed]:-}" ] && contenders+=("idle:${STORE[$model-packed]}:$secs")

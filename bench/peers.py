@@ -22,7 +22,10 @@ even imported:
         root, `echo 1 > /proc/sys/vm/drop_caches` as well.
   warm: each file is read through once, so its pages are in the page cache.
 The page-cache residency of the files just before the clock starts is
-reported as "resident" (0.0 .. 1.0, from mincore; null if unknown).
+reported as "resident" (0.0 .. 1.0, from mincore; null if unknown); while
+the clock runs, the block device's reads are sampled (/proc/diskstats, every
+process's): "disk_read_bytes", "disk_gbps_steady" (between 20 % and 80 % of
+those bytes) and "threads_max" (this process's most threads).
 """
 
 import argparse
@@ -36,8 +39,8 @@ import sys
 import time
 
 # The process's start, near enough: "setup_seconds" (eviction, imports, CUDA
-# context) is the idle time the disk had between the eviction and the timed
-# read, which a throttled virtual disk can spend refilling a burst budget.
+# context) is how long the disk sat idle between the eviction and the timed
+# read.
 PROCESS_START = time.perf_counter()
 
 LOADERS = ("st_load_file", "st_safe_open", "fastsafetensors", "runai", "instanttensor")

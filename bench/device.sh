@@ -16,7 +16,8 @@
 #           "upload"), the swap workload ("swap"; SWAP_SECONDS, default 300),
 #           the swap workload of full-size models from a cold page cache
 #           beside the in-process cold load ("swap-cold", not in the
-#           default; SWAPCOLD_SECONDS, default 60);
+#           default; SWAPCOLD_SECONDS, default 60; SWAPCOLD_COMPRESS=1 with
+#           the models stored compressed);
 # SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
 #   engine  GPU engine vs transformers, decode/prefill vs roofline;
 #   ttft    time to first token of `flash run` through the daemon
@@ -781,28 +782,37 @@ if stage daemon && [[ " $DAEMON_SCENARIOS " == *" swap-cold "* ]]; then
     # daemon with the store evicted from the page cache (the daemon reads
     # with O_DIRECT, so it stays cold). The in-process cold load of one of
     # the models is measured before, between and after, as the reference.
+    # SWAPCOLD_COMPRESS=1: the same with the models stored compressed (the
+    # same budgets in bytes: the memory tier holds about 9 of them).
     SWAPCOLD_SECONDS=${SWAPCOLD_SECONDS:-60}
+    swap_flags=(--synth qwen3:0.6b --models 30)
     SWAP_MODEL=bench/qwen3-0.6b-000
+    swap_label=flash-format
+    if [ "${SWAPCOLD_COMPRESS:-0}" = 1 ]; then
+        swap_flags+=(--compress)
+        SWAP_MODEL=bench/qwen3-0.6b-c-000
+        swap_label=flash-compressed
+    fi
     swap_ref() {
         evict_all "$FLASH_HOME/models/bench"
         timeout 60 "$FLASH" -q bench "$SWAP_MODEL" "${DEVICE_FLAG[@]}" --scenario cold --loader flash --json |
-            tag flash-format qwen3-0.6b cold | json_lines swap-cold
+            tag "$swap_label" qwen3-0.6b cold | json_lines swap-cold
     }
-    log "== daemon: swap from a cold page cache, 30 x qwen3-0.6b, GPU 3, memory 6, ${SWAPCOLD_SECONDS}s per run"
+    log "== daemon: swap from a cold page cache, 30 x qwen3-0.6b ($swap_label), GPU 3, memory 6, ${SWAPCOLD_SECONDS}s per run"
     "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off &&
-        timeout 300 "$FLASH" -q bench-daemon --scenario swap --synth qwen3:0.6b --models 30 --duration 0 >/dev/null
+        timeout 300 "$FLASH" -q bench-daemon --scenario swap "${swap_flags[@]}" --duration 0 >/dev/null
     "$FLASH" stop >/dev/null 2>&1
     swap_ref
     for clients in 1 4; do
         in_budget || { skip "swap-cold $clients clients"; continue; }
         evict_all "$FLASH_HOME/models/bench"
         "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off && {
-            timeout $((SWAPCOLD_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap --synth qwen3:0.6b \
-                --models 30 --clients "$clients" --zipf 1.0 --duration "$SWAPCOLD_SECONDS" --json |
+            timeout $((SWAPCOLD_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap "${swap_flags[@]}" \
+                --clients "$clients" --zipf 1.0 --duration "$SWAPCOLD_SECONDS" --json |
                 python3 -c 'import json,sys
 for l in sys.stdin:
     if l.startswith("{"):
-        d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); print(json.dumps(d))' "$clients" |
+        d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); d["models_stored"]=sys.argv[2]; print(json.dumps(d))' "$clients" "$swap_label" |
                 json_lines swap-cold
             "$FLASH" status --json >"$OUT/swap-cold-$clients-status.json" || true
             "$FLASH" stop

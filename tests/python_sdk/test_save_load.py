@@ -155,6 +155,29 @@ def test_bf16_without_ml_dtypes_is_the_exact_bits(ft, tmp_path, monkeypatch):
     assert got.tobytes() == x.tobytes()
 
 
+def test_ml_dtypes_is_imported_only_for_a_numpy_bf16_tensor(ft, tmp_path):
+    """`import flashtensors` leaves ml_dtypes alone (its import is slow and
+    torch users never need it); the first BF16 tensor under numpy imports it."""
+    pytest.importorskip("ml_dtypes")
+    import subprocess
+    import sys
+
+    ml = __import__("ml_dtypes")
+    ft.save_dict({"f": sample(np.float32, (2,))}, tmp_path / "f32")
+    ft.save_dict({"w": sample(np.float32, (2, 3)).astype(ml.bfloat16)}, tmp_path / "bf16")
+    code = (
+        "import sys, numpy, flashtensors as ft\n"
+        "assert 'ml_dtypes' not in sys.modules, 'imported by import flashtensors'\n"
+        "d = ft.load_dict(sys.argv[1], {'': 'cpu'})\n"
+        "assert 'ml_dtypes' not in sys.modules, 'imported for an F32 tensor'\n"
+        "d = ft.load_dict(sys.argv[2], {'': 'cpu'})\n"
+        "assert 'ml_dtypes' in sys.modules and d['w'].dtype.name == 'bfloat16', d['w'].dtype\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f32"), str(tmp_path / "bf16")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 def test_resave_replaces_the_folder(ft, tmp_path):
     big = {f"t{i}": sample(np.float32, (1024, 1024), i) for i in range(3)}
     ft.save_dict(big, tmp_path / "m")

@@ -102,9 +102,11 @@ pub struct ModelSet {
     pub layers: Option<usize>,
     pub count: usize,
     pub seed: u64,
+    /// Store them compressed (named `...-c-<i>`, apart from the plain ones).
+    pub compress: bool,
 }
 
-/// The names of the swap models (`bench/<arch>-<size>[-l<layers>]-<i>`),
+/// The names of the swap models (`bench/<arch>-<size>[-l<layers>][-c]-<i>`),
 /// synthesized into `<home>/tmp` and pulled through the daemon when
 /// missing. `on_progress(made)` hears of each model made.
 pub fn ensure_models(
@@ -127,6 +129,9 @@ pub fn ensure_models(
         spec.shape.num_hidden_layers = l;
         tag.push_str(&format!("-l{l}"));
     }
+    if set.compress {
+        tag.push_str("-c");
+    }
     let names: Vec<String> = (0..set.count)
         .map(|i| format!("bench/{tag}-{i:03}"))
         .collect();
@@ -147,6 +152,9 @@ pub fn ensure_models(
         client.pull(&PullSpec {
             model: name.clone(),
             from_dir: Some(dir.clone()),
+            // Said either way: the store's default must not decide what a
+            // name of this set holds.
+            compress: Some(set.compress),
             ..Default::default()
         })?;
         let _ = std::fs::remove_dir_all(&dir);
@@ -285,6 +293,11 @@ pub struct SwapOptions {
     pub duration: f64,
     /// Map each lease, as a real client would.
     pub map: bool,
+    /// Copy mode instead of a lease: the daemon copies (and decodes) the
+    /// model into a shared-memory file of the client, as a host-memory
+    /// client reads a compressed model (the memory tier holds it
+    /// compressed, which share mode cannot hand out as tensors).
+    pub copy: bool,
     pub seed: u64,
 }
 
@@ -360,7 +373,11 @@ pub fn swap(
                     while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                         let m = &models[pick(cdf, rng.unit())];
                         let t = Instant::now();
-                        let r = one_request(&mut client, m, place, o.map, gpu.as_ref());
+                        let r = if o.copy {
+                            one_copy(&client, m)
+                        } else {
+                            one_request(&mut client, m, place, o.map, gpu.as_ref())
+                        };
                         let dt = t.elapsed().as_secs_f64();
                         tally
                             .lock()
@@ -421,6 +438,19 @@ fn one_request(
     drop(mapped);
     client.release(lease)?;
     Ok(from)
+}
+
+/// One request in copy mode: the whole image into a shared-memory file of
+/// this process (removed again); the tier the bytes came from, as
+/// [`one_request`] names it.
+fn one_copy(client: &Client, model: &str) -> Result<String> {
+    let (file, _info, reply) = client.fill_shm(model)?;
+    drop(file);
+    Ok(if reply.loaded_from.is_empty() {
+        reply.source_tier
+    } else {
+        reply.loaded_from
+    })
 }
 
 #[cfg(test)]

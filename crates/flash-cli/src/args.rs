@@ -236,13 +236,19 @@ pub struct BenchDaemonArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Swap models: synthesize ARCH:SIZE models named bench/<arch>-<size>-<i>
-    /// into the store when missing
+    /// into the store when missing (pulled with --no-compress unless
+    /// --compress)
     #[arg(long, default_value = "qwen3:tiny", value_name = "ARCH:SIZE")]
     pub synth: String,
     /// Keep only this many decoder layers of the synthesized models (smaller
     /// models of real width, e.g. 0.6b with 2 layers is ~0.37 GB)
     #[arg(long)]
     pub layers: Option<usize>,
+    /// Store the synthesized swap models compressed (named
+    /// bench/<arch>-<size>-c-<i>): the memory tier then holds more of them
+    /// and each load from disk reads about two thirds of the bytes
+    #[arg(long)]
+    pub compress: bool,
     /// Number of swap models
     #[arg(long, default_value_t = 100)]
     pub models: usize,

@@ -42,6 +42,9 @@ pub fn run(ctx: &Ctx, a: BenchDaemonArgs) -> Result<ExitCode> {
         .or_else(|| models.first().cloned())
         .ok_or_else(|| anyhow!("no model: pass --model or --models N"))?;
     let gpu = bench::gpu_for(place)?;
+    // A compressed model's memory copy holds its stored bytes: without a GPU
+    // tier to decode into, clients read it in copy mode.
+    let copy = a.compress && !matches!(place, Place::Gpu(_));
     let mut failed = false;
     for sc in scenarios {
         match (sc, place) {
@@ -56,6 +59,12 @@ pub fn run(ctx: &Ctx, a: BenchDaemonArgs) -> Result<ExitCode> {
                 json!({"scenario": "upload", "skipped": "needs a GPU tier"}),
                 "upload: skipped (needs a GPU tier)".into(),
             ),
+            ("attach", _) if copy => out(
+                a.json,
+                json!({"scenario": "attach", "skipped": "compressed models in the memory tier are read in copy mode"}),
+                "attach: skipped (compressed models in the memory tier are read in copy mode)"
+                    .into(),
+            ),
             ("attach", _) => {
                 let r = bench::attach(&home, &client, &model, place, gpu.as_ref(), a.repeat)?;
                 print_attach(a.json, &model, place, &r);
@@ -66,10 +75,11 @@ pub fn run(ctx: &Ctx, a: BenchDaemonArgs) -> Result<ExitCode> {
                     zipf: a.zipf,
                     duration: a.duration,
                     map: a.map,
+                    copy,
                     seed: a.seed,
                 };
                 let r = bench::swap(&home, &models, place, gpu.as_ref(), &o)?;
-                print_swap(&a, models.len(), place, &r);
+                print_swap(&a, models.len(), place, copy, &r);
                 failed |= r.errors > 0;
             }
         }
@@ -92,6 +102,7 @@ fn ensure_models(
         layers: a.layers,
         count: a.models,
         seed: a.seed,
+        compress: a.compress,
     };
     let mut made = 0;
     let names = bench::ensure_models(home, client, &set, |n| {
@@ -149,7 +160,7 @@ fn print_attach(json: bool, model: &str, place: Place, r: &AttachReport) {
     );
 }
 
-fn print_swap(a: &BenchDaemonArgs, models: usize, place: Place, r: &SwapReport) {
+fn print_swap(a: &BenchDaemonArgs, models: usize, place: Place, copy: bool, r: &SwapReport) {
     let mut per = serde_json::Map::new();
     let mut lines = Vec::new();
     for (from, l) in &r.by_source {
@@ -173,11 +184,18 @@ fn print_swap(a: &BenchDaemonArgs, models: usize, place: Place, r: &SwapReport) 
     out(
         a.json,
         json!({"scenario": "swap", "models": models, "clients": a.clients, "zipf": a.zipf,
-               "tier": place.to_string(), "seconds": r.seconds, "requests": r.requests,
+               "tier": place.to_string(), "compressed": a.compress,
+               "mode": if copy { "copy" } else { "share" },
+               "seconds": r.seconds, "requests": r.requests,
                "errors": r.errors, "first_errors": r.first_errors, "by_source": per}),
         format!(
-            "swap     {} models, {} clients, zipf {}, {:.0} s: {} requests ({:.1}/s), {} errors\n{}{}",
+            "swap     {} models{}, {} clients, zipf {}, {:.0} s: {} requests ({:.1}/s), {} errors\n{}{}",
             models,
+            match (a.compress, copy) {
+                (true, true) => " (compressed, copy mode)",
+                (true, false) => " (compressed)",
+                _ => "",
+            },
             a.clients,
             a.zipf,
             r.seconds,

@@ -404,6 +404,56 @@ fn swap_benchmark_runs_without_errors_on_the_cpu() {
     assert_eq!(h.client().list().unwrap().len(), 6);
 }
 
+#[test]
+fn swap_benchmark_with_compressed_models() {
+    let h = Home::new(0);
+    h.start(&["--mem-pool", &(3 * TINY_IMAGE).to_string()]);
+    let out = ok(
+        "bench-daemon --compress",
+        flash(
+            &h.path,
+            &[
+                "bench-daemon",
+                "--scenario",
+                "swap",
+                "--compress",
+                "--models",
+                "4",
+                "--clients",
+                "2",
+                "--duration",
+                "1",
+                "--json",
+            ],
+        ),
+    );
+    let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["errors"], 0, "{r}");
+    assert!(r["requests"].as_u64().unwrap() > 4, "{r}");
+    // No GPU: the memory tier holds the models compressed, read in copy mode.
+    assert_eq!(r["mode"], "copy", "{r}");
+    assert_eq!(r["compressed"], true, "{r}");
+    let by = r["by_source"].as_object().unwrap();
+    assert!(by.contains_key("disk") && by.contains_key("memory"), "{r}");
+    let models = h.client().list().unwrap();
+    assert_eq!(models.len(), 4);
+    for m in &models {
+        assert!(
+            m.model.contains("-c-"),
+            "{} is not named as compressed",
+            m.model
+        );
+        assert!(m.compressed, "{} is not compressed", m.model);
+        assert!(
+            m.stored_bytes < m.size,
+            "{}: {} stored of {}",
+            m.model,
+            m.stored_bytes,
+            m.size
+        );
+    }
+}
+
 /// The daemon's GPU paths (pinned pool, GPU tier, CUDA IPC in share mode, copy
 /// mode device to device and host to device) through `flash selftest
 /// --daemon --require-gpu`, which the lead also runs on the GPU machine.

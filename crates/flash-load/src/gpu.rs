@@ -30,6 +30,7 @@ use flash_sys::cuda::{CudaError, DeviceMemory, Gpu, InFlight, PinnedBuffer, Stre
 use flash_sys::os::{AlignedBuf, SharedRegion};
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
 fn dev(e: CudaError) -> LoadError {
     LoadError::Device(e.to_string())
@@ -593,6 +594,7 @@ pub fn load_to_gpu_with(
     pool: Option<&StagingPool>,
     decoder: Option<&GpuDecoder>,
 ) -> Result<(GpuModel, LoadStats), LoadError> {
+    let started = Instant::now();
     // Tensors on 256-byte boundaries, whatever the files' header lengths
     // (the engine's kernels read whole 16-byte vectors).
     let plan = LoadPlan::new(source, select)?.aligned_for_device(DEVICE_ALIGN);
@@ -627,10 +629,14 @@ pub fn load_to_gpu_with(
     if let (Some(decoder), Some(status)) = (decoder, &status) {
         sink = sink.decoding_on_gpu(GpuDecode { decoder, status });
     }
-    let stats = execute(&plan, &sink, opts)?;
+    let setup_seconds = started.elapsed().as_secs_f64();
+    let mut stats = execute(&plan, &sink, opts)?;
+    let finishing = Instant::now();
     if let Some(status) = &status {
         check_decode_status(&plan, status)?;
     }
+    stats.setup_seconds = setup_seconds;
+    stats.finish_seconds = finishing.elapsed().as_secs_f64();
     Ok((
         GpuModel {
             mem,

@@ -218,6 +218,17 @@ pub struct LoadStats {
     pub files_direct: usize,
     pub files_buffered: usize,
     pub threads: usize,
+    /// A GPU load's time before the readers start (the plan, the device
+    /// allocation, the GPU decoder and its status words), and after they end
+    /// (the decoder's status read back); 0 elsewhere.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub setup_seconds: f64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub finish_seconds: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl LoadStats {
@@ -447,5 +458,6 @@ pub fn execute<S: Sink>(
         files_direct,
         files_buffered: files.len() - files_direct,
         threads,
+        ..LoadStats::default()
     })
 }

@@ -101,14 +101,32 @@ pub fn job_chunks<'p>(plan: &'p LoadPlan, job: &Job) -> &'p [PlannedChunk] {
     &plan.chunks[job.chunks.0 as usize..job.chunks.1 as usize]
 }
 
-/// The destination range a decoding job fills: its chunks are consecutive
-/// chunks of one tensor, so their decoded bytes are contiguous.
+/// The destination span of a decoding job: from its first chunk's decoded
+/// bytes to the end of its last one's. Its chunks follow each other in the
+/// destination, contiguous within a tensor; between the tensors of a window
+/// that spans several ([`LoadPlan::jobs`]) lie gaps that are not the job's
+/// to write ([`job_dest_runs`]).
 pub fn job_dest_range(plan: &LoadPlan, job: &Job) -> std::ops::Range<u64> {
     let chunks = job_chunks(plan, job);
     match (chunks.first(), chunks.last()) {
         (Some(a), Some(b)) => a.dest_offset..b.dest_offset + b.decoded_len,
         _ => 0..0,
     }
+}
+
+/// The destination ranges a decoding job writes, in order: its chunks'
+/// decoded bytes, contiguous ones merged (one range per tensor, or per run
+/// of tensors with nothing between them).
+pub fn job_dest_runs(plan: &LoadPlan, job: &Job) -> Vec<std::ops::Range<u64>> {
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for c in job_chunks(plan, job) {
+        let r = c.dest_offset..c.dest_offset + c.decoded_len;
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        }
+    }
+    runs
 }
 
 /// A sink that decodes every chunk of a plan's decoding jobs on the CPU

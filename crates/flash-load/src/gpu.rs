@@ -319,13 +319,20 @@ impl CudaWorker<'_, '_> {
             }
             Ok::<_, LoadError>(())
         })();
+        // Only the chunks' bytes go up: a window spanning tensors has gaps
+        // between them that other tensors may own.
         let uploaded = result.and_then(|_| {
             let d = decoded.as_ref().expect("made above");
-            self.upload_to(
-                &d[..(range.end - range.start) as usize],
-                ScratchOrDest::Dest,
-                range.start,
-            )
+            decode::job_dest_runs(plan, job)
+                .into_iter()
+                .try_for_each(|run| {
+                    let at = (run.start - range.start) as usize;
+                    self.upload_to(
+                        &d[at..at + (run.end - run.start) as usize],
+                        ScratchOrDest::Dest,
+                        run.start,
+                    )
+                })
         });
         self.window = window;
         self.decoded = decoded;

@@ -26,14 +26,15 @@ use flash_format::manifest::{align_up, ChunkCodec, ElementLayout};
 use flash_format::DType;
 use std::collections::HashMap;
 
-/// Alignment of windows in files and destination.
 /// The smallest read [`LoadPlan::jobs`] makes while a chunk is larger.
 pub const MIN_JOB: u64 = 4 << 20;
 
+/// Alignment of windows in files and destination.
 pub const ALIGN: u64 = 4096;
 
 /// Gaps between selected tensors up to this size are read through rather than
-/// skipped: one larger read beats two small ones.
+/// skipped: one larger read beats two small ones (also between the stored
+/// chunks of consecutive encoded tensors that share a window).
 pub const MERGE_GAP: u64 = 1 << 20;
 
 fn align_down(x: u64) -> u64 {
@@ -521,9 +522,23 @@ impl LoadPlan {
     ///
     /// Encoded tensors are read in windows of whole chunks, up to `chunk`
     /// bytes each stored and decoded (more when a single chunk is larger),
-    /// so that a decoded window fits a staging buffer of `chunk` bytes.
+    /// so that a decoded window fits a staging buffer of `chunk` bytes. A
+    /// window spans consecutive tensors whose chunks follow each other in
+    /// the file and in the destination, small gaps apart
+    /// ([`LoadPlan::chunks_join`]).
     pub fn jobs(&self, chunk: u64, readers: Option<usize>) -> Vec<Job> {
         self.jobs_where(chunk, readers, |_| true)
+    }
+
+    /// Whether chunk `b` (of the next tensor) may share a read window with
+    /// chunk `a`: it starts at most [`MERGE_GAP`] bytes after `a` ends, in
+    /// the file (padding, read and skipped) and in the destination (a gap
+    /// the window's sinks do not write: [`crate::decode::job_dest_runs`]).
+    fn chunks_join(&self, a: usize, b: usize) -> bool {
+        let (a, b) = (&self.chunks[a], &self.chunks[b]);
+        let follows = |a_end: u64, b_start: u64| b_start >= a_end && b_start - a_end <= MERGE_GAP;
+        follows(a.file_offset + a.stored_len, b.file_offset)
+            && follows(a.dest_offset + a.decoded_len, b.dest_offset)
     }
 
     /// As [`jobs`](Self::jobs), for file `file` alone (the guided sizes
@@ -545,8 +560,15 @@ impl LoadPlan {
         };
         let divisor = 2 * readers.unwrap_or(1).max(1) as u64;
         let segments = || self.segments.iter().filter(|s| in_file(s.file));
+        let encoded: Vec<&EncodedTensor> =
+            self.encoded.iter().filter(|t| in_file(t.file)).collect();
+        // Bytes still to hand out (guided sizes shrink with it), verbatim
+        // segments first, then encoded windows.
         let mut remaining: u64 = segments()
             .map(|s| align_up(s.file_offset + s.len, ALIGN) - align_down(s.file_offset))
+            .chain(encoded.iter().map(|t| {
+                align_up(t.file_offset + t.stored_length, ALIGN) - align_down(t.file_offset)
+            }))
             .sum();
         let mut jobs = Vec::new();
         for s in segments() {
@@ -567,19 +589,41 @@ impl LoadPlan {
                     chunks: (0, 0),
                 });
                 off += len;
-                remaining -= len;
+                remaining = remaining.saturating_sub(len);
             }
         }
-        for t in self.encoded.iter().filter(|t| in_file(t.file)) {
-            let end = t.first_chunk + t.chunk_count;
+        let mut next = 0;
+        while next < encoded.len() {
+            // A run of tensors whose chunks follow each other in the file and
+            // in the destination shares windows: a model of many small
+            // tensors (a 0.6B's are 2-6 MiB stored) would otherwise be read
+            // in pieces of one tensor each, far below the disk's rate.
+            let t = encoded[next];
+            let mut end = t.first_chunk + t.chunk_count;
+            next += 1;
+            while let Some(u) = encoded.get(next) {
+                let adjacent = u.file == t.file
+                    && u.first_chunk == end
+                    && (u.chunk_count == 0
+                        || end == t.first_chunk
+                        || self.chunks_join(end - 1, end));
+                if !adjacent {
+                    break;
+                }
+                end += u.chunk_count;
+                next += 1;
+            }
             let mut first = t.first_chunk;
             while first < end {
+                // Guided as the verbatim reads are (stored bytes read); the
+                // decoded bytes always fit a staging buffer of `chunk`.
+                let limit = align_up(remaining / divisor, ALIGN).clamp(floor, chunk);
                 let start = align_down(self.chunks[first].file_offset);
                 let mut last = first + 1;
                 let decoded_start = self.chunks[first].dest_offset;
                 while last < end {
                     let c = &self.chunks[last];
-                    if align_up(c.file_offset + c.stored_len, ALIGN) - start > chunk
+                    if align_up(c.file_offset + c.stored_len, ALIGN) - start > limit
                         || c.dest_offset + c.decoded_len - decoded_start > chunk
                     {
                         break;
@@ -598,6 +642,7 @@ impl LoadPlan {
                     buffered: false,
                     chunks: (first as u32, last as u32),
                 });
+                remaining = remaining.saturating_sub(len);
                 first = last;
             }
         }
@@ -759,5 +804,117 @@ mod tests {
             );
             assert_eq!(s.len, old.len);
         }
+    }
+
+    /// One encoded tensor of [`encoded_plan`]: its file, `(stored, decoded)`
+    /// bytes per chunk, and the gaps before it in the file and destination.
+    type Laid = (usize, Vec<(u64, u64)>, u64, u64);
+
+    /// A plan of encoded tensors only, laid out in order.
+    fn encoded_plan(tensors: &[Laid]) -> LoadPlan {
+        let (mut file_at, mut dest_at) = (vec![0u64; 2], 0u64);
+        let (mut encoded, mut chunks) = (Vec::new(), Vec::new());
+        for (i, (file, sizes, file_gap, dest_gap)) in tensors.iter().enumerate() {
+            file_at[*file] += file_gap;
+            dest_at += dest_gap;
+            let first_chunk = chunks.len();
+            let (f0, d0) = (file_at[*file], dest_at);
+            for (k, &(stored, decoded)) in sizes.iter().enumerate() {
+                chunks.push(PlannedChunk {
+                    tensor: i as u32,
+                    index: k as u32,
+                    codec: ChunkCodec::Rans,
+                    file_offset: file_at[*file],
+                    stored_len: stored,
+                    image_offset: file_at[*file],
+                    dest_offset: dest_at,
+                    decoded_len: decoded,
+                });
+                file_at[*file] += stored;
+                dest_at += decoded;
+            }
+            encoded.push(EncodedTensor {
+                name: format!("t{i}"),
+                layout: ElementLayout::Bf16,
+                file: *file,
+                file_offset: f0,
+                stored_length: file_at[*file] - f0,
+                image_offset: f0,
+                dest_offset: d0,
+                length: dest_at - d0,
+                first_chunk,
+                chunk_count: sizes.len(),
+            });
+        }
+        LoadPlan {
+            files: file_at
+                .iter()
+                .enumerate()
+                .map(|(i, &len)| SourceFile {
+                    path: format!("f{i}").into(),
+                    len,
+                })
+                .collect(),
+            segments: Vec::new(),
+            tensors: Vec::new(),
+            dest_len: dest_at,
+            image_len: file_at.iter().sum(),
+            encoded,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn encoded_windows_span_tensors_that_follow_each_other() {
+        let kib = 1u64 << 10;
+        let c = (84 * kib, 128 * kib); // one chunk: stored, decoded
+        let small = vec![c; 3];
+        let p = encoded_plan(&[
+            (0, small.clone(), 0, 0),
+            // Padding between, in the file and the destination: joined.
+            (0, small.clone(), 4 * kib, 2 * kib),
+            (0, small.clone(), 0, 0),
+            // Too far in the file: a window of its own.
+            (0, small.clone(), MERGE_GAP + 1, 0),
+            // Another file: a window of its own.
+            (1, small.clone(), 0, 0),
+        ]);
+        let mib = 1u64 << 20;
+        let jobs = p.jobs(32 * mib, Some(2));
+        let tensors_of = |j: &Job| -> Vec<u32> {
+            let mut t: Vec<u32> = p.chunks[j.chunks.0 as usize..j.chunks.1 as usize]
+                .iter()
+                .map(|c| c.tensor)
+                .collect();
+            t.dedup();
+            t
+        };
+        let spans: Vec<Vec<u32>> = jobs.iter().map(tensors_of).collect();
+        assert_eq!(spans, vec![vec![0, 1, 2], vec![3], vec![4]], "{jobs:?}");
+        // Every chunk once, in order; each window within the limits.
+        let mut next = 0u32;
+        for j in &jobs {
+            assert_eq!(j.chunks.0, next, "{j:?}");
+            next = j.chunks.1;
+            let first = &p.chunks[j.chunks.0 as usize];
+            let last = &p.chunks[j.chunks.1 as usize - 1];
+            assert!(j.file_offset <= first.file_offset);
+            assert!(j.file_offset + j.len >= last.file_offset + last.stored_len);
+            assert!(j.len <= 32 * mib);
+        }
+        assert_eq!(next as usize, p.chunks.len());
+        // A window's destination: its chunks' bytes, the gap left out.
+        let runs = crate::decode::job_dest_runs(&p, &jobs[0]);
+        let t1 = &p.encoded[1];
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        assert_eq!(runs[0], 0..3 * c.1);
+        assert_eq!(
+            runs[1],
+            t1.dest_offset..p.encoded[2].dest_offset + p.encoded[2].length
+        );
+        // Small windows still cut a run: never more than the chunk size.
+        let narrow = p.jobs(256 * kib, Some(2));
+        assert!(narrow.len() > jobs.len());
+        assert!(narrow.iter().all(|j| j.len <= 256 * kib), "{narrow:?}");
     }
 }

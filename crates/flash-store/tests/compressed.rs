@@ -171,6 +171,31 @@ fn compressed_models_load_verify_and_export_exactly() {
     // The memory tier's way: the stored image (compressed bytes as stored),
     // decoded later, whole or in ranges, gives the same bytes.
     let plan = flash_load::LoadPlan::new(&source, None).unwrap();
+    // With larger windows, a window spans tensors (the encoded tensors
+    // follow each other in the file and in the destination): its chunks of
+    // several tensors and layouts decode into the right places.
+    let wide = LoadOptions {
+        chunk_bytes: 4 << 20,
+        ..opts()
+    };
+    let spanning = plan
+        .jobs(wide.chunk_bytes, Some(wide.threads))
+        .iter()
+        .filter(|j| {
+            let c = flash_load::decode::job_chunks(&plan, j);
+            c.first().map(|f| f.tensor) != c.last().map(|l| l.tensor)
+        })
+        .count();
+    assert!(spanning > 0, "no window spans two tensors");
+    let (model, _) = load_to_host(&source, None, &wide).unwrap();
+    for (s, bytes) in &tensors {
+        assert_eq!(
+            model.get(&s.name).unwrap().1,
+            bytes.as_slice(),
+            "{}",
+            s.name
+        );
+    }
     let stored = plan.stored_image();
     assert!(
         plan.image_len < plan.dest_len,

@@ -520,9 +520,12 @@ impl LoadPlan {
     /// the GPU machine: 36 reads of 32 MiB on 32 readers left the disk
     /// 10-20 % below its rate for a 1.2 GB model).
     ///
-    /// Encoded tensors are read in windows of whole chunks, up to `chunk`
-    /// bytes each stored and decoded (more when a single chunk is larger),
-    /// so that a decoded window fits a staging buffer of `chunk` bytes. A
+    /// Encoded tensors are read in windows of whole chunks, guided like the
+    /// verbatim reads by stored bytes (up to `chunk`, more when a single
+    /// chunk is larger) and at most twice `chunk` decoded: stored bytes
+    /// read at the verbatim reads' size (a bf16 window decodes to about 1.5
+    /// times its stored size), while the one buffer that holds a decoded
+    /// window (a worker's, when the CPU decodes for a GPU) stays bounded. A
     /// window spans consecutive tensors whose chunks follow each other in
     /// the file and in the destination, small gaps apart
     /// ([`LoadPlan::chunks_join`]).
@@ -615,8 +618,6 @@ impl LoadPlan {
             }
             let mut first = t.first_chunk;
             while first < end {
-                // Guided as the verbatim reads are (stored bytes read); the
-                // decoded bytes always fit a staging buffer of `chunk`.
                 let limit = align_up(remaining / divisor, ALIGN).clamp(floor, chunk);
                 let start = align_down(self.chunks[first].file_offset);
                 let mut last = first + 1;
@@ -624,7 +625,7 @@ impl LoadPlan {
                 while last < end {
                     let c = &self.chunks[last];
                     if align_up(c.file_offset + c.stored_len, ALIGN) - start > limit
-                        || c.dest_offset + c.decoded_len - decoded_start > chunk
+                        || c.dest_offset + c.decoded_len - decoded_start > 2 * chunk
                     {
                         break;
                     }

@@ -372,69 +372,55 @@ fn tcp_needs_the_token_and_metrics_are_served() {
     }
 }
 
-#[test]
-fn swap_benchmark_runs_without_errors_on_the_cpu() {
+/// The swap workload of `bench-daemon` on a fresh daemon with a memory
+/// tier of three tiny models, `args` added: its JSON report, which must
+/// count no errors, requests from disk and from memory, and more than
+/// `min_requests` requests.
+fn swap_report(args: &[&str], min_requests: u64) -> (Home, Value) {
     let h = Home::new(0);
     h.start(&["--mem-pool", &(3 * TINY_IMAGE).to_string()]);
-    let out = ok(
-        "bench-daemon",
-        flash(
-            &h.path,
-            &[
-                "bench-daemon",
-                "--scenario",
-                "swap",
-                "--models",
-                "6",
-                "--clients",
-                "3",
-                "--duration",
-                "1.5",
-                "--zipf",
-                "0.8",
-                "--json",
-            ],
-        ),
-    );
+    let mut all = vec!["bench-daemon", "--scenario", "swap", "--json"];
+    all.extend_from_slice(args);
+    let out = ok(&all.join(" "), flash(&h.path, &all));
     let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(r["errors"], 0, "{r}");
-    assert!(r["requests"].as_u64().unwrap() > 10, "{r}");
+    assert!(r["requests"].as_u64().unwrap() > min_requests, "{r}");
     let by = r["by_source"].as_object().unwrap();
     assert!(by.contains_key("disk") && by.contains_key("memory"), "{r}");
+    (h, r)
+}
+
+#[test]
+fn swap_benchmark_runs_without_errors_on_the_cpu() {
+    let args = [
+        "--models",
+        "6",
+        "--clients",
+        "3",
+        "--duration",
+        "1.5",
+        "--zipf",
+        "0.8",
+    ];
+    let (h, _) = swap_report(&args, 10);
     assert_eq!(h.client().list().unwrap().len(), 6);
 }
 
 #[test]
 fn swap_benchmark_with_compressed_models() {
-    let h = Home::new(0);
-    h.start(&["--mem-pool", &(3 * TINY_IMAGE).to_string()]);
-    let out = ok(
-        "bench-daemon --compress",
-        flash(
-            &h.path,
-            &[
-                "bench-daemon",
-                "--scenario",
-                "swap",
-                "--compress",
-                "--models",
-                "4",
-                "--clients",
-                "2",
-                "--duration",
-                "1",
-                "--json",
-            ],
-        ),
-    );
-    let r: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!(r["errors"], 0, "{r}");
-    assert!(r["requests"].as_u64().unwrap() > 4, "{r}");
+    let args = [
+        "--compress",
+        "--models",
+        "4",
+        "--clients",
+        "2",
+        "--duration",
+        "1",
+    ];
+    let (h, r) = swap_report(&args, 4);
     // No GPU: the memory tier holds the models compressed, read in copy mode.
     assert_eq!(r["mode"], "copy", "{r}");
     assert_eq!(r["compressed"], true, "{r}");
-    let by = r["by_source"].as_object().unwrap();
-    assert!(by.contains_key("disk") && by.contains_key("memory"), "{r}");
     let models = h.client().list().unwrap();
     assert_eq!(models.len(), 4);
     for m in &models {

@@ -112,6 +112,18 @@ fn import(store: &Store, src: &Path, model: &str, compress: bool) -> ModelName {
     n
 }
 
+/// Every tensor of `tensors` is in `model`, byte for byte.
+fn assert_holds(model: &flash_load::HostModel, tensors: &[(TensorSpec, Vec<u8>)]) {
+    for (s, bytes) in tensors {
+        assert_eq!(
+            model.get(&s.name).unwrap().1,
+            bytes.as_slice(),
+            "{}",
+            s.name
+        );
+    }
+}
+
 #[test]
 fn compressed_models_load_verify_and_export_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -188,14 +200,7 @@ fn compressed_models_load_verify_and_export_exactly() {
         .count();
     assert!(spanning > 0, "no window spans two tensors");
     let (model, _) = load_to_host(&source, None, &wide).unwrap();
-    for (s, bytes) in &tensors {
-        assert_eq!(
-            model.get(&s.name).unwrap().1,
-            bytes.as_slice(),
-            "{}",
-            s.name
-        );
-    }
+    assert_holds(&model, &tensors);
     let stored = plan.stored_image();
     assert!(
         plan.image_len < plan.dest_len,
@@ -233,14 +238,7 @@ fn compressed_models_load_verify_and_export_exactly() {
         .unwrap();
     let source = ModelSource::open(&again.path).unwrap();
     let (model, _) = load_to_host(&source, None, &opts()).unwrap();
-    for (s, bytes) in &tensors {
-        assert_eq!(
-            model.get(&s.name).unwrap().1,
-            bytes.as_slice(),
-            "{}",
-            s.name
-        );
-    }
+    assert_holds(&model, &tensors);
 
     // Verify decodes every chunk.
     let report = store.verify(&packed, &opts(), None).unwrap();
@@ -255,9 +253,7 @@ fn compressed_models_load_verify_and_export_exactly() {
     assert_eq!(fa, std::fs::read(b.join("model.safetensors")).unwrap());
     let back = ModelSource::open(&a).unwrap();
     let (model, _) = load_to_host(&back, None, &opts()).unwrap();
-    for (s, bytes) in &tensors {
-        assert_eq!(model.get(&s.name).unwrap().1, bytes.as_slice());
-    }
+    assert_holds(&model, &tensors);
 }
 
 #[test]

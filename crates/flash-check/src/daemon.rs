@@ -13,7 +13,7 @@
 //! Without a GPU the same steps run on the memory tier (shared-memory maps and
 //! files), unless a GPU is required.
 //!
-//! [`reference`] and [`compare`] check any image a daemon hands out (a
+//! [`reference()`] and [`compare()`] check any image a daemon hands out (a
 //! lease's mapping, a filled buffer) against the store's bytes.
 
 use crate::{CheckError, Result, ScratchDir};

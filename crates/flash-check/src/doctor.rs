@@ -72,7 +72,7 @@ pub struct DoctorReport {
     /// Pinning the same with `FLASH_PINNED=huge` (an anonymous mapping on
     /// transparent huge pages, `cuMemHostRegister`).
     pub pin_huge_gbps: Option<f64>,
-    /// `/sys/kernel/mm/transparent_hugepage/enabled` (e.g. "always [madvise] never").
+    /// `/sys/kernel/mm/transparent_hugepage/enabled` (e.g. `always [madvise] never`).
     pub transparent_hugepages: Option<String>,
     /// Pinned host → GPU 0, 1 GiB in 64 MiB pieces over 2 streams, best of 3.
     pub h2d_pinned_gbps: Option<f64>,

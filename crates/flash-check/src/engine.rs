@@ -1,5 +1,5 @@
 //! The inference engine measured and checked:
-//! - [`bench`]: prefill and decode speed of the GPU engine with the model
+//! - [`bench()`]: prefill and decode speed of the GPU engine with the model
 //!   resident, against the roofline (weight bytes per token over the
 //!   device-to-device bandwidth, measured as the doctor does);
 //! - [`logits`]: teacher-forced logits of every position, for checking the

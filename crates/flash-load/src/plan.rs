@@ -528,7 +528,7 @@ impl LoadPlan {
     /// window (a worker's, when the CPU decodes for a GPU) stays bounded. A
     /// window spans consecutive tensors whose chunks follow each other in
     /// the file and in the destination, small gaps apart
-    /// ([`LoadPlan::chunks_join`]).
+    /// (`chunks_join`).
     pub fn jobs(&self, chunk: u64, readers: Option<usize>) -> Vec<Job> {
         self.jobs_where(chunk, readers, |_| true)
     }

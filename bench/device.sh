@@ -704,9 +704,9 @@ PY
         "$FLASH" start --mem-pool 20G --http off >/dev/null && "$FLASH" load "$M8" --memory | tail -1
         # Warms the page cache (and the bytecode cache above); the SDK's run
         # imports its own modules once too.
-        python3 bench/first_load.py transformers --model-dir "$D8" --card "$CARD" | json_lines first
+        python3 bench/first_load.py transformers --model-dir "$D8" --card "$CARD" --warmup | json_lines first
         python3 bench/first_load.py flash --store "$FLASH_HOME" --model "$M8" --model-dir "$D8" \
-            --round 0 --card "$CARD" | json_lines first
+            --card "$CARD" --warmup | json_lines first
         "$FLASH" unload "$M8" --tier gpu >/dev/null 2>&1
         for i in $(seq 1 "${FIRST_ROUNDS:-3}"); do
             in_budget || { skip "first load_model round $i"; continue; }

@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--label", default="qwen3-8b")
     ap.add_argument("--card", default="unknown")
     ap.add_argument("--round", type=int, default=None)
+    ap.add_argument("--warmup", action="store_true",
+                    help="an untimed warm-up run (page cache, bytecode): marked in its line")
     a = ap.parse_args()
     if a.who == "flash":
         cmd = [sys.executable, "-c", FLASH, a.store, a.model]
@@ -68,6 +70,8 @@ def main():
     out = {"loader": loader, "model": a.label, "scenario": scenario, "card": a.card}
     if a.round is not None:
         out["round"] = a.round
+    if a.warmup:
+        out["warmup"] = True
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     if p.returncode != 0 or not lines:
         out["error"] = f"rc {p.returncode}: {p.stderr[-400:]}"

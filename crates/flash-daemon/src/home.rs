@@ -14,7 +14,14 @@
 //!   at the next start after a crash.
 //! - the host pool: `<shm>/flashtensors-<hash of the home path>/pool-<pid>`
 //!   (`/dev/shm` when it exists). Files left there by a dead daemon are
-//!   removed at start (the lock proves no daemon of this home runs).
+//!   removed at start (the lock proves no daemon of this home runs). So are
+//!   the pools of other homes' daemons and the copy-mode files of clients
+//!   (`<shm>/flash-client-<pid>-<n>`) whose process is gone
+//!   ([`clean_orphans`]): a daemon killed with its home deleted (a temporary
+//!   store) would otherwise hold its pool's memory until the machine
+//!   reboots. A file whose pid is alive stays, whoever that process is, and
+//!   so does one whose `flock` is held (pools and client files are locked
+//!   while in use).
 
 use crate::server::{io_err, DaemonError};
 use flash_client::{SOCKET_FILE, TOKEN_FILE};
@@ -163,6 +170,61 @@ fn clean_stale(home: &Path, shm: &Path) {
     }
 }
 
+/// The pid in the name of a pool (`pool-<pid>`) or a client's copy-mode
+/// file (`flash-client-<pid>-<n>`).
+fn owner_pid(name: &str) -> Option<u32> {
+    if let Some(pid) = name.strip_prefix("pool-") {
+        return pid.parse().ok();
+    }
+    name.strip_prefix("flash-client-")?
+        .split_once('-')?
+        .0
+        .parse()
+        .ok()
+}
+
+/// Removes, under the shared-memory folder `base`, the pools of other homes'
+/// daemons and the copy-mode files of clients whose process is gone, and
+/// the homes' folders left empty; `own` (this home's folder) is
+/// [`clean_stale`]'s.
+fn clean_orphans(base: &Path, own: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    // Gone: its pid is not alive here, and nobody holds the file's lock
+    // (a pool or client file of a process in another pid namespace that
+    // shares this folder is locked while in use).
+    let dead = |p: &Path| {
+        p.file_name()
+            .and_then(|n| owner_pid(&n.to_string_lossy()))
+            .is_some_and(|pid| !flash_sys::shm::pid_alive(pid))
+            && File::open(p)
+                .and_then(|f| flash_sys::shm::try_lock_exclusive(&f))
+                .unwrap_or(false)
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("flash-client-") && dead(&path) {
+            info!(path = %path.display(), "removing the copy-mode file of a client that is gone");
+            let _ = fs::remove_file(&path);
+        } else if name.starts_with("flashtensors-") && path != own {
+            let Ok(files) = fs::read_dir(&path) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let fp = f.path();
+                if f.file_name().to_string_lossy().starts_with("pool-") && dead(&fp) {
+                    info!(path = %fp.display(), "removing the pool of a daemon that is gone");
+                    let _ = fs::remove_file(&fp);
+                }
+            }
+            // Only when empty: another home's folder in use keeps its files.
+            let _ = fs::remove_dir(&path);
+        }
+    }
+}
+
 /// This process's hold on a home: its lock, and the files it wrote there.
 /// Given back with [`Claimed::release`] (not on drop: a daemon that panics
 /// leaves its files, as a crash does, for the next start to remove).
@@ -181,6 +243,9 @@ pub(crate) fn claim(home: &Path) -> Result<Claimed, DaemonError> {
     let lock = take_lock(home)?;
     let shm = shm_dir(home);
     clean_stale(home, &shm);
+    if let Some(base) = shm.parent() {
+        clean_orphans(base, &shm);
+    }
     fs::create_dir_all(&shm).map_err(io_err(&shm))?;
     let _ = fs::set_permissions(&shm, fs::Permissions::from_mode(0o700));
     let pid_path = home.join(PID_FILE);
@@ -216,6 +281,61 @@ impl Claimed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orphaned_pools_and_client_files_go_live_ones_stay() {
+        let base = tempfile::tempdir().unwrap();
+        let b = base.path();
+        // A pid that surely ended: a child that exited and was reaped.
+        let gone = std::process::Command::new("true")
+            .spawn()
+            .and_then(|mut c| c.wait().map(|_| c.id()))
+            .unwrap();
+        let me = std::process::id();
+        let own = b.join("flashtensors-own");
+        for (dir, file) in [
+            ("flashtensors-deleted-home", format!("pool-{gone}")),
+            ("flashtensors-live-home", format!("pool-{me}")),
+            ("flashtensors-live-home", "notes".to_string()),
+            ("flashtensors-own", format!("pool-{gone}")),
+        ] {
+            fs::create_dir_all(b.join(dir)).unwrap();
+            fs::write(b.join(dir).join(file), b"x").unwrap();
+        }
+        for f in [
+            format!("flash-client-{gone}-0"),
+            format!("flash-client-{gone}-1"),
+            format!("flash-client-{me}-3"),
+            "other".into(),
+        ] {
+            fs::write(b.join(f), b"x").unwrap();
+        }
+        // A file of a pid this process cannot see (another pid namespace)
+        // that is in use: locked, so it stays.
+        let held = File::open(b.join(format!("flash-client-{gone}-1"))).unwrap();
+        assert!(flash_sys::shm::try_lock_exclusive(&held).unwrap());
+        clean_orphans(b, &own);
+        assert!(b.join(format!("flash-client-{gone}-1")).exists());
+        drop(held);
+        // The dead daemon's pool and its emptied folder, and the dead
+        // client's file, are gone.
+        assert!(!b.join("flashtensors-deleted-home").exists());
+        assert!(!b.join(format!("flash-client-{gone}-0")).exists());
+        // What lives, what is not ours to judge, and this home's folder
+        // (clean_stale's) stay.
+        assert!(b
+            .join("flashtensors-live-home")
+            .join(format!("pool-{me}"))
+            .exists());
+        assert!(b.join("flashtensors-live-home").join("notes").exists());
+        assert!(b.join(format!("flash-client-{me}-3")).exists());
+        assert!(b.join("other").exists());
+        assert!(own.join(format!("pool-{gone}")).exists());
+        assert_eq!(owner_pid("pool-17"), Some(17));
+        assert_eq!(owner_pid("flash-client-42-7"), Some(42));
+        assert_eq!(owner_pid("flash-client-x-7"), None);
+        assert_eq!(owner_pid("pool-"), None);
+    }
 
     #[test]
     fn each_home_gets_its_own_shared_memory_folder() {

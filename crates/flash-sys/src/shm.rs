@@ -159,6 +159,9 @@ impl HostPool {
         let len = round_up(len.max(POOL_ALIGN), POOL_ALIGN)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pool size overflows"))?;
         let file = create_0600(path, len as u64)?;
+        // Held while the pool lives (the file stays open): whoever finds the
+        // file can tell it is in use, across pid namespaces too.
+        let _ = try_lock_exclusive(&file);
         let map = match memmap2::MmapOptions::new().len(len).map_raw(&file) {
             Ok(m) => m,
             Err(e) => {
@@ -498,15 +501,19 @@ impl std::ops::Deref for ShmView {
 pub struct ShmFile {
     path: PathBuf,
     map: Option<memmap2::MmapMut>,
+    /// Open, with an exclusive `flock`, while the buffer lives: in use.
+    _lock: File,
 }
 
 impl ShmFile {
     /// Creates `path` (must not exist) and reserves its pages.
     pub fn create(path: &Path, len: usize) -> io::Result<ShmFile> {
         let file = create_0600(path, len as u64)?;
+        let _ = try_lock_exclusive(&file);
         let mut out = ShmFile {
             path: path.to_path_buf(),
             map: None,
+            _lock: file.try_clone()?,
         };
         if len == 0 {
             return Ok(out);

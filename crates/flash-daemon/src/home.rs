@@ -184,9 +184,10 @@ fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Removes, under the shared-memory folder `base`, the pools of other homes'
-/// daemons and the copy-mode files of clients whose process is gone, and
-/// the homes' folders left empty; `own` (this home's folder) is
-/// [`clean_stale`]'s.
+/// daemons and the copy-mode files of clients whose process is gone; `own`
+/// (this home's folder) is [`clean_stale`]'s. The homes' folders stay, empty
+/// or not: one may belong to a daemon starting now, between making its
+/// folder and its pool, and an empty folder holds no memory.
 fn clean_orphans(base: &Path, own: &Path) {
     let Ok(entries) = fs::read_dir(base) else {
         return;
@@ -219,8 +220,6 @@ fn clean_orphans(base: &Path, own: &Path) {
                     let _ = fs::remove_file(&fp);
                 }
             }
-            // Only when empty: another home's folder in use keeps its files.
-            let _ = fs::remove_dir(&path);
         }
     }
 }
@@ -317,9 +316,13 @@ mod tests {
         clean_orphans(b, &own);
         assert!(b.join(format!("flash-client-{gone}-1")).exists());
         drop(held);
-        // The dead daemon's pool and its emptied folder, and the dead
-        // client's file, are gone.
-        assert!(!b.join("flashtensors-deleted-home").exists());
+        // The dead daemon's pool (not its folder) and the dead client's
+        // file are gone.
+        assert!(!b
+            .join("flashtensors-deleted-home")
+            .join(format!("pool-{gone}"))
+            .exists());
+        assert!(b.join("flashtensors-deleted-home").is_dir());
         assert!(!b.join(format!("flash-client-{gone}-0")).exists());
         // What lives, what is not ours to judge, and this home's folder
         // (clean_stale's) stay.

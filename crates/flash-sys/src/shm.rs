@@ -502,7 +502,7 @@ pub struct ShmFile {
     path: PathBuf,
     map: Option<memmap2::MmapMut>,
     /// Open, with an exclusive `flock`, while the buffer lives: in use.
-    _lock: File,
+    file: File,
 }
 
 impl ShmFile {
@@ -513,16 +513,16 @@ impl ShmFile {
         let mut out = ShmFile {
             path: path.to_path_buf(),
             map: None,
-            _lock: file.try_clone()?,
+            file,
         };
         if len == 0 {
             return Ok(out);
         }
         // On an error, `out` removes the file.
-        reserve(&file, 0, len as u64)?;
+        reserve(&out.file, 0, len as u64)?;
         // SAFETY: a shared map of a file this process just created (0600);
         // see the module's note on truncation.
-        out.map = Some(unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file)? });
+        out.map = Some(unsafe { memmap2::MmapOptions::new().len(len).map_mut(&out.file)? });
         Ok(out)
     }
 

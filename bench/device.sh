@@ -103,6 +103,8 @@ fi
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '-')
 CARD=${CARD:-unknown}
 log "card $CARD, flash $("$FLASH" --version 2>/dev/null)"
+# The host CPU: CPU decode speeds (issue 13's 1 GB/s per core) depend on it.
+log "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), $(nproc) threads"
 
 # Scratch on the local disk (not tmpfs: the disk is what is measured).
 SCRATCH=${SCRATCH:-/var/tmp/flash-bench}
@@ -812,7 +814,9 @@ if stage daemon && [[ " $DAEMON_SCENARIOS " == *" swap-cold "* ]]; then
                 python3 -c 'import json,sys
 for l in sys.stdin:
     if l.startswith("{"):
-        d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); d["models_stored"]=sys.argv[2]; print(json.dumps(d))' "$clients" "$swap_label" |
+        d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); d["models_stored"]=sys.argv[2]
+        a=d.get("all") or {}; d["p50_s"]=a.get("p50_s"); d["p99_s"]=a.get("p99_s")
+        d["from_disk"]=(d.get("by_source") or {}).get("disk", {}).get("count", 0); print(json.dumps(d))' "$clients" "$swap_label" |
                 json_lines swap-cold
             "$FLASH" status --json >"$OUT/swap-cold-$clients-status.json" || true
             "$FLASH" stop

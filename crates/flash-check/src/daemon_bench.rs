@@ -310,6 +310,18 @@ pub struct Latency {
     pub max_s: f64,
 }
 
+impl Latency {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        Latency {
+            count: v.len(),
+            p50_s: percentile(&v, 0.5),
+            p99_s: percentile(&v, 0.99),
+            max_s: v.last().copied().unwrap_or(f64::NAN),
+        }
+    }
+}
+
 /// What the swap workload saw.
 #[derive(Debug, Serialize)]
 pub struct SwapReport {
@@ -318,6 +330,8 @@ pub struct SwapReport {
     pub errors: u64,
     /// The first few errors, with the model each was for.
     pub first_errors: Vec<String>,
+    /// Every successful request, whatever served it.
+    pub all: Latency,
     /// By the tier the daemon found the bytes in.
     pub by_source: BTreeMap<String, Latency>,
 }
@@ -396,25 +410,18 @@ pub fn swap(
     })?;
     let seconds = t0.elapsed().as_secs_f64();
     let tally = tally.into_inner().unwrap_or_else(|p| p.into_inner());
+    let all: Vec<f64> = tally.by_source.values().flatten().copied().collect();
     let by_source: BTreeMap<String, Latency> = tally
         .by_source
         .into_iter()
-        .map(|(from, mut v)| {
-            v.sort_by(f64::total_cmp);
-            let l = Latency {
-                count: v.len(),
-                p50_s: percentile(&v, 0.5),
-                p99_s: percentile(&v, 0.99),
-                max_s: v.last().copied().unwrap_or(f64::NAN),
-            };
-            (from, l)
-        })
+        .map(|(from, v)| (from, Latency::of(v)))
         .collect();
     Ok(SwapReport {
         seconds,
-        requests: by_source.values().map(|l| l.count).sum(),
+        requests: all.len(),
         errors: tally.errors,
         first_errors: tally.first_errors,
+        all: Latency::of(all),
         by_source,
     })
 }

@@ -6,7 +6,8 @@ use crate::args::BenchDaemonArgs;
 use crate::ctx::Ctx;
 use anyhow::{anyhow, bail, Result};
 use flash_check::daemon_bench::{
-    self as bench, percentile, AttachReport, ModelSet, SwapOptions, SwapReport, UploadReport,
+    self as bench, percentile, AttachReport, Latency, ModelSet, SwapOptions, SwapReport,
+    UploadReport,
 };
 use flash_client::{Client, Place};
 use serde_json::json;
@@ -161,25 +162,23 @@ fn print_attach(json: bool, model: &str, place: Place, r: &AttachReport) {
 }
 
 fn print_swap(a: &BenchDaemonArgs, models: usize, place: Place, copy: bool, r: &SwapReport) {
-    let mut per = serde_json::Map::new();
-    let mut lines = Vec::new();
-    for (from, l) in &r.by_source {
-        per.insert(
-            from.clone(),
-            json!({"count": l.count, "p50_s": l.p50_s, "p99_s": l.p99_s, "max_s": l.max_s}),
-        );
-        let label = if *from == place.to_string() {
-            format!("{from} (hit)")
-        } else {
-            format!("from {from}")
-        };
-        lines.push(format!(
+    let row = |label: &str, l: &Latency| {
+        format!(
             "  {label:<14} {:>7} requests  p50 {:>9.3} ms  p99 {:>9.3} ms  max {:>9.3} ms",
             l.count,
             l.p50_s * 1e3,
             l.p99_s * 1e3,
             l.max_s * 1e3
-        ));
+        )
+    };
+    let mut lines = vec![row("all", &r.all)];
+    for (from, l) in &r.by_source {
+        let label = if *from == place.to_string() {
+            format!("{from} (hit)")
+        } else {
+            format!("from {from}")
+        };
+        lines.push(row(&label, l));
     }
     out(
         a.json,
@@ -187,7 +186,8 @@ fn print_swap(a: &BenchDaemonArgs, models: usize, place: Place, copy: bool, r: &
                "tier": place.to_string(), "compressed": a.compress,
                "mode": if copy { "copy" } else { "share" },
                "seconds": r.seconds, "requests": r.requests,
-               "errors": r.errors, "first_errors": r.first_errors, "by_source": per}),
+               "errors": r.errors, "first_errors": r.first_errors, "all": r.all,
+               "by_source": r.by_source}),
         format!(
             "swap     {} models{}, {} clients, zipf {}, {:.0} s: {} requests ({:.1}/s), {} errors\n{}{}",
             models,

@@ -32,7 +32,7 @@
 //!   which probes CUDA and assembles a [`TierManager`](flash_tier::TierManager)
 //!   with one tier per device.
 //!
-//! The policy (LRU eviction, leases, single-flight loads, refusals) is
+//! The policy (eviction by popularity, leases, single-flight loads, refusals) is
 //! `flash-tier`'s; this crate supplies memory and moves bytes. Like every
 //! crate but `flash-sys`, it has no `unsafe` code.
 

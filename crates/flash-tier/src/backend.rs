@@ -18,7 +18,7 @@ pub trait TierBackend: Send + Sync + 'static {
     /// A buffer of exactly `bytes` bytes (the manager has already reserved
     /// them in the tier's budget). Return [`TierError::OutOfMemory`] when the
     /// memory is exhausted despite the budget (a fragmented pool, another
-    /// process on the GPU): the manager then evicts the least recently used
+    /// process on the GPU): the manager then evicts the least popular
     /// evictable copy of the tier and calls again. Called without any lock
     /// held, from the thread that asked for the model.
     fn alloc(&self, bytes: u64) -> Result<Self::Buf, TierError>;

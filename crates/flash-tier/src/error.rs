@@ -70,7 +70,7 @@ pub enum TierError {
     /// Returned by a [`TierBackend`](crate::TierBackend) whose memory is
     /// exhausted although the budget allows the allocation (fragmentation of a
     /// pinned pool, another process on the GPU). The manager then evicts the
-    /// least recently used evictable copy and tries again.
+    /// least popular evictable copy and tries again.
     #[error("out of memory: {0}")]
     OutOfMemory(String),
 

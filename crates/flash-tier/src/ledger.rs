@@ -50,7 +50,8 @@ pub(crate) struct Ready<P> {
     /// load that made it, between the wake-up and its lease.
     pub pins: u32,
     pub kept: bool,
-    /// Logical clock of the last use (LRU order; ties cannot happen).
+    /// Logical clock of the last use (breaks ties of popularity; ties
+    /// cannot happen).
     pub last_use: u64,
     pub used_at: Instant,
     pub from: Tier,
@@ -72,7 +73,7 @@ impl<P> Ready<P> {
 pub(crate) enum Plan {
     /// The free budget suffices.
     Fits,
-    /// Evicting these copies (least recently used first) makes room.
+    /// Evicting these copies (in eviction order) makes room.
     Evict(Vec<ModelId>),
     /// Not now, but bytes in flight (loads, pinned copies, frees) will
     /// become free or evictable: wait for a change and plan again.
@@ -204,28 +205,32 @@ impl<P> Ledger<P> {
         b
     }
 
-    /// Evictable copies, least recently used first.
-    fn lru(&self) -> Vec<(&ModelId, u64)> {
-        let mut v: Vec<(u64, &ModelId, u64)> = self
+    /// Evictable copies in eviction order: the lowest `score` (the model's
+    /// popularity, see [`crate::popularity`]) first, ties the least
+    /// recently used first.
+    fn eviction_order(&self, score: &dyn Fn(&ModelId) -> f64) -> Vec<(&ModelId, u64)> {
+        let mut v: Vec<(f64, u64, &ModelId, u64)> = self
             .entries
             .iter()
             .filter_map(|(m, e)| match &e.slot {
-                Slot::Ready(r) if r.evictable() => Some((r.last_use, m, e.bytes)),
+                Slot::Ready(r) if r.evictable() => Some((score(m), r.last_use, m, e.bytes)),
                 _ => None,
             })
             .collect();
-        v.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        v.into_iter().map(|(_, m, b)| (m, b)).collect()
+        v.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        v.into_iter().map(|(_, _, m, b)| (m, b)).collect()
     }
 
-    /// The least recently used evictable copy.
-    pub fn lru_victim(&self) -> Option<ModelId> {
-        self.lru().first().map(|(m, _)| (*m).clone())
+    /// The first evictable copy in eviction order.
+    pub fn victim(&self, score: &dyn Fn(&ModelId) -> f64) -> Option<ModelId> {
+        self.eviction_order(score)
+            .first()
+            .map(|(m, _)| (*m).clone())
     }
 
     /// How to make room for `bytes` more. Evicts the shortest prefix of the
-    /// LRU order that makes room, and nothing when that cannot suffice.
-    pub fn plan(&self, bytes: u64) -> Plan {
+    /// eviction order that makes room, and nothing when that cannot suffice.
+    pub fn plan(&self, bytes: u64, score: &dyn Fn(&ModelId) -> f64) -> Plan {
         if self.budget == 0 {
             return Plan::Refuse(Refusal::Disabled);
         }
@@ -237,7 +242,7 @@ impl<P> Ledger<P> {
             return Plan::Fits;
         }
         let mut victims = Vec::new();
-        for (m, b) in self.lru() {
+        for (m, b) in self.eviction_order(score) {
             victims.push(m.clone());
             room += b;
             if room >= bytes {
@@ -421,13 +426,18 @@ mod tests {
         ModelId::new(s)
     }
 
+    /// Equal popularity: the order is least recently used first.
+    fn recency(_: &ModelId) -> f64 {
+        0.0
+    }
+
     /// A memory ledger of `budget` holding `copies` (name, bytes), used in
     /// that order (the first is the least recently used).
     fn ledger(budget: u64, copies: &[(&str, u64)]) -> Ledger<()> {
         let mut l = Ledger::new(Tier::Memory, budget);
         let now = Instant::now();
         for (i, (name, b)) in copies.iter().enumerate() {
-            assert_eq!(l.plan(*b), Plan::Fits, "{name}");
+            assert_eq!(l.plan(*b, &recency), Plan::Fits, "{name}");
             l.begin_load(&m(name), *b, &[], Arc::default(), Tier::Disk);
             l.finish_ok(&m(name), (), i as u64, now);
         }
@@ -438,7 +448,7 @@ mod tests {
     #[test]
     fn fits_without_eviction() {
         let l = ledger(100, &[("a", 30), ("b", 30)]);
-        assert_eq!(l.plan(40), Plan::Fits);
+        assert_eq!(l.plan(40, &recency), Plan::Fits);
         assert_eq!(l.free(), 40);
     }
 
@@ -446,19 +456,36 @@ mod tests {
     fn evicts_least_recently_used_prefix() {
         let mut l = ledger(100, &[("a", 30), ("b", 30), ("c", 30)]);
         // Needs 20 more than the 10 free: only the oldest.
-        assert_eq!(l.plan(30), Plan::Evict(vec![m("a")]));
+        assert_eq!(l.plan(30, &recency), Plan::Evict(vec![m("a")]));
         // After a use of a, b is the oldest.
         l.touch(&m("a"), 10, Instant::now());
-        assert_eq!(l.plan(30), Plan::Evict(vec![m("b")]));
+        assert_eq!(l.plan(30, &recency), Plan::Evict(vec![m("b")]));
         // Several when one is not enough.
-        assert_eq!(l.plan(70), Plan::Evict(vec![m("b"), m("c")]));
-        assert_eq!(l.plan(100), Plan::Evict(vec![m("b"), m("c"), m("a")]));
+        assert_eq!(l.plan(70, &recency), Plan::Evict(vec![m("b"), m("c")]));
+        assert_eq!(
+            l.plan(100, &recency),
+            Plan::Evict(vec![m("b"), m("c"), m("a")])
+        );
+    }
+
+    #[test]
+    fn lower_popularity_goes_first_recency_breaks_ties() {
+        let l = ledger(100, &[("a", 30), ("b", 30), ("c", 30)]);
+        // a is the least recent but the most requested: b, then c.
+        let score = |x: &ModelId| if x == &m("a") { 5.0 } else { 1.0 };
+        assert_eq!(l.plan(30, &score), Plan::Evict(vec![m("b")]));
+        assert_eq!(l.plan(70, &score), Plan::Evict(vec![m("b"), m("c")]));
+        assert_eq!(l.victim(&score), Some(m("b")));
+        let score = |x: &ModelId| if x == &m("c") { 0.5 } else { 1.0 };
+        assert_eq!(l.victim(&score), Some(m("c")));
     }
 
     #[test]
     fn begin_load_accounts_victims_exactly() {
         let mut l = ledger(100, &[("a", 30), ("b", 30), ("c", 30)]);
-        let Plan::Evict(v) = l.plan(25) else { panic!() };
+        let Plan::Evict(v) = l.plan(25, &recency) else {
+            panic!()
+        };
         let (images, excess) = l.begin_load(&m("d"), 25, &v, Arc::default(), Tier::Disk);
         assert_eq!(images.len(), 1);
         // a's 30 bytes: 25 taken over by d's reservation, 5 being freed.
@@ -481,10 +508,10 @@ mod tests {
         let mut l = ledger(100, &[("a", 30), ("b", 30), ("c", 30)]);
         l.ready_mut(&m("a")).unwrap().leases = 1;
         l.ready_mut(&m("b")).unwrap().kept = true;
-        assert_eq!(l.plan(30), Plan::Evict(vec![m("c")]));
+        assert_eq!(l.plan(30, &recency), Plan::Evict(vec![m("c")]));
         l.ready_mut(&m("c")).unwrap().pins = 1;
         // c will be unpinned: worth waiting for.
-        assert_eq!(l.plan(30), Plan::Wait);
+        assert_eq!(l.plan(30, &recency), Plan::Wait);
         let b = l.breakdown();
         assert_eq!(
             b,
@@ -496,9 +523,9 @@ mod tests {
             }
         );
         // 41 can never fit beside the 60 held.
-        assert_eq!(l.plan(41), Plan::Refuse(Refusal::Full));
+        assert_eq!(l.plan(41, &recency), Plan::Refuse(Refusal::Full));
         l.ready_mut(&m("c")).unwrap().leases = 1;
-        assert_eq!(l.plan(30), Plan::Refuse(Refusal::Full));
+        assert_eq!(l.plan(30, &recency), Plan::Refuse(Refusal::Full));
     }
 
     #[test]
@@ -506,11 +533,11 @@ mod tests {
         let mut l = ledger(100, &[("a", 50)]);
         l.ready_mut(&m("a")).unwrap().leases = 1;
         l.begin_load(&m("b"), 40, &[], Arc::default(), Tier::Disk);
-        assert_eq!(l.plan(20), Plan::Wait);
-        assert_eq!(l.plan(51), Plan::Refuse(Refusal::Full));
-        assert_eq!(l.plan(101), Plan::Refuse(Refusal::TooLarge));
+        assert_eq!(l.plan(20, &recency), Plan::Wait);
+        assert_eq!(l.plan(51, &recency), Plan::Refuse(Refusal::Full));
+        assert_eq!(l.plan(101, &recency), Plan::Refuse(Refusal::TooLarge));
         assert_eq!(
-            Ledger::<()>::new(Tier::Gpu(0), 0).plan(1),
+            Ledger::<()>::new(Tier::Gpu(0), 0).plan(1, &recency),
             Plan::Refuse(Refusal::Disabled)
         );
     }
@@ -524,7 +551,7 @@ mod tests {
         let r = l.ready(&m("a")).unwrap();
         assert_eq!((r.pins, r.from), (3, Tier::Memory));
         assert!(!r.evictable());
-        assert_eq!(l.plan(60), Plan::Wait);
+        assert_eq!(l.plan(60, &recency), Plan::Wait);
     }
 
     #[test]

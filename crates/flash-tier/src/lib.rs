@@ -29,9 +29,10 @@
 //!    where the memory tier has room at once; requests for it wait on that
 //!    load as on any other).
 //!
-//! Room is made by evicting the least recently used copies of the tier that
-//! are neither leased, kept, nor being read by a transfer — as few as needed,
-//! in LRU order, and none if that would not suffice. When the room is held
+//! Room is made by evicting copies of the tier that are neither leased, kept,
+//! nor being read by a transfer — as few as needed, the least popular first
+//! (the fewest requests lately, recent ones weighing more; ties: the least
+//! recently used; see [`popularity`]), and none if that would not suffice. When the room is held
 //! by loads in flight (which end on their own) or by copies other clients
 //! lease (given back when their requests end), the request waits up to
 //! [`TierBuilder::space_wait`]: a serving daemon queues a request behind
@@ -44,9 +45,13 @@
 //!
 //! Eviction only drops copies. A model evicted from a GPU keeps its memory
 //! copy if it has one, and one evicted from memory keeps its GPU copies; no
-//! bytes are copied down, since the disk always has the model. A use of a
-//! GPU copy also refreshes the model's memory copy in the LRU order, so an
-//! inclusive memory tier does not evict the models hottest on the GPU first.
+//! bytes are copied down, since the disk always has the model. Popularity
+//! belongs to the model, not to a copy: requests served by a GPU copy keep
+//! its memory copy popular too, so an inclusive memory tier does not evict
+//! the models hottest on the GPU first. The memory copy a GPU load from disk
+//! fills on its way is made only in free room or in place of less popular
+//! models: a model requested once goes to the GPU without pushing a popular
+//! one out of memory.
 //!
 //! [`TierManager::reserve`] holds bytes of a tier's budget for memory that
 //! is not a copy: the daemon's GPU engines (KV cache, activations) take
@@ -192,6 +197,7 @@ mod backend;
 mod error;
 mod ledger;
 mod manager;
+pub mod popularity;
 mod status;
 mod types;
 

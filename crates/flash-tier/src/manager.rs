@@ -4,6 +4,7 @@
 use crate::backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
 use crate::error::{Holder, NoSpace, TierError};
 use crate::ledger::{Flight, Ledger, Plan, Refusal, Slot};
+use crate::popularity::{Popularity, DEFAULT_HALF_LIFE};
 use crate::status::{ModelReport, ModelState, TierCounters, TierReport, TierStatus};
 use crate::types::{fmt_bytes, ClientId, LeaseId, ModelId, Tier};
 use std::collections::HashMap;
@@ -59,6 +60,7 @@ pub struct TierBuilder<X: Transfers> {
     gpus: Vec<(X::Gpu, u64)>,
     inclusive: bool,
     space_wait: Duration,
+    half_life: Duration,
 }
 
 impl<X: Transfers> TierBuilder<X> {
@@ -88,6 +90,14 @@ impl<X: Transfers> TierBuilder<X> {
         self
     }
 
+    /// The half-life of a request's weight in a model's popularity, which
+    /// orders evictions (default [`DEFAULT_HALF_LIFE`]; see
+    /// [`crate::popularity`]).
+    pub fn popularity_half_life(mut self, half_life: Duration) -> Self {
+        self.half_life = half_life;
+        self
+    }
+
     pub fn build(self) -> TierManager<X> {
         let mut tiers = vec![Ledger::new(Tier::Memory, self.memory_budget)];
         let mut gpus = Vec::with_capacity(self.gpus.len());
@@ -102,6 +112,7 @@ impl<X: Transfers> TierBuilder<X> {
                     leases: HashMap::new(),
                     next_lease: 1,
                     tick: 0,
+                    popularity: Popularity::new(self.half_life),
                 }),
                 changed: Condvar::new(),
                 transfers: self.transfers,
@@ -153,8 +164,10 @@ struct State<X: Transfers> {
     tiers: Vec<Ledger<Image<X>>>,
     leases: HashMap<LeaseId, LeaseRecord>,
     next_lease: u64,
-    /// Logical clock of uses (LRU order).
+    /// Logical clock of uses (ties of popularity go least recent first).
     tick: u64,
+    /// Requests per model, recent ones weighing more: eviction order.
+    popularity: Popularity,
 }
 
 struct LeaseRecord {
@@ -260,6 +273,7 @@ impl<X: Transfers> TierManager<X> {
             gpus: Vec::new(),
             inclusive: true,
             space_wait: DEFAULT_SPACE_WAIT,
+            half_life: DEFAULT_HALF_LIFE,
         }
     }
 
@@ -277,7 +291,7 @@ impl<X: Transfers> TierManager<X> {
     ///
     /// Served from the highest tier that holds the model: a hit in `tier`
     /// costs a lock; otherwise the model is loaded from the memory tier (GPU
-    /// tiers only) or from disk, evicting least recently used copies as
+    /// tiers only) or from disk, evicting the least popular copies as
     /// needed. Concurrent requests for the same copy share one load. Blocks
     /// for the load, and for at most `space_wait` when the room it needs is
     /// held by loads in flight or copies other clients lease; refuses at once
@@ -650,16 +664,29 @@ impl<X: Transfers> State<X> {
 
     /// Reserves room in the memory tier for a copy of `model` that a GPU
     /// load from disk fills on its way (`bytes`: its memory image), evicting
-    /// as a memory load would. `None` when the memory tier has no room at
-    /// once or another request is already making the copy.
+    /// as a memory load would, but only copies of less popular models: no
+    /// client asked for this copy, and a model requested once must not push
+    /// out one requested often. `None` when the memory tier has no room at
+    /// once, or only by evicting a model at least as popular, or another
+    /// request is already making the copy.
     fn begin_memory_copy(&mut self, model: &ModelId, bytes: u64) -> Option<MemoryCopy<X>> {
+        let now = Instant::now();
+        let popularity = &self.popularity;
+        let score = |m: &ModelId| popularity.score(m, now);
         let ledger = &mut self.tiers[MEMORY];
         if ledger.get(model).is_some() {
             return None;
         }
-        let victims = match ledger.plan(bytes) {
+        let victims = match ledger.plan(bytes, &score) {
             Plan::Fits => Vec::new(),
-            Plan::Evict(v) => v,
+            Plan::Evict(v) => {
+                let mine = score(model);
+                if let Some(v) = v.iter().find(|v| score(v) >= mine) {
+                    debug!(%model, more_popular = %v, "the memory tier keeps more popular models: the GPU load keeps no memory copy");
+                    return None;
+                }
+                v
+            }
             Plan::Wait | Plan::Refuse(_) => {
                 debug!(%model, "no room in the memory tier now: the GPU load keeps no memory copy");
                 return None;
@@ -793,7 +820,8 @@ impl<X: Transfers> State<X> {
         want: &Want,
         waiting_since: Option<Instant>,
     ) -> Result<Plan, TierError> {
-        match self.tiers[t].plan(bytes) {
+        let now = Instant::now();
+        match self.tiers[t].plan(bytes, &|m| self.popularity.score(m, now)) {
             Plan::Refuse(Refusal::Full)
                 if want.wait_for_space && self.fits_once_others_release(t, bytes, want.hold) =>
             {
@@ -955,6 +983,10 @@ impl<X: Transfers> Shared<X> {
         let mut first_look = true;
         let mut waiting_since: Option<Instant> = None;
         let mut st = self.lock();
+        if !matches!(want.hold, Hold::Pin) {
+            // A client's request (a pin is the manager's own use of a copy).
+            st.popularity.request(model, Instant::now());
+        }
         if st.tiers[t].budget == 0 {
             return Err(st.refusal(model, t, 0, Refusal::Disabled, None));
         }
@@ -1314,8 +1346,8 @@ impl<X: Transfers> Shared<X> {
         })
     }
 
-    /// `alloc`, evicting the least recently used evictable copy of the tier
-    /// and trying again each time the backend reports `OutOfMemory`.
+    /// `alloc`, evicting the first evictable copy of the tier in eviction
+    /// order and trying again each time the backend reports `OutOfMemory`.
     fn alloc_evicting<B>(
         &self,
         t: usize,
@@ -1325,14 +1357,16 @@ impl<X: Transfers> Shared<X> {
         loop {
             match alloc(bytes) {
                 Err(TierError::OutOfMemory(msg)) => {
-                    let mut st = self.lock();
-                    let Some(victim) = st.tiers[t].lru_victim() else {
+                    let mut guard = self.lock();
+                    let st = &mut *guard;
+                    let now = Instant::now();
+                    let Some(victim) = st.tiers[t].victim(&|m| st.popularity.score(m, now)) else {
                         return Err(TierError::OutOfMemory(msg));
                     };
                     let (image, b) = st.tiers[t].remove(&victim);
                     st.tiers[t].counters.evictions += 1;
                     st.tiers[t].counters.evicted_bytes += b;
-                    drop(st);
+                    drop(guard);
                     warn!(tier = %tier_at(t), %victim, reason = %msg, "allocation failed within the budget: evicted one more copy");
                     self.free_outside_lock(vec![(t, image, b)]);
                 }

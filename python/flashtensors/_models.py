@@ -85,7 +85,7 @@ def register_model(model_id, backend: str = "auto", torch_dtype=None, force: boo
     "float16", "float32"; None/"auto" keeps them). `force`: replace a stored
     model. `compress`: store floating-point weights compressed (lossless,
     decoded on the GPU while loading; None: the store's setting, `flash
-    config compress`). Returns `{"status": "registered"|"exists", "model_id", "backend",
+    config compress`, by default on where an NVIDIA GPU is present). Returns `{"status": "registered"|"exists", "model_id", "backend",
     "path", "metrics": {"download_time", "transform_time", "register_time",
     "model_size"}}` (times in seconds, size in bytes).
     """

@@ -76,7 +76,8 @@ pub enum Command {
     Config {
         /// A setting: compress
         key: Option<String>,
-        /// Its new value: on or off
+        /// Its new value: on, off or auto (compress where an NVIDIA GPU is
+        /// present, the default)
         value: Option<String>,
         #[arg(long)]
         json: bool,

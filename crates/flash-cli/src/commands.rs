@@ -50,7 +50,7 @@ fn default_local_name(dir: &Path) -> Result<ModelName> {
 pub fn pull(ctx: &Ctx, a: PullArgs) -> Result<ExitCode> {
     let store = ctx.store()?;
     let dtype: DtypeChoice = a.dtype.parse().map_err(anyhow::Error::msg)?;
-    let compress = a.compress_or(store.settings()?.compress);
+    let compress = a.compress_or(store.settings()?.compress_imports());
     let bar = bytes_bar("import", ctx.quiet);
     let progress = |done: u64, total: u64| {
         bar.set_length(total);
@@ -206,20 +206,32 @@ pub fn config(ctx: &Ctx, key: Option<&str>, value: Option<&str>, json: bool) -> 
         (Some("compress"), None) => {}
         (Some("compress"), Some(v)) => {
             settings.compress = match v {
-                "on" | "true" | "1" | "yes" => true,
-                "off" | "false" | "0" | "no" => false,
-                other => bail!("compress takes on or off, not {other:?}"),
+                "on" | "true" | "1" | "yes" => Some(true),
+                "off" | "false" | "0" | "no" => Some(false),
+                "auto" => None,
+                other => bail!("compress takes on, off or auto, not {other:?}"),
             };
             store.set_settings(&settings)?;
         }
         (Some(other), _) => bail!("unknown setting {other:?} (settings: compress)"),
     }
+    let imports_compress = settings.compress_imports();
+    let (setting, why) = match settings.compress {
+        Some(true) => ("on", "set"),
+        Some(false) => ("off", "set"),
+        None if imports_compress => ("auto", "this machine has an NVIDIA GPU"),
+        None => ("auto", "no NVIDIA GPU here"),
+    };
     if json {
-        print_json(&settings)?;
+        print_json(&serde_json::json!({
+            "compress": setting,
+            "imports_compress": imports_compress,
+        }))?;
     } else {
         println!(
-            "compress  {}   (imports store float tensors compressed; `flash pull --compress` / `--no-compress` override)",
-            if settings.compress { "on" } else { "off" }
+            "compress  {setting}: imports {} ({why}; `flash pull --compress` / `--no-compress` override; \
+             auto compresses where a GPU decodes)",
+            if imports_compress { "compress" } else { "store plain" },
         );
     }
     Ok(ExitCode::SUCCESS)

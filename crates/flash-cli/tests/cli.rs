@@ -1254,13 +1254,20 @@ fn compressed_pull_info_verify_export() {
         "synth",
         flash(&store, &["synth", "qwen3", "tiny", s(&src), "--seed", "3"]),
     );
-    // The default is off; the store's setting changes it.
+    // The default is auto: compress where an NVIDIA GPU is present (none
+    // in CI); the store's setting changes it.
     let cfg = json_out("config", flash(&store, &["config", "--json"]));
-    assert_eq!(cfg["compress"], false);
-    ok("config on", flash(&store, &["config", "compress", "on"]));
+    assert_eq!(cfg["compress"], "auto");
     assert_eq!(
-        json_out("config", flash(&store, &["config", "--json"]))["compress"],
-        true
+        cfg["imports_compress"],
+        flash_store::nvidia_gpu_present(),
+        "{cfg}"
+    );
+    ok("config on", flash(&store, &["config", "compress", "on"]));
+    let cfg = json_out("config", flash(&store, &["config", "--json"]));
+    assert_eq!(
+        (&cfg["compress"], &cfg["imports_compress"]),
+        (&"on".into(), &true.into())
     );
     assert_clean_error(
         "bad value",
@@ -1289,6 +1296,10 @@ fn compressed_pull_info_verify_export() {
         ),
     );
     ok("config off", flash(&store, &["config", "compress", "off"]));
+    assert_eq!(
+        json_out("config", flash(&store, &["config", "--json"]))["imports_compress"],
+        false
+    );
     ok(
         "pull packed",
         flash(
@@ -1334,6 +1345,17 @@ fn compressed_pull_info_verify_export() {
         flash(&store, &["pull", "--from", s(&a), "--name", "z/again"]),
     );
     assert_eq!(info("z/again")["size"], plain["size"]);
+    // Back to the machine's default: the file no longer names a choice.
+    ok(
+        "config auto",
+        flash(&store, &["config", "compress", "auto"]),
+    );
+    assert_eq!(
+        json_out("config", flash(&store, &["config", "--json"]))["compress"],
+        "auto"
+    );
+    let file = std::fs::read_to_string(store.join("settings.json")).unwrap();
+    assert!(!file.contains("compress"), "{file}");
 }
 
 #[test]

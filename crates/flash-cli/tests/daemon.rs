@@ -388,10 +388,16 @@ fn swap_report(args: &[&str], min_requests: u64) -> (Home, Value) {
     let by = r["by_source"].as_object().unwrap();
     assert!(by.contains_key("disk") && by.contains_key("memory"), "{r}");
     let counted: u64 = by.values().map(|l| l["count"].as_u64().unwrap()).sum();
-    assert_eq!(r["all"]["count"], counted, "all requests, whatever served them: {r}");
+    assert_eq!(
+        r["all"]["count"], counted,
+        "all requests, whatever served them: {r}"
+    );
     assert_eq!(r["all"]["count"], r["requests"], "{r}");
     let p50 = r["all"]["p50_s"].as_f64().unwrap();
-    assert!(p50 > 0.0 && p50 <= r["all"]["max_s"].as_f64().unwrap(), "{r}");
+    assert!(
+        p50 > 0.0 && p50 <= r["all"]["max_s"].as_f64().unwrap(),
+        "{r}"
+    );
     (h, r)
 }
 

@@ -589,7 +589,7 @@ fn pull(d: &Daemon, r: proto::PullRequest) -> Result<proto::PullReply, Status> {
     let id = ModelId::new(name.to_string());
     let compress = match r.compress {
         Some(c) => c,
-        None => d.store.settings().map_err(store_status)?.compress,
+        None => d.store.settings().map_err(store_status)?.compress_imports(),
     };
     if r.force && d.store.contains(&name) {
         // The old bytes must leave the tiers first (every rank's); refused

@@ -63,7 +63,7 @@ pub fn store_import(
         let store = open(&root)?;
         let compress = match compress {
             Some(c) => c,
-            None => store.settings().map_err(store_err)?.compress,
+            None => store.settings().map_err(store_err)?.compress_imports(),
         };
         let opts = ImportOptions {
             compress,

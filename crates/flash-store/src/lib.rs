@@ -20,4 +20,7 @@ pub mod tp;
 pub use convert::DtypeChoice;
 pub use error::StoreError;
 pub use name::{ModelName, RankedName};
-pub use store::{ImportOptions, ImportReport, ModelInfo, Store, StoreSettings, VerifyReport};
+pub use store::{
+    nvidia_gpu_present, ImportOptions, ImportReport, ModelInfo, Store, StoreSettings, VerifyReport,
+    SETTINGS_FILE,
+};

@@ -364,3 +364,37 @@ proptest! {
         }
     }
 }
+
+/// The store's settings file: files of earlier versions (a plain bool)
+/// still read; no choice (auto) is written as no key, and resolves to this
+/// machine's default.
+#[test]
+fn settings_read_old_files_and_auto_defers_to_the_machine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.settings().unwrap().compress, None, "no file: auto");
+    let file = tmp.path().join(flash_store::SETTINGS_FILE);
+    for (text, want) in [
+        (r#"{"compress": true}"#, Some(true)),
+        (r#"{"compress": false}"#, Some(false)),
+        ("{}", None),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let s = store.settings().unwrap();
+        assert_eq!(s.compress, want, "{text}");
+        assert_eq!(
+            s.compress_imports(),
+            want.unwrap_or_else(flash_store::nvidia_gpu_present)
+        );
+    }
+    std::fs::write(&file, r#"{"compress": "sometimes"}"#).unwrap();
+    let e = store.settings().unwrap_err().to_string();
+    assert!(
+        e.contains("settings.json") && e.contains("not valid"),
+        "{e}"
+    );
+    store
+        .set_settings(&flash_store::StoreSettings { compress: None })
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "{}");
+}

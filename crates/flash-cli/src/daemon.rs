@@ -348,12 +348,12 @@ fn print_ps(s: &StatusReply) {
         .unwrap_or(5)
         .max(5);
     println!(
-        "{:<w$}  {:<7} {:>11}  {:<8} {:<7} {:>6}  {:<5} {:>8}",
-        "MODEL", "TIER", "SIZE", "STATE", "FROM", "LEASES", "KEEP", "IDLE"
+        "{:<w$}  {:<7} {:>11}  {:<8} {:<7} {:>6}  {:<5} {:>8} {:>10}",
+        "MODEL", "TIER", "SIZE", "STATE", "FROM", "LEASES", "KEEP", "IDLE", "POPULARITY"
     );
     for (tier, m) in rows {
         println!(
-            "{:<w$}  {:<7} {:>11}  {:<8} {:<7} {:>6}  {:<5} {:>8}",
+            "{:<w$}  {:<7} {:>11}  {:<8} {:<7} {:>6}  {:<5} {:>8} {:>10.1}",
             m.model,
             tier,
             human(m.bytes),
@@ -363,7 +363,8 @@ fn print_ps(s: &StatusReply) {
             if m.kept { "yes" } else { "" },
             m.idle_ms
                 .map(|ms| fmt_duration(ms as f64 / 1000.0))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            m.popularity
         );
     }
 }

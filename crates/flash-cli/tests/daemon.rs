@@ -87,6 +87,13 @@ fn start_status_stop_and_a_second_daemon_is_refused() {
         ps.contains("test/m0") && ps.contains("memory") && ps.contains("yes"),
         "{ps}"
     );
+    assert!(ps.contains("POPULARITY"), "{ps}");
+    let rows: Value =
+        serde_json::from_str(&ok("ps --json", flash(&h.path, &["ps", "--json"]))).unwrap();
+    let row = &rows.as_array().unwrap()[0];
+    // One request (the load), a moment ago.
+    let pop = row["popularity"].as_f64().unwrap();
+    assert!(pop > 0.99 && pop <= 1.0, "{rows}");
     let human = ok("status", flash(&h.path, &["status"]));
     assert!(
         human.contains("memory") && human.contains("test/m0"),

@@ -556,6 +556,7 @@ pub(crate) fn status_reply(d: &Daemon) -> proto::StatusReply {
                         leases: m.leases,
                         kept: m.kept,
                         idle_ms: m.idle_ms,
+                        popularity: m.popularity,
                     })
                     .collect(),
             })

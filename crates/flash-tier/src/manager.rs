@@ -548,6 +548,7 @@ impl<X: Transfers> TierManager<X> {
                                 pins: 0,
                                 waiters: x.waiters,
                                 idle_ms: None,
+                                popularity: st.popularity.score(m, now),
                             },
                         ),
                         Slot::Ready(r) => {
@@ -566,6 +567,7 @@ impl<X: Transfers> TierManager<X> {
                                     pins: r.pins,
                                     waiters: 0,
                                     idle_ms: Some(now.duration_since(r.used_at).as_millis() as u64),
+                                    popularity: st.popularity.score(m, now),
                                 },
                             )
                         }

@@ -85,6 +85,10 @@ pub struct ModelReport {
     pub waiters: u32,
     /// Milliseconds since the last use (`None` while loading).
     pub idle_ms: Option<u64>,
+    /// The model's requests lately, each weighing half as much every
+    /// half-life ([`crate::popularity`]): idle copies of the least popular
+    /// models are evicted first.
+    pub popularity: f64,
 }
 
 /// Counters of one tier since the manager started. Every request that

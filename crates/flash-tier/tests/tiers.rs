@@ -872,6 +872,18 @@ fn popular_models_outlast_recent_ones() {
     // hot is the least recently used, b the least popular.
     drop(r.mgr.acquire(&m("d"), MEM, C1).unwrap());
     assert_eq!(r.models_in(MEM), ["d", "c", "hot"]);
+    let st = r.mgr.status();
+    let pop = |name: &str| {
+        st.tier(MEM)
+            .unwrap()
+            .models
+            .iter()
+            .find(|x| x.model == m(name))
+            .unwrap()
+            .popularity
+    };
+    assert!(pop("hot") > 2.9 && pop("hot") <= 3.0, "{}", pop("hot"));
+    assert!(pop("d") > 0.9 && pop("d") <= 1.0, "{}", pop("d"));
     r.assert_sound();
 }
 

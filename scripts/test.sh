@@ -16,11 +16,15 @@ echo "== clippy and cargo test"
 # wrapper, clippy-driver compiles them as rustc does, with its lints added, so
 # the dependencies compile once (`cargo clippy` would check them in a build of
 # its own). Exported: the SDK's wheel build below reuses the same artifacts.
-# The workspace has no benches or examples, so the test build covers every
-# target `cargo clippy --all-targets` would lint.
+# `cargo test` builds the examples too and the workspace has no benches, so
+# the test build covers every target `cargo clippy --all-targets` would lint.
 export RUSTC_WORKSPACE_WRAPPER=clippy-driver
 export RUSTFLAGS="-D warnings"
 cargo test --workspace --locked
+echo "== rustdoc"
+# The crates' documentation builds without warnings (broken or private
+# links, stray HTML): ARCHITECTURE.md sends readers to it.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
 echo "== python"
 # The reference packages and NVRTC, in an environment made once per machine
 # (scripts/ci-env.sh).

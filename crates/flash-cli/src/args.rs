@@ -2,6 +2,10 @@
 //! else of the crate (this module depends on no other), so each command
 //! module reads its arguments from here and turns them into the libraries'
 //! options.
+//!
+//! The doc comments below are clap's `--help` text, plain text read in a
+//! terminal (`ORG/NAME[:REVISION]`, `bench/<arch>-<size>-<i>`), not Markdown.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

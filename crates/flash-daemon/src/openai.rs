@@ -25,7 +25,7 @@
 //!
 //! # Validation
 //! Every field is checked for its type and range as OpenAI's API checks
-//! them, before anything runs ([`parse_request`]): numbers must be numbers
+//! them, before anything runs (`parse_request`): numbers must be numbers
 //! (not `"7"`, `true` or `null` where a value is required; JSON has no NaN
 //! or infinity, and numbers beyond f64 do not parse), integers integral,
 //! `temperature` in [0, 2], `top_p` in (0, 1], penalties in [-2, 2],

@@ -117,7 +117,7 @@ impl DaemonHandle {
     }
 
     /// Drops the copies of `model` if the store changed it since they were
-    /// made (see [`crate::fresh`]) and returns its epoch: an engine built at
+    /// made (see the `fresh` module) and returns its epoch: an engine built at
     /// another epoch holds stale weights.
     pub fn fresh(&self, model: &ModelId) -> Result<u64, String> {
         self.inner
@@ -126,7 +126,7 @@ impl DaemonHandle {
             .map_err(|e| e.to_string())
     }
 
-    /// The config and tokenizer of `model` at `epoch` (see [`crate::text`]):
+    /// The config and tokenizer of `model` at `epoch` (see the `text` module):
     /// cached, waited for when a parse is in flight, else parsed now.
     pub fn text_parts(&self, model: &ModelId, epoch: u64) -> Result<Arc<TextParts>, String> {
         let dir = self.inner.model_dir(model)?;

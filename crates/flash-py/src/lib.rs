@@ -1,7 +1,7 @@
 //! `flashtensors._native`: the Rust half of the Python SDK (see
 //! `python/flashtensors`). Loads and saves in-process (flash-load,
 //! flash-format), the store (flash-store, flash-hub), and the daemon's client
-//! (flash-client). Memory is handed to Python as [`block::Block`]s, on which
+//! (flash-client). Memory is handed to Python as `Block`s (`block.rs`), on which
 //! the Python half builds numpy arrays and torch tensors without copying.
 #![forbid(unsafe_code)]
 

@@ -445,9 +445,9 @@ pub struct GpuInfo {
     pub compute_capability: (u32, u32),
     /// "0000:01:00.0" (lower-case, the form sysfs uses).
     pub pci_bus_id: String,
-    /// From /sys/bus/pci/devices/<bus id>/current_link_speed; None when absent.
+    /// From `/sys/bus/pci/devices/<bus id>/current_link_speed`; None when absent.
     pub pcie_link_gen: Option<u8>,
-    /// From /sys/bus/pci/devices/<bus id>/current_link_width; None when absent.
+    /// From `/sys/bus/pci/devices/<bus id>/current_link_width`; None when absent.
     pub pcie_link_width: Option<u8>,
 }
 

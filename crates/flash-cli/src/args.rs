@@ -203,6 +203,13 @@ pub struct StartArgs {
     /// Ignore GPUs (memory tier only)
     #[arg(long)]
     pub no_gpu: bool,
+    /// Seconds after which a request counts half as much in a model's
+    /// popularity (the tiers evict the least popular idle copies first):
+    /// longer protects models used steadily from bursts of others, shorter
+    /// follows a changing workload sooner
+    #[arg(long, default_value_t = 300.0, value_name = "SECONDS",
+          value_parser = parse_half_life)]
+    pub popularity_half_life: f64,
     /// Run in this process instead of in the background
     #[arg(long)]
     pub foreground: bool,
@@ -544,6 +551,14 @@ pub struct KernelsArgs {
     pub arch: String,
     #[arg(long)]
     pub json: bool,
+}
+
+/// A half-life in seconds: finite and above 0.
+fn parse_half_life(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds above 0")),
+    }
 }
 
 /// Parses `123`, `16M`, `5G`, `1.5GiB`... (binary multiples, except that a

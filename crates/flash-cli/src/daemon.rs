@@ -139,6 +139,8 @@ pub(crate) fn spawn(home: &Path, verbose: u8, a: &StartArgs) -> Result<StatusRep
     if a.no_gpu {
         cmd.arg("--no-gpu");
     }
+    cmd.arg("--popularity-half-life")
+        .arg(a.popularity_half_life.to_string());
     let mut child = cmd
         .env(DETACHED_ENV, "1")
         .stdin(Stdio::null())
@@ -203,6 +205,7 @@ fn foreground(home: &Path, a: StartArgs) -> Result<ExitCode> {
         tcp,
         http,
         no_gpu: a.no_gpu,
+        popularity_half_life: std::time::Duration::from_secs_f64(a.popularity_half_life),
     };
     // The OpenAI-compatible API of the daemon's engines (flash-daemon's openai module).
     flash_daemon::run(cfg, flash_daemon::openai::routes)?;

@@ -209,6 +209,59 @@ fn budgets_evict_lru_and_respect_keep_and_leases() {
     assert!(out.contains("not resident"), "{out}");
 }
 
+/// The daemon evicts the least popular idle copy, not the least recent, and
+/// `--popularity-half-life` sets how fast popularity fades.
+#[test]
+fn popularity_decides_evictions_and_fades_with_its_half_life() {
+    let h = Home::new(3);
+    let e = fails(
+        "half-life 0",
+        flash(&h.path, &["start", "--popularity-half-life", "0"]),
+    );
+    assert!(
+        e.contains("popularity-half-life") && e.contains("\"0\""),
+        "{e}"
+    );
+    h.start(&[
+        "--mem-pool",
+        &(2 * TINY_IMAGE).to_string(),
+        "--popularity-half-life",
+        "0.5",
+    ]);
+    let m = &h.models;
+    for _ in 0..3 {
+        ok("load m0", flash(&h.path, &["load", &m[0]]));
+    }
+    ok("load m1", flash(&h.path, &["load", &m[1]]));
+    // m0 is the least recent, m1 the least requested.
+    ok("load m2", flash(&h.path, &["load", &m[2]]));
+    let mut r = resident(&h.status(), "memory");
+    r.sort();
+    assert_eq!(r, vec![m[0].clone(), m[2].clone()], "m1 evicted");
+    let popularity = || {
+        let rows: Value =
+            serde_json::from_str(&ok("ps", flash(&h.path, &["ps", "--json"]))).unwrap();
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == m[0].as_str())
+            .unwrap()["popularity"]
+            .as_f64()
+            .unwrap()
+    };
+    let t0 = Instant::now();
+    let before = popularity();
+    assert!(before > 2.0 && before <= 3.0, "{before}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = popularity();
+    // At least three half-lives later: an eighth or less of it.
+    let halvings = t0.elapsed().as_secs_f64() / 0.5;
+    assert!(
+        after <= before / 8.0 && after >= before * (-halvings - 1.0).exp2(),
+        "{before} then {after} after {halvings:.1} half-lives"
+    );
+}
+
 #[test]
 fn refusals_say_why() {
     let h = Home::new(1);

@@ -55,6 +55,9 @@ pub struct DaemonConfig {
     pub http: Option<SocketAddr>,
     /// Ignore the GPUs (a CPU-only daemon on a GPU machine).
     pub no_gpu: bool,
+    /// The half-life of a request's weight in a model's popularity, which
+    /// orders evictions ([`flash_tier::popularity`]).
+    pub popularity_half_life: std::time::Duration,
 }
 
 /// Why the daemon could not start or stopped badly.
@@ -310,6 +313,7 @@ fn ready_tiers(
         gpu_budget: cfg.gpu_budget,
         load: cfg.load.clone(),
         pool_file: home::pool_file(home, shm, cfg.memory_budget, cuda.is_some()),
+        popularity_half_life: cfg.popularity_half_life,
     };
     let (tiers, host) = build_tiers_with(Store::open(home)?, &tier_cfg, cuda)?;
     if let Some(p) = host.pool().and_then(|p| p.path()) {

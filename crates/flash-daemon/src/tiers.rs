@@ -521,11 +521,14 @@ pub struct TierConfig {
     /// `None`: an anonymous pool pinned at once with a GPU, else one aligned
     /// map per image.
     pub pool_file: Option<PathBuf>,
+    /// The half-life of a request's weight in a model's popularity, which
+    /// orders evictions ([`flash_tier::popularity`]).
+    pub popularity_half_life: std::time::Duration,
 }
 
 impl TierConfig {
     /// A memory tier of `memory_budget` bytes, 90 % of each GPU, default
-    /// load options.
+    /// load options and popularity half-life.
     pub fn new(memory_budget: u64) -> Self {
         TierConfig {
             memory_budget,
@@ -533,6 +536,7 @@ impl TierConfig {
             gpu_budget: None,
             load: LoadOptions::default(),
             pool_file: None,
+            popularity_half_life: flash_tier::popularity::DEFAULT_HALF_LIFE,
         }
     }
 }
@@ -627,7 +631,8 @@ pub fn build_tiers_with(
     };
     let host = host_memory(cfg, gpus.first())?;
     let transfers = StoreTransfers::new(store, cfg.load.clone());
-    let mut builder = TierManager::builder(transfers, host.clone(), cfg.memory_budget);
+    let mut builder = TierManager::builder(transfers, host.clone(), cfg.memory_budget)
+        .popularity_half_life(cfg.popularity_half_life);
     for gpu in gpus {
         let (_, total) = gpu.mem_info()?;
         let budget = cfg.gpu_budget.unwrap_or((total as f64 * util) as u64);

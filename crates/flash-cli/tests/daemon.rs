@@ -151,7 +151,7 @@ fn eight_clients_lease_and_release_concurrently() {
 }
 
 #[test]
-fn budgets_evict_lru_and_respect_keep_and_leases() {
+fn budgets_evict_and_respect_keep_and_leases() {
     let h = Home::new(4);
     h.start(&["--mem-pool", &(2 * TINY_IMAGE).to_string()]);
     let m = &h.models;

@@ -127,7 +127,7 @@ fn memory_copies_hold_the_bytes_load_to_host_gives() {
 }
 
 #[test]
-fn lru_eviction_and_reload_from_disk() {
+fn eviction_and_reload_from_disk() {
     let f = fixture(3);
     // Room for two images, not three.
     let tiers = cpu_tiers(&f.root, 2 * f.image + f.image / 2);
@@ -139,14 +139,14 @@ fn lru_eviction_and_reload_from_disk() {
     drop(lease);
     assert!(
         tiers.locate(a).is_empty(),
-        "a, the least recently used, was evicted"
+        "a, the least recently used of three equally requested, was evicted"
     );
     assert_eq!(tiers.locate(b), [Tier::Memory]);
     assert_eq!(tiers.locate(c), [Tier::Memory]);
     let counters = tiers.status().tier(Tier::Memory).unwrap().counters;
     assert_eq!((counters.evictions, counters.evicted_bytes), (1, f.image));
 
-    // a comes back from disk, correct, and evicts b (now the LRU copy).
+    // a comes back from disk, correct, and evicts b (as requested as c, and older).
     let lease = tiers.acquire(a, Tier::Memory, ClientId(2)).unwrap();
     assert_eq!(lease.served_from(), Tier::Disk);
     assert_same_bytes(&tiers, &lease, &reference(&f.root, a));

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_HALF_LIFE: Duration = Duration::from_secs(300);
 
 /// Scores below this are forgotten when the table grows past
-/// [`Popularity::PRUNE_AT`] entries: a request's weight after ~13 half-lives.
+/// `prune_at` entries: a request's weight after ~13 half-lives.
 const FORGET_BELOW: f64 = 1e-4;
 
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +37,10 @@ struct Score {
 pub(crate) struct Popularity {
     half_life: Duration,
     scores: HashMap<ModelId, Score>,
+    /// The table's size that triggers the next prune: at least
+    /// [`Popularity::PRUNE_AT`], and twice what the last prune kept, so
+    /// that many models all requested lately cost one prune per doubling.
+    prune_at: usize,
 }
 
 impl Popularity {
@@ -47,6 +51,7 @@ impl Popularity {
         Popularity {
             half_life: half_life.max(Duration::from_millis(1)),
             scores: HashMap::new(),
+            prune_at: Self::PRUNE_AT,
         }
     }
 
@@ -59,12 +64,13 @@ impl Popularity {
     pub fn request(&mut self, model: &ModelId, now: Instant) {
         let value = self.scores.get(model).map_or(0.0, |&s| self.decay(s, now)) + 1.0;
         self.scores.insert(model.clone(), Score { value, at: now });
-        if self.scores.len() > Self::PRUNE_AT {
+        if self.scores.len() > self.prune_at {
             let half_life = self.half_life.as_secs_f64();
             self.scores.retain(|_, s| {
                 let age = now.saturating_duration_since(s.at).as_secs_f64();
                 s.value * (-age / half_life).exp2() >= FORGET_BELOW
             });
+            self.prune_at = (2 * self.scores.len()).max(Self::PRUNE_AT);
         }
     }
 
@@ -121,5 +127,18 @@ mod tests {
         p.request(&m("hot"), later);
         assert_eq!(p.scores.len(), 1, "only the live score stays");
         assert_eq!(p.score(&m("hot"), later), 1.0);
+    }
+
+    #[test]
+    fn many_live_models_are_kept_and_pruned_once_per_doubling() {
+        let t0 = Instant::now();
+        let mut p = Popularity::new(Duration::from_secs(60));
+        let n = Popularity::PRUNE_AT + 10;
+        for i in 0..n {
+            p.request(&m(&format!("live{i}")), t0);
+        }
+        assert_eq!(p.scores.len(), n, "all live: none forgotten");
+        assert_eq!(p.prune_at, 2 * (Popularity::PRUNE_AT + 1));
+        assert!(p.score(&m("live0"), t0) > 0.99);
     }
 }

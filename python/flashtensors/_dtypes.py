@@ -10,25 +10,24 @@ exact bits. Packed sub-byte types (F4, F6) come back as their raw bytes
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
 
 # Optional: numpy dtypes for bf16 and fp8, imported the first time a BF16 or
 # F8 tensor comes back under numpy: its import took 0.87 s of the 1.05 s of
 # `import flashtensors` on the 2-core build machine, and torch users never
-# need it. `_ml` is the module once looked for, None when not installed.
-_UNSET = object()
-_ml = _UNSET
-
-
+# need it.
+@functools.cache
 def _ml_dtypes():
-    global _ml
-    if _ml is _UNSET:
-        try:
-            import ml_dtypes
-        except ImportError:  # pragma: no cover - depends on the environment
-            ml_dtypes = None
-        _ml = ml_dtypes
-    return _ml
+    """The ml_dtypes module, None when it is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return ml_dtypes
+
 
 # Element width in bits of every safetensors dtype.
 BITS = {

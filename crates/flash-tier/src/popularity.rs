@@ -8,7 +8,7 @@
 //! workload of `flash bench-daemon` (30 models, Zipf 1.0, a GPU tier of 3
 //! and a memory tier of 6) LRU served 54 % of the requests from disk; this
 //! order, with the admission rule of the memory tier (a copy filled on the
-//! way to a GPU only displaces less popular ones), 39 %. The half-life lets
+//! way to a GPU only displaces less popular ones), 38 %. The half-life lets
 //! popularity move: a model used all morning and then left falls below a
 //! model used twice since, within a few half-lives.
 //!

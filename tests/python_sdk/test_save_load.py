@@ -149,7 +149,7 @@ def test_bf16_without_ml_dtypes_is_the_exact_bits(ft, tmp_path, monkeypatch):
 
     x = sample(np.float32, (3, 4)).astype(ml.bfloat16)
     ft.save_dict({"w": x}, tmp_path / "m")
-    monkeypatch.setattr(_dtypes, "_ml", None)
+    monkeypatch.setattr(_dtypes, "_ml_dtypes", lambda: None)
     got = ft.load_dict(tmp_path / "m", {"": "cpu"})["w"]
     assert got.dtype == np.uint16 and got.shape == (3, 4)
     assert got.tobytes() == x.tobytes()

@@ -481,6 +481,10 @@ print(json.dumps({"loader": "flash-info", "model": sys.argv[1], "scenario": "sto
                   "card": sys.argv[2], "stage": "compress"}))' "$model" "$CARD" | tee -a "$RESULTS"
         timeout 150 "$FLASH" -q bench "$packed" "${DEVICE_FLAG[@]}" --scenario decode --json |
             tag flash-compressed "$model" decode | json_lines compress
+        # The same CPU rows with the portable scalar decoder, for the ratio
+        # of the vector one (`flash doctor` names the one in use).
+        FLASH_CPU_DECODER=scalar timeout 150 "$FLASH" -q bench "$packed" --device cpu --scenario decode --json |
+            tag flash-compressed-scalar-decoder "$model" decode | json_lines compress
         for target in "$packed" "${STORE[$model-plain]:-}"; do
             [ -n "$target" ] && in_budget || continue
             label=flash-format; [ "$target" = "$packed" ] && label=flash-compressed

@@ -55,6 +55,12 @@ pub struct DoctorReport {
     pub os: String,
     pub kernel: Option<String>,
     pub cpu_count: usize,
+    /// The first `model name` of /proc/cpuinfo.
+    pub cpu_model: Option<String>,
+    /// The CPU decoder of compressed chunks (`flash_codec::cpu_decoder`:
+    /// "avx2" or "scalar"), used by host loads, `verify` and machines
+    /// without the GPU decoder.
+    pub cpu_decoder: String,
     pub memory_bytes: u64,
     pub io_uring_allowed: bool,
 
@@ -187,6 +193,8 @@ impl DoctorReport {
             cpu_count: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            cpu_model: cpu_model(),
+            cpu_decoder: flash_codec::cpu_decoder().to_string(),
             memory_bytes: os::physical_memory(),
             io_uring_allowed: os::io_uring_allowed(),
             gpu_available: false,
@@ -381,6 +389,14 @@ fn parse_df(s: &str) -> Option<u64> {
     let line = s.lines().nth(1)?;
     let kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 fn read_trim(path: &str) -> Option<String> {

@@ -49,7 +49,17 @@ pub fn render(r: &DoctorReport) -> String {
             None => r.os.clone(),
         },
     );
-    row("cpus", r.cpu_count.to_string());
+    row(
+        "cpus",
+        match &r.cpu_model {
+            Some(m) => format!("{} ({m})", r.cpu_count),
+            None => r.cpu_count.to_string(),
+        },
+    );
+    row(
+        "cpu decoder",
+        format!("{} (compressed chunks on the host)", r.cpu_decoder),
+    );
     row("memory", human_bytes(r.memory_bytes));
     row(
         "io_uring",
@@ -171,6 +181,7 @@ mod tests {
         let text = render(&r);
         for want in [
             "cpus",
+            "cpu decoder",
             "none: no driver",
             "disk read",
             "1.50 GB/s",

@@ -7,7 +7,7 @@
 //! then the ratio for probability precisions 10, 11 and 12 on bf16 data of
 //! several distributions; then the parallel (rayon) tensor speeds.
 
-use flash_codec::explore::{decode_chunk_pb, encode_chunk_pb};
+use flash_codec::explore::{decode_chunk_pb, encode_chunk_pb, Kernel};
 use flash_codec::{decode_tensor, encode_tensor, Codec, Layout, CHUNK_ELEMS};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -64,8 +64,9 @@ fn best_of<T>(reps: usize, parallel: bool, mut f: impl FnMut() -> T) -> (f64, T)
     (best, out.expect("reps > 0"))
 }
 
-/// Serial encode + decode with precision PB: (encode MB/s, decode MB/s, ratio).
-fn serial<const PB: u32>(layout: Layout, data: &[u8]) -> (f64, f64, f64) {
+/// Serial encode + decode with precision PB: (encode MB/s, decode MB/s,
+/// ratio), decoded with `kernel`.
+fn serial<const PB: u32>(layout: Layout, data: &[u8], kernel: Kernel) -> (f64, f64, f64) {
     let chunk_bytes = CHUNK_ELEMS * layout.elem_bytes();
     let (te, chunks) = best_of(3, false, || {
         data.chunks(chunk_bytes)
@@ -79,7 +80,7 @@ fn serial<const PB: u32>(layout: Layout, data: &[u8]) -> (f64, f64, f64) {
     let mut out = vec![0u8; data.len()];
     let (td, ()) = best_of(3, false, || {
         for ((codec, s), o) in chunks.iter().zip(out.chunks_mut(chunk_bytes)) {
-            decode_chunk_pb::<PB>(layout, *codec, s, o).expect("decodes");
+            decode_chunk_pb::<PB>(layout, *codec, s, o, kernel).expect("decodes");
         }
     });
     assert!(out == data, "round trip");
@@ -96,14 +97,18 @@ fn main() {
     println!("flash-codec CPU, {mib} MiB per case, chunks of {CHUNK_ELEMS} elements");
     println!("single thread (speeds per second of this thread's CPU time), normal(0, 0.02) data, PROB_BITS = {}:", flash_codec::PROB_BITS);
     println!(
-        "{:<6} {:>12} {:>12} {:>8}",
-        "layout", "encode MB/s", "decode MB/s", "ratio"
+        "{:<6} {:>12} {:>12} {:>14} {:>8}",
+        "layout", "encode MB/s", "decode MB/s", "(scalar) MB/s", "ratio"
     );
     for layout in [Layout::Bf16, Layout::F16, Layout::F32] {
         let n = mib * (1 << 20) / layout.elem_bytes();
         let data = to_bytes(layout, &normal(&mut rng, n, 0.02));
-        let (e, d, r) = serial::<{ flash_codec::PROB_BITS }>(layout, &data);
-        println!("{:<6} {e:>12.0} {d:>12.0} {r:>8.4}", format!("{layout:?}"));
+        let (e, d, r) = serial::<{ flash_codec::PROB_BITS }>(layout, &data, Kernel::Best);
+        let (_, ds, _) = serial::<{ flash_codec::PROB_BITS }>(layout, &data, Kernel::Scalar);
+        println!(
+            "{:<6} {e:>12.0} {d:>12.0} {ds:>14.0} {r:>8.4}",
+            format!("{layout:?}")
+        );
     }
 
     println!("\nbf16 stored/decoded by probability precision (single-thread speeds):");
@@ -120,9 +125,9 @@ fn main() {
     for (name, values) in &sets {
         let data = to_bytes(Layout::Bf16, values);
         let cells = [
-            serial::<10>(Layout::Bf16, &data),
-            serial::<11>(Layout::Bf16, &data),
-            serial::<12>(Layout::Bf16, &data),
+            serial::<10>(Layout::Bf16, &data, Kernel::Best),
+            serial::<11>(Layout::Bf16, &data, Kernel::Best),
+            serial::<12>(Layout::Bf16, &data, Kernel::Best),
         ];
         let fmt: Vec<String> = cells
             .iter()

@@ -399,7 +399,17 @@ pub fn decode_chunk(
     stored: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    decode_chunk_pb::<PROB_BITS>(layout, codec, stored, out)
+    decode_chunk_pb::<PROB_BITS>(layout, codec, stored, out, Kernel::Best)
+}
+
+/// Which CPU decoder [`decode_chunk_pb`] runs (exploration and tests: both
+/// give the same bytes and errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fastest this CPU has (AVX2 for bf16 on x86-64 where present).
+    Best,
+    /// The portable scalar steps.
+    Scalar,
 }
 
 /// [`decode_chunk`] with the probability precision `PB` (8 to 12) as a
@@ -409,6 +419,7 @@ pub fn decode_chunk_pb<const PB: u32>(
     codec: Codec,
     stored: &[u8],
     out: &mut [u8],
+    kernel: Kernel,
 ) -> Result<(), CodecError> {
     const { assert!(PB >= 8 && PB <= 12) };
     let eb = layout.elem_bytes();
@@ -430,15 +441,69 @@ pub fn decode_chunk_pb<const PB: u32>(
     }
     let elems = out.len() / eb;
     let info = parse_pb(layout, elems, stored, PB)?;
-    let lut = build_lut(stored, &info);
     let mut x = info.states(stored);
     let stream = &stored[info.stream_offset..info.stream_offset + 2 * info.words];
     let raw = &stored[info.raw_offset..info.raw_offset + elems * layout.raw_bytes_per_elem()];
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Best {
+        if let Some(simd) = crate::avx2::detect() {
+            use crate::avx2::{Bf16, F16, F32};
+            let packed = build_packed_lut(stored, &info);
+            let (x, lut) = (&mut x, &*packed);
+            let pos = match layout {
+                Layout::Bf16 => vector::<PB, 1, 2, Bf16>(simd, lut, x, stream, raw, out, join_bf16),
+                Layout::F16 => vector::<PB, 1, 2, F16>(simd, lut, x, stream, raw, out, join_f16),
+                Layout::F32 => vector::<PB, 3, 4, F32>(simd, lut, x, stream, raw, out, join_f32),
+            };
+            return finish(x, pos?, &info);
+        }
+    }
+    let lut = build_lut(stored, &info);
     let consumed = match layout {
         Layout::Bf16 => run::<PB, 1, 2, u8>(&lut, &mut x, stream, raw, out, join_bf16)?,
         Layout::F16 => run::<PB, 1, 2, u32>(&lut, &mut x, stream, raw, out, join_f16)?,
         Layout::F32 => run::<PB, 3, 4, u32>(&lut, &mut x, stream, raw, out, join_f32)?,
     };
+    finish(&x, consumed, &info)
+}
+
+/// The AVX2 decoder's full steps, then the chunk's last partial step (if
+/// any) on the scalar step.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn vector<const PB: u32, const RB: usize, const EB: usize, J: crate::avx2::Join>(
+    simd: flash_sys::simd::V3,
+    packed: &crate::avx2::PackedLut,
+    x: &mut [u32; LANES],
+    stream: &[u8],
+    raw: &[u8],
+    out: &mut [u8],
+    join: impl Fn(u32, [u8; RB]) -> [u8; EB],
+) -> Result<usize, CodecError> {
+    let elems = out.len() / EB;
+    let full = elems / LANES * LANES;
+    let (o, tail) = out.split_at_mut(full * EB);
+    let (r, raw_tail) = raw.split_at(full * RB);
+    let mut pos = crate::avx2::full_steps::<PB, J>(simd, packed, x, stream, r, o)?;
+    if !tail.is_empty() {
+        let lut = build_lut_from_packed(packed);
+        let mut spare = [0u8; 2 * LANES];
+        let win = window(stream, pos, &mut spare);
+        pos += step::<PB, RB, EB>(&lut, &mut x[..elems - full], win, raw_tail, tail, join);
+        let words = stream.len() / 2;
+        if pos > words {
+            return Err(CodecError::StreamOverrun {
+                step: full / LANES,
+                words,
+            });
+        }
+    }
+    Ok(pos)
+}
+
+/// The end-of-chunk checks: every lane back in state `L`, every word of the
+/// stream consumed.
+fn finish(x: &[u32; LANES], consumed: usize, info: &ChunkInfo) -> Result<(), CodecError> {
     if let Some(lane) = x.iter().position(|&s| s != L) {
         return Err(CodecError::FinalState {
             lane,
@@ -452,6 +517,24 @@ pub fn decode_chunk_pb<const PB: u32>(
         });
     }
     Ok(())
+}
+
+/// The vector decoder's table of a validated chunk.
+#[cfg(target_arch = "x86_64")]
+fn build_packed_lut(stored: &[u8], info: &ChunkInfo) -> Box<crate::avx2::PackedLut> {
+    let mut lut = Box::new(crate::avx2::PackedLut([0; LUT_LEN]));
+    let t = info.table_offset;
+    let k = info.symbols;
+    let mut cum = 0usize;
+    for i in 0..k {
+        let f = u16_at(stored, t + 2 * i) as usize;
+        let s = stored[t + 2 * k + i];
+        for (bias, e) in lut.0[cum..cum + f].iter_mut().enumerate() {
+            *e = crate::avx2::PackedLut::entry(f as u32, bias as u32, s);
+        }
+        cum += f;
+    }
+    lut
 }
 
 /// The decoding table of a validated chunk (slots past `2^PB` stay 0 and
@@ -476,6 +559,21 @@ fn build_lut(stored: &[u8], info: &ChunkInfo) -> Box<Lut> {
     lut
 }
 
+/// The scalar table from the vector decoder's (for a chunk's partial last
+/// step).
+#[cfg(target_arch = "x86_64")]
+fn build_lut_from_packed(packed: &crate::avx2::PackedLut) -> Box<Lut> {
+    let mut lut = Box::new(Lut {
+        fb: [0; LUT_LEN],
+        sym: [0; LUT_LEN],
+    });
+    for ((fb, sym), &e) in lut.fb.iter_mut().zip(lut.sym.iter_mut()).zip(&packed.0) {
+        *fb = ((e >> 20) + 1) << 16 | (e & 0xfff);
+        *sym = (e >> 12) as u8;
+    }
+    lut
+}
+
 /// One lane's decode of one element: (symbol, state before renormalising).
 #[inline(always)]
 fn decode_one<const PB: u32>(lut: &Lut, x: u32) -> (u32, u32) {
@@ -488,7 +586,11 @@ fn decode_one<const PB: u32>(lut: &Lut, x: u32) -> (u32, u32) {
 /// (zeros past the end of the stream: taking one of those is an overrun,
 /// found after the step).
 #[inline(always)]
-fn window<'a>(stream: &'a [u8], pos: usize, spare: &'a mut [u8; 2 * LANES]) -> &'a [u8; 2 * LANES] {
+pub(crate) fn window<'a>(
+    stream: &'a [u8],
+    pos: usize,
+    spare: &'a mut [u8; 2 * LANES],
+) -> &'a [u8; 2 * LANES] {
     match stream.get(2 * pos..2 * pos + 2 * LANES) {
         Some(w) => w.try_into().expect("64 bytes"),
         None => {

@@ -49,6 +49,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod chunk;
 mod error;
 mod freq;
@@ -64,6 +66,17 @@ pub use gpu::{
 };
 pub use layout::{Codec, Layout};
 pub use tensor::{chunk_count, decode_tensor, encode_tensor};
+
+/// The CPU decoder this machine runs: `"avx2"` (x86-64 with AVX2: the
+/// vector steps, about 3x the scalar speed) or `"scalar"` (other CPUs, or
+/// `FLASH_CPU_DECODER=scalar` in the environment).
+pub fn cpu_decoder() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::detect().is_some() {
+        return "avx2";
+    }
+    "scalar"
+}
 
 /// Elements per chunk in tensors written by flash (the last chunk of a
 /// tensor may be shorter). 65536 bf16 elements = 128 KiB decoded; one GPU
@@ -102,5 +115,5 @@ pub const MAX_RANS_PERCENT: usize = 98;
 /// that stores every chunk `Rans` however large.
 #[doc(hidden)]
 pub mod explore {
-    pub use crate::chunk::{decode_chunk_pb, encode_chunk_pb, encode_chunk_rans_pb};
+    pub use crate::chunk::{decode_chunk_pb, encode_chunk_pb, encode_chunk_rans_pb, Kernel};
 }

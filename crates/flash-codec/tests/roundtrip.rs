@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use flash_codec::explore::{decode_chunk_pb, encode_chunk_rans_pb};
+use flash_codec::explore::{decode_chunk_pb, encode_chunk_rans_pb, Kernel};
 use flash_codec::{
     decode_chunk, decode_tensor, encode_chunk, encode_tensor, ChunkInfo, Codec, Layout,
     CHUNK_ELEMS, PROB_BITS,
@@ -247,7 +247,7 @@ fn other_precisions_round_trip() {
     let mut s10 = Vec::new();
     let c = flash_codec::explore::encode_chunk_pb::<10>(Layout::Bf16, &data, &mut s10);
     let mut out = vec![0u8; data.len()];
-    decode_chunk_pb::<10>(Layout::Bf16, c, &s10, &mut out).unwrap();
+    decode_chunk_pb::<10>(Layout::Bf16, c, &s10, &mut out, Kernel::Best).unwrap();
     assert_eq!(out, data);
     assert_eq!(
         reference_decode(Layout::Bf16, &s10, 10_000, 10).as_deref(),
@@ -255,7 +255,7 @@ fn other_precisions_round_trip() {
     );
     let mut s12 = Vec::new();
     let c = flash_codec::explore::encode_chunk_pb::<12>(Layout::Bf16, &data, &mut s12);
-    decode_chunk_pb::<12>(Layout::Bf16, c, &s12, &mut out).unwrap();
+    decode_chunk_pb::<12>(Layout::Bf16, c, &s12, &mut out, Kernel::Best).unwrap();
     assert_eq!(out, data);
     // A PB-10 stream is not a PB-11 one.
     assert!(decode_chunk(Layout::Bf16, Codec::Rans, &s10, &mut out).is_err());

@@ -1,4 +1,5 @@
-//! The `unsafe` code that talks to the operating system and the CUDA driver:
+//! The `unsafe` code that talks to the operating system, the CPU's vector
+//! units and the CUDA driver:
 //! everything that asks the OS for more than `std` offers, and the driver's
 //! contexts, memory, streams, events, pinned memory and IPC. The GPU
 //! kernels (NVRTC, cuBLAS, the inference engine's ops) are flash-kernels',
@@ -13,6 +14,8 @@
 //!   without a driver gets [`cuda::probe`] returning why, never a panic. The
 //!   few handles flash-kernels needs to queue its own work (the raw stream,
 //!   symbol checks, the error helper) are documented there.
+//! - [`simd`] (x86-64): the AVX2 table gather of the CPU codec's vector
+//!   decoder, safe for any index.
 //! - [`shm`]: the daemon's host pool (shared memory, pinned once), clients'
 //!   maps of it, the daemon's lock file and signals.
 //!
@@ -21,4 +24,6 @@
 pub mod cuda;
 pub mod os;
 pub mod shm;
+#[cfg(target_arch = "x86_64")]
+pub mod simd;
 pub mod uring;

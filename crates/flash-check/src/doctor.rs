@@ -61,6 +61,9 @@ pub struct DoctorReport {
     /// "avx2" or "scalar"), used by host loads, `verify` and machines
     /// without the GPU decoder.
     pub cpu_decoder: String,
+    /// That decoder's speed on one core, GB/s of decoded bf16 (32 MiB of
+    /// normal weights, best of 3; its output checked against the input).
+    pub cpu_decode_gbps: Option<f64>,
     pub memory_bytes: u64,
     pub io_uring_allowed: bool,
 
@@ -176,6 +179,7 @@ pub fn collect(store_dir: &Path) -> DoctorReport {
 /// As [`collect`], with scratch files of at most `disk_bytes` together.
 pub fn collect_sized(store_dir: &Path, disk_bytes: u64) -> DoctorReport {
     let mut r = DoctorReport::host(store_dir);
+    r.cpu_decode_gbps = cpu_decode_gbps();
     gpu_checks(&mut r);
     if let Err(e) = disk_checks(&mut r, store_dir, disk_bytes) {
         r.disk_error = Some(e.to_string());
@@ -195,6 +199,7 @@ impl DoctorReport {
                 .unwrap_or(1),
             cpu_model: cpu_model(),
             cpu_decoder: flash_codec::cpu_decoder().to_string(),
+            cpu_decode_gbps: None,
             memory_bytes: os::physical_memory(),
             io_uring_allowed: os::io_uring_allowed(),
             gpu_available: false,
@@ -391,6 +396,34 @@ fn parse_df(s: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// One core decoding 32 MiB of compressed bf16 normal weights (what
+/// `flash_synth` writes), best of 3; `None` if the round trip failed.
+pub fn cpu_decode_gbps() -> Option<f64> {
+    use flash_codec::{decode_chunk, encode_tensor, Layout, CHUNK_ELEMS};
+    use flash_synth::random::{Filler, BLOCK_ELEMS};
+    const BYTES: usize = 32 << 20;
+    let filler = Filler::new(
+        flash_synth::Init::Normal { std: 0.02 },
+        flash_format::DType::BF16,
+    )
+    .ok()?;
+    let mut data = vec![0u8; BYTES];
+    for (block, part) in data.chunks_mut(2 * BLOCK_ELEMS as usize).enumerate() {
+        filler.fill(1, 0, block as u64, part);
+    }
+    let chunks = encode_tensor(Layout::Bf16, &data, CHUNK_ELEMS);
+    let mut out = vec![0u8; BYTES];
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for ((codec, stored), o) in chunks.iter().zip(out.chunks_mut(2 * CHUNK_ELEMS)) {
+            decode_chunk(Layout::Bf16, *codec, stored, o).ok()?;
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (out == data).then(|| round2(BYTES as f64 / best / 1e9))
+}
+
 fn cpu_model() -> Option<String> {
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     info.lines()
@@ -433,6 +466,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = collect_sized(dir.path(), 4 << 24);
         assert!(r.cpu_count >= 1);
+        // The decode round trip held (else None) at a plausible speed.
+        let decode = r.cpu_decode_gbps.expect("CPU decode measured");
+        assert!(decode > 0.01 && decode < 1000.0, "{decode} GB/s");
+        assert!(["avx2", "scalar"].contains(&r.cpu_decoder.as_str()));
         assert!(r.gpu_available || r.gpu_reason.is_some());
         assert_eq!(r.disk_test_bytes, 4 << 24, "{:?}", r.disk_error);
         assert!(r.disk_read_gbps.is_some() && r.page_cache_read_gbps.is_some());

@@ -58,7 +58,11 @@ pub fn render(r: &DoctorReport) -> String {
     );
     row(
         "cpu decoder",
-        format!("{} (compressed chunks on the host)", r.cpu_decoder),
+        format!(
+            "{}, {} a core (compressed chunks on the host)",
+            r.cpu_decoder,
+            opt_gbps(r.cpu_decode_gbps)
+        ),
     );
     row("memory", human_bytes(r.memory_bytes));
     row(

@@ -121,22 +121,29 @@ fn store_u16(simd: V3, vals: &[I256; 4], out: &mut [u8]) {
     }
 }
 
+/// `(r & 1 << E) << 8 | sym << E | (r & (1 << E) - 1)`: the sign moved from
+/// bit `E` of the raw value to bit `E + 8`, the 8-bit symbol (exponent)
+/// placed between it and the mantissa (bf16: E = 7, f32: E = 23).
+#[inline(always)]
+fn sign_exp_mantissa<const E: i32>(simd: V3, sym: I256, r: I256) -> I256 {
+    let (avx, avx2) = (simd.avx, simd.avx2);
+    let sign = avx2._mm256_and_si256(r, avx._mm256_set1_epi32(1 << E));
+    let mantissa = avx2._mm256_and_si256(r, avx._mm256_set1_epi32((1 << E) - 1));
+    avx2._mm256_or_si256(
+        avx2._mm256_or_si256(
+            avx2._mm256_slli_epi32::<8>(sign),
+            avx2._mm256_slli_epi32::<E>(sym),
+        ),
+        mantissa,
+    )
+}
+
 impl Join for Bf16 {
     const RB: usize = 1;
     const EB: usize = 2;
     #[inline(always)]
     fn join8(simd: V3, sym: I256, raw: &[u8]) -> I256 {
-        let (avx, avx2) = (simd.avx, simd.avx2);
-        let r = bytes8(simd, raw);
-        let sign = avx2._mm256_and_si256(r, avx._mm256_set1_epi32(0x80));
-        let mantissa = avx2._mm256_and_si256(r, avx._mm256_set1_epi32(0x7f));
-        avx2._mm256_or_si256(
-            avx2._mm256_or_si256(
-                avx2._mm256_slli_epi32::<8>(sign),
-                avx2._mm256_slli_epi32::<7>(sym),
-            ),
-            mantissa,
-        )
+        sign_exp_mantissa::<7>(simd, sym, bytes8(simd, raw))
     }
     #[inline(always)]
     fn store(simd: V3, vals: &[I256; 4], out: &mut [u8]) {
@@ -163,7 +170,7 @@ impl Join for F32 {
     const EB: usize = 4;
     #[inline(always)]
     fn join8(simd: V3, sym: I256, raw: &[u8]) -> I256 {
-        let (avx, avx2) = (simd.avx, simd.avx2);
+        let avx2 = simd.avx2;
         let r24: [u8; 24] = raw[..24].try_into().expect("24 bytes");
         let r32: [u8; 32] = std::array::from_fn(|i| if i < 24 { r24[i] } else { 0 });
         // Dwords 0-3 to the low half and 3-6 to the high half: each half then
@@ -176,15 +183,7 @@ impl Join for F32 {
         let spread: [i8; 16] = [0, 1, 2, Z, 3, 4, 5, Z, 6, 7, 8, Z, 9, 10, 11, Z];
         let shuffle: [i8; 32] = std::array::from_fn(|i| spread[i % 16]);
         let r = avx2._mm256_shuffle_epi8(halves, pulp::cast(shuffle));
-        let sign = avx2._mm256_and_si256(r, avx._mm256_set1_epi32(0x80_0000));
-        let mantissa = avx2._mm256_and_si256(r, avx._mm256_set1_epi32(0x7f_ffff));
-        avx2._mm256_or_si256(
-            avx2._mm256_or_si256(
-                avx2._mm256_slli_epi32::<8>(sign),
-                avx2._mm256_slli_epi32::<23>(sym),
-            ),
-            mantissa,
-        )
+        sign_exp_mantissa::<23>(simd, sym, r)
     }
     #[inline(always)]
     fn store(_: V3, vals: &[I256; 4], out: &mut [u8]) {

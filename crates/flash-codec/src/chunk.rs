@@ -519,20 +519,29 @@ fn finish(x: &[u32; LANES], consumed: usize, info: &ChunkInfo) -> Result<(), Cod
     Ok(())
 }
 
+/// The table of a validated chunk as runs of slots: `(first slot,
+/// frequency, symbol)` per symbol, in slot order.
+fn slot_runs<'a>(
+    stored: &'a [u8],
+    info: &ChunkInfo,
+) -> impl Iterator<Item = (usize, usize, u8)> + 'a {
+    let (t, k) = (info.table_offset, info.symbols);
+    (0..k).scan(0usize, move |cum, i| {
+        let f = u16_at(stored, t + 2 * i) as usize;
+        let first = *cum;
+        *cum += f;
+        Some((first, f, stored[t + 2 * k + i]))
+    })
+}
+
 /// The vector decoder's table of a validated chunk.
 #[cfg(target_arch = "x86_64")]
 fn build_packed_lut(stored: &[u8], info: &ChunkInfo) -> Box<crate::avx2::PackedLut> {
     let mut lut = Box::new(crate::avx2::PackedLut([0; LUT_LEN]));
-    let t = info.table_offset;
-    let k = info.symbols;
-    let mut cum = 0usize;
-    for i in 0..k {
-        let f = u16_at(stored, t + 2 * i) as usize;
-        let s = stored[t + 2 * k + i];
+    for (cum, f, s) in slot_runs(stored, info) {
         for (bias, e) in lut.0[cum..cum + f].iter_mut().enumerate() {
             *e = crate::avx2::PackedLut::entry(f as u32, bias as u32, s);
         }
-        cum += f;
     }
     lut
 }
@@ -544,17 +553,11 @@ fn build_lut(stored: &[u8], info: &ChunkInfo) -> Box<Lut> {
         fb: [0; LUT_LEN],
         sym: [0; LUT_LEN],
     });
-    let t = info.table_offset;
-    let k = info.symbols;
-    let mut cum = 0usize;
-    for i in 0..k {
-        let f = u16_at(stored, t + 2 * i) as usize;
-        let s = stored[t + 2 * k + i];
+    for (cum, f, s) in slot_runs(stored, info) {
         for (bias, e) in lut.fb[cum..cum + f].iter_mut().enumerate() {
             *e = ((f as u32) << 16) | bias as u32;
         }
         lut.sym[cum..cum + f].fill(s);
-        cum += f;
     }
     lut
 }

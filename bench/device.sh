@@ -215,7 +215,8 @@ PY
 }
 run_peer() { # run_peer LOADER DIR MODEL SCENARIO
     local line
-    line=$(timeout "$PEER_TIMEOUT" python3 bench/peers.py --loader "$1" --model-dir "$2" \
+    # diskwatch: the block device's requests while it ran (sizes, depth, latency).
+    line=$(timeout "$PEER_TIMEOUT" python3 bench/diskwatch.py "$2" -- python3 bench/peers.py --loader "$1" --model-dir "$2" \
         --model "$3" --scenario "$4" --card "$CARD" 2>"$OUT/peer.err" | tail -1)
     local rc=$?
     if [ -z "$line" ]; then
@@ -417,7 +418,7 @@ for l in sys.stdin:
                     [ "$kind" = idle ] && label="$label@idle$rest"
                     wrap=()
                     if [ "$kind" = bind ]; then wrap=(taskset -c "$GPU_CPUS"); label="$label@numa-bound"; fi
-                    timeout "$PEER_TIMEOUT" "${wrap[@]}" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
+                    timeout "$PEER_TIMEOUT" python3 bench/diskwatch.py "$FLASH_HOME" -- "${wrap[@]}" "$FLASH" -q bench "$target" "${DEVICE_FLAG[@]}" --scenario cold \
                         --loader flash "${extra[@]}" --json 2>"$OUT/flash.err" | tag "$label" "$model" cold |
                         python3 -c '
 import json, sys
@@ -453,6 +454,16 @@ for model in sorted({m for m, _ in by}):
             if l == peer: continue
             worst = max((by[(model, r)][l] / by[(model, r)][peer] for r in rounds if l in by[(model, r)] and peer in by[(model, r)]), default=float("nan"))
             print(f"  {l}: median ratio to {peer} {med[l] / med[peer]:.3f}, worst round {worst:.3f}")
+    # What the block device was asked (bench/diskwatch.py): medians per loader.
+    disk = collections.defaultdict(list)
+    for d in rows:
+        if d.get("model") == model and isinstance(d.get("disk"), dict) and d["disk"].get("reads"):
+            disk[d["loader"]].append(d["disk"])
+    if disk:
+        print(f"  block device, medians: {'loader':<34} {'KiB/req':>8} {'ms/req':>7} {'in flight':>9} {'busy':>5}")
+        for l, ds in sorted(disk.items()):
+            m = lambda k: statistics.median([x[k] for x in ds if x.get(k) is not None] or [float("nan")])
+            print(f"  {'':<21} {l[:34]:<34} {m('req_kib'):>8.0f} {m('ms_per_req'):>7.2f} {m('inflight_mean'):>9.1f} {m('busy_share'):>5.2f}")
     setup = [d["setup_seconds"] for d in rows if d.get("model") == model and d.get("loader") == peer and "setup_seconds" in d]
     if setup:
         print(f"  {peer}: {statistics.median(setup):.1f} s from its eviction to its timed read (imports, CUDA context; median)")

@@ -190,8 +190,14 @@ pub fn disk(a: BenchDiskArgs) -> Result<ExitCode> {
             v["scenario"] = "cold".into();
             println!("{v}");
         } else {
+            let device = r.device.as_ref().map_or(String::new(), |d| {
+                format!(
+                    "  {}: {:.0} KiB a request, {:.2} ms each, {:.1} in flight",
+                    d.name, d.req_kib, d.ms_per_req, d.mean_in_flight
+                )
+            });
             println!(
-                "round {round}  {:<36} {:>6.2} GB/s  {:>6.2} s",
+                "round {round}  {:<36} {:>6.2} GB/s  {:>6.2} s{device}",
                 r.pattern, r.gbps, r.seconds
             );
         }

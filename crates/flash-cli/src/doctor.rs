@@ -156,9 +156,20 @@ pub fn render(r: &DoctorReport) -> String {
         );
         for p in &r.disk_patterns {
             let rates: Vec<String> = p.gbps.iter().map(|g| format!("{g:.2}")).collect();
+            let median = |f: fn(&flash_load::disk::DeviceRequests) -> f64| {
+                let mut v: Vec<f64> = p.device.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied()
+            };
+            let device = match (median(|d| d.req_kib), median(|d| d.mean_in_flight)) {
+                (Some(kib), Some(depth)) => {
+                    format!("  ({kib:.0} KiB a request, {depth:.1} in flight)")
+                }
+                _ => String::new(),
+            };
             row(
                 "  pattern",
-                format!("{:<34} {} GB/s", p.pattern, rates.join(" / ")),
+                format!("{:<34} {} GB/s{device}", p.pattern, rates.join(" / ")),
             );
         }
         row("page cache read", opt_gbps(r.page_cache_read_gbps));

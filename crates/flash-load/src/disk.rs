@@ -180,6 +180,102 @@ pub struct ProbeResult {
     pub gbps: f64,
     /// Files read through the page cache because O_DIRECT was refused.
     pub fallback_buffered: usize,
+    /// What the block device holding the first file was asked meanwhile
+    /// (every process's reads), where /proc/diskstats tells.
+    pub device: Option<DeviceRequests>,
+}
+
+/// A block device's read counters (/proc/diskstats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockCounters {
+    /// Read requests completed (after the block layer merged adjacent ones).
+    pub reads: u64,
+    /// 512-byte sectors read.
+    pub sectors: u64,
+    /// Milliseconds the completed reads took, queue and device, summed.
+    pub read_ms: u64,
+    /// Milliseconds of requests in flight, weighted by how many were.
+    pub weighted_ms: u64,
+}
+
+impl BlockCounters {
+    /// The counters of the block device (or partition) holding `path`;
+    /// `None` where /sys or /proc/diskstats do not say (not Linux, a
+    /// network or overlay file system without a block device).
+    pub fn of(path: &std::path::Path) -> Option<(String, BlockCounters)> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(path).ok()?.dev();
+        let (major, minor) = (
+            ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+            (dev & 0xff) | ((dev >> 12) & !0xff),
+        );
+        let link = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+        let name = link.file_name()?.to_str()?.to_string();
+        let counters = Self::read(&name)?;
+        Some((name, counters))
+    }
+
+    /// The counters of the device called `name` in /proc/diskstats.
+    pub fn read(name: &str) -> Option<BlockCounters> {
+        let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+        Self::parse(&stats, name)
+    }
+
+    /// `name`'s line of a /proc/diskstats text: fields 4 (reads completed),
+    /// 6 (sectors read), 7 (ms reading) and 11 (weighted ms doing I/O).
+    pub fn parse(diskstats: &str, name: &str) -> Option<BlockCounters> {
+        diskstats.lines().find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 14 || f[2] != name {
+                return None;
+            }
+            let n = |i: usize| f[i].parse::<u64>().ok();
+            Some(BlockCounters {
+                reads: n(3)?,
+                sectors: n(5)?,
+                read_ms: n(6)?,
+                weighted_ms: n(13)?,
+            })
+        })
+    }
+}
+
+/// What a device was asked between two [`BlockCounters`] readings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DeviceRequests {
+    /// The device's name in /proc/diskstats (`vda`, `nvme0n1p1`).
+    pub name: String,
+    /// Read requests completed.
+    pub requests: u64,
+    /// Their mean size, KiB.
+    pub req_kib: f64,
+    /// The mean time one took, queue and device, ms.
+    pub ms_per_req: f64,
+    /// Requests in flight on average over the interval.
+    pub mean_in_flight: f64,
+}
+
+impl DeviceRequests {
+    /// From readings before and after an interval of `seconds`; `None` when
+    /// no read completed or the counters went back (a device reset).
+    pub fn between(name: &str, a: BlockCounters, b: BlockCounters, seconds: f64) -> Option<Self> {
+        let requests = b.reads.checked_sub(a.reads).filter(|&r| r > 0)?;
+        let sectors = b.sectors.checked_sub(a.sectors)?;
+        let read_ms = b.read_ms.checked_sub(a.read_ms)?;
+        let weighted = b.weighted_ms.checked_sub(a.weighted_ms)?;
+        let round = |x: f64, d: f64| (x * d).round() / d;
+        Some(DeviceRequests {
+            name: name.to_string(),
+            requests,
+            req_kib: round(sectors as f64 * 512.0 / 1024.0 / requests as f64, 10.0),
+            ms_per_req: round(read_ms as f64 / requests as f64, 1000.0),
+            mean_in_flight: if seconds > 0.0 {
+                round(weighted as f64 / 1000.0 / seconds, 10.0)
+            } else {
+                0.0
+            },
+        })
+    }
 }
 
 /// Drops the files from the page cache and returns the share of their bytes
@@ -255,6 +351,8 @@ pub fn best_by_median(results: &[(usize, ProbeResult)]) -> Option<(String, f64)>
 pub struct PatternRates {
     pub pattern: String,
     pub gbps: Vec<f64>,
+    /// What the block device was asked in each round, where known.
+    pub device: Vec<DeviceRequests>,
 }
 
 impl PatternRates {
@@ -361,13 +459,11 @@ pub fn probe_dir(
         .iter()
         .map(|p| {
             let name = p.to_string();
+            let mine = || results.iter().filter(|(_, r)| r.pattern == name);
             PatternRates {
-                gbps: results
-                    .iter()
-                    .filter(|(_, r)| r.pattern == name)
-                    .map(|(_, r)| r.gbps)
-                    .collect(),
-                pattern: name,
+                gbps: mine().map(|(_, r)| r.gbps).collect(),
+                device: mine().filter_map(|(_, r)| r.device.clone()).collect(),
+                pattern: name.clone(),
             }
         })
         .collect();
@@ -458,6 +554,8 @@ pub fn read_files(
         .collect();
     let plan = LoadPlan::whole_files(&files);
     let opts = pattern.apply(&LoadOptions::default());
+    let before = files.first().and_then(|f| BlockCounters::of(&f.path));
+    let clock = Instant::now();
     let stats = match pattern.queue_depth {
         None => execute(
             &plan,
@@ -468,6 +566,10 @@ pub fn read_files(
         )?,
         Some(depth) => read_uring(&plan, &opts, depth)?,
     };
+    let seconds = clock.elapsed().as_secs_f64();
+    let device = before.and_then(|(name, a)| {
+        DeviceRequests::between(&name, a, BlockCounters::read(&name)?, seconds)
+    });
     let fallback_buffered = if pattern.io == IoMode::Direct {
         stats.files_buffered
     } else {
@@ -479,6 +581,7 @@ pub fn read_files(
         seconds: stats.seconds,
         gbps: stats.gbps(),
         fallback_buffered,
+        device,
     })
 }
 
@@ -566,6 +669,48 @@ mod tests {
     use std::io::Write;
 
     #[test]
+    fn diskstats_lines_give_request_sizes_and_depth() {
+        let stats = "\
+ 254       0 vda 1000 10 2048000 5000 0 0 0 0 0 900 16000 0 0 0 0 0 0
+ 254       1 vda1 10 0 80 5 0 0 0 0 0 3 5 0 0 0 0 0 0
+";
+        let a = BlockCounters::parse(stats, "vda").unwrap();
+        assert_eq!(
+            a,
+            BlockCounters {
+                reads: 1000,
+                sectors: 2048000,
+                read_ms: 5000,
+                weighted_ms: 16000
+            }
+        );
+        assert_eq!(BlockCounters::parse(stats, "vda1").unwrap().reads, 10);
+        assert!(BlockCounters::parse(stats, "vdb").is_none());
+        assert!(BlockCounters::parse("254 0 vda 1 2 x", "vda").is_none());
+        // 100 more reads of 8 sectors... 200 KiB each on average, 4 ms each,
+        // 2 s of weighted time over 0.5 s: 4 in flight.
+        let b = BlockCounters {
+            reads: 1100,
+            sectors: 2048000 + 100 * 400,
+            read_ms: 5400,
+            weighted_ms: 18000,
+        };
+        let d = DeviceRequests::between("vda", a, b, 0.5).unwrap();
+        assert_eq!(
+            (d.requests, d.req_kib, d.ms_per_req, d.mean_in_flight),
+            (100, 200.0, 4.0, 4.0)
+        );
+        assert!(
+            DeviceRequests::between("vda", b, a, 0.5).is_none(),
+            "counters went back"
+        );
+        assert!(
+            DeviceRequests::between("vda", a, a, 0.5).is_none(),
+            "no reads"
+        );
+    }
+
+    #[test]
     fn noise_is_not_zero_and_follows_the_seed() {
         let mut a = vec![0u8; 1001];
         let mut b = vec![0u8; 1001];
@@ -624,6 +769,19 @@ mod tests {
             assert_eq!(r.bytes, total, "{p}");
             let r = read_files(&files, Some(8192), &p).unwrap();
             assert_eq!(r.bytes, 8192 + 8192 + 5000, "{p}");
+        }
+        // On a block device, an evicted O_DIRECT read shows up in its
+        // counters (the CI machine's disk; a tmpfs has none to show).
+        if let Some((name, _)) = BlockCounters::of(dir.path()) {
+            let paths: Vec<_> = files.iter().map(|f| f.path.clone()).collect();
+            evict(&paths).unwrap();
+            let r = read_files(&files, None, &"direct:shared:2x64K".parse().unwrap()).unwrap();
+            let d = r.device.expect("the device's counters");
+            assert_eq!(d.name, name);
+            assert!(
+                d.requests >= 1 && d.req_kib > 0.0 && d.ms_per_req >= 0.0,
+                "{d:?}"
+            );
         }
     }
 

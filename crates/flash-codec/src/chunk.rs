@@ -444,6 +444,9 @@ pub fn decode_chunk_pb<const PB: u32>(
     let mut x = info.states(stored);
     let stream = &stored[info.stream_offset..info.stream_offset + 2 * info.words];
     let raw = &stored[info.raw_offset..info.raw_offset + elems * layout.raw_bytes_per_elem()];
+    // Other architectures have the scalar steps only.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernel;
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Best {
         if let Some(simd) = crate::avx2::detect() {

@@ -42,6 +42,8 @@ pub fn run(ctx: &Ctx, require_gpu: bool, json: bool, engine_only: bool) -> Resul
             serde_json::to_string_pretty(&serde_json::json!({
                 "ok": failed == 0 && !gpu_missing,
                 "gpus": gpus.len(),
+                // Host loads of the compressed models decode with it.
+                "cpu_decoder": flash_codec::cpu_decoder(),
                 "checks": loads,
                 "engine": engine,
             }))?
@@ -81,8 +83,9 @@ fn print_checks(loads: &[Check], engine: &EngineSelftest, failed: usize, gpus: u
     }
     engine_cli::print(engine);
     println!(
-        "selftest: {} checks, {failed} failed, {gpus} GPU(s)",
+        "selftest: {} checks, {failed} failed, {gpus} GPU(s), CPU decoder {}",
         loads.len(),
+        flash_codec::cpu_decoder(),
     );
 }
 

@@ -406,7 +406,8 @@ pub fn decode_chunk(
 /// give the same bytes and errors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// The fastest this CPU has (AVX2 for bf16 on x86-64 where present).
+    /// The fastest this CPU has: the AVX2 steps on x86-64 CPUs with AVX2
+    /// (unless `FLASH_CPU_DECODER=scalar`), else the scalar ones.
     Best,
     /// The portable scalar steps.
     Scalar,

@@ -362,9 +362,11 @@ cold_stage() { # cold_stage MODEL...
         done
         # COLD_FLAGS: "NAME=FLAG,FLAG ..." (e.g. s16=--staging-size=16M,--chunk-size=16M),
         # each a contender on the flash format labelled flash-format@NAME.
-        if [ -n "${STORE[$model]:-}" ]; then
-            for f in ${COLD_FLAGS:-}; do contenders+=("flags:${STORE[$model]}:$f"); done
-        fi
+        # The same flags on the compressed model (flash-compressed@NAME).
+        for f in ${COLD_FLAGS:-}; do
+            [ -n "${STORE[$model]:-}" ] && contenders+=("flags:${STORE[$model]}:$f")
+            [ -n "${STORE[$model-packed]:-}" ] && contenders+=("flags:${STORE[$model-packed]}:$f")
+        done
         # COLD_BIND=1: the flash folder and format again with the process
         # bound to the CPUs of the GPU's NUMA node (taskset; memory follows
         # first touch), as fastsafetensors binds its reader threads.

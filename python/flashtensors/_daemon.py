@@ -110,7 +110,7 @@ def _connect_socket(home: Path):
 def configure(
     storage_path: str | os.PathLike | None = None,
     mem_pool_size: int | None = None,
-    chunk_size: int | None = 32 * 1024**2,
+    chunk_size: int | None = None,
     num_threads: int | None = None,
     gpu_memory_utilization: float | None = 0.9,
     server_host: str | None = None,
@@ -126,7 +126,9 @@ def configure(
     change them). Returns the daemon's status.
 
     - `mem_pool_size`: bytes of the host-memory tier (None: the daemon's default).
-    - `chunk_size`, `num_threads`: read size and reader threads of its loads.
+    - `chunk_size`, `num_threads`: read size and reader threads of its loads
+      (None: the daemon's defaults, 512 KiB reads and one reader per core,
+      4 to 16).
     - `gpu_memory_utilization`: the share of each GPU's memory its GPU tier may use.
     - `server_host`, `server_port`: also listen on TCP there (token in
       `<store>/daemon.token`); this process always talks over the Unix socket.

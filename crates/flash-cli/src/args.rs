@@ -186,8 +186,9 @@ pub struct StartArgs {
     /// Bytes of each GPU's tier (instead of --gpu-mem-util)
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub gpu_budget: Option<u64>,
-    /// Bytes per read (suffixes K, M, G)
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    /// Bytes per read (suffixes K, M, G); the loader's default, measured on
+    /// the GPU machine's disk
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Reader threads per load [default: one per core, 4 to 16]
     #[arg(long)]
@@ -406,8 +407,9 @@ pub struct BenchArgs {
     /// Reader threads [default: one per core, 4 to 16]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Bytes per read (suffixes K, M, G)
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    /// Bytes per read (suffixes K, M, G); the loader's default, measured on
+    /// the GPU machine's disk
+    #[arg(long, default_value = "512K", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Timed runs per loader and scenario (the best is reported)
     #[arg(long, default_value_t = 1)]
@@ -591,6 +593,21 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn read_size_defaults_are_the_loaders() {
+        for args in [
+            vec!["flash", "start"],
+            vec!["flash", "bench", "demo/tiny"],
+        ] {
+            let chunk = match Cli::try_parse_from(&args).unwrap().command {
+                Command::Start(a) => a.chunk_size,
+                Command::Bench(a) => a.chunk_size,
+                _ => unreachable!("{args:?}"),
+            };
+            assert_eq!(chunk, flash_load::DEFAULT_READ_BYTES, "{args:?}");
+        }
     }
 
     #[test]

@@ -147,19 +147,20 @@ impl fmt::Display for ReadPattern {
     }
 }
 
-/// The patterns `flash doctor` probes: the loader's default; the fastest
-/// peer's ways of reading without GDS (fastsafetensors 0.5: 16 readers
-/// taking 512 KiB O_DIRECT reads from one cursor; before 0.5: one buffered
-/// stream per file); a tight window (16 reads of 2 MiB, all within 32 MiB
+/// The patterns `flash doctor` probes: the loader's default, which is also
+/// the fastest peer's way of reading without GDS (fastsafetensors 0.5: 16
+/// readers taking 512 KiB O_DIRECT reads from one cursor); the loader's
+/// earlier default of 32 MiB reads, shared and per file; the peer's way
+/// before 0.5 (one buffered stream per file); a tight window (16 reads of 2 MiB, all within 32 MiB
 /// of the cursor); per-file O_DIRECT with io_uring; and one strictly
 /// sequential stream over all the files (buffered, and O_DIRECT with reads
 /// in flight). On a virtual disk whose host reads ahead only for sequential
 /// access, the tight and sequential ones may be what the disk rewards.
 pub fn candidates() -> Vec<ReadPattern> {
     [
+        "direct:shared:16x512K",
         "direct:shared:16x32M",
         "direct:per-file:16x32M",
-        "direct:shared:16x512K",
         "direct:shared:16x2M",
         "buffered:per-file:4x16M",
         "direct:per-file:4x8M:qd8",

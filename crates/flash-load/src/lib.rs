@@ -25,7 +25,7 @@ pub use gpu::{load_to_gpu, CudaSink, GpuModel, StagingPool};
 pub use host::{load_to_host, HostModel, HostSink, ScanSink};
 pub use pipeline::{
     default_threads, execute, Advice, IoMode, LoadOptions, LoadStats, ReadFn, ReadOrder, Sink,
-    SinkWorker, STAGING_LIMIT,
+    SinkWorker, DEFAULT_READ_BYTES, STAGING_LIMIT,
 };
 pub use placement::{load_placed, Device, DeviceMap, PlacedModel};
 pub use plan::{EncodedTensor, Job, LoadPlan, PlannedChunk, Segment, TensorTable, TensorView};

@@ -145,12 +145,23 @@ pub struct LoadOptions {
 /// machine, so a load that pins this much must be a long one.
 pub const STAGING_LIMIT: u64 = 1 << 30;
 
+/// Bytes per read by default: 512 KiB, the fastest peer's request size.
+/// Measured on two GPU machines (bench/results/2026-12-05-NVIDIA-H200-*,
+/// whole 8B cold loads in alternating rounds, 16 readers): 512 KiB reads
+/// took 0.82-0.90x the time of 32 MiB ones (folder, flash format and
+/// compressed alike; faster in 13 of 14 rounds), while 2 and 4 MiB reads
+/// gained nothing. The block device then had 14 requests of about 512 KiB
+/// in flight, 3 ms each, where 32 MiB reads queued 110 requests of 4 MiB,
+/// 190 ms each. On an earlier machine 512 KiB reads were 13 % slower
+/// (bench/results/2026-12-04-NVIDIA-H200-disk-dd-512k-*), and on the CI
+/// machine's disk they read at half the rate of 2 MiB ones
+/// (`flash bench-disk`): `--chunk-size` / `--pattern` tune it per machine.
+pub const DEFAULT_READ_BYTES: u64 = 512 << 10;
+
 /// Default reader threads: one per core, at least 4 and at most 16. Reader
-/// threads mostly wait on the disk, and a virtualised or NVMe disk gives its
-/// best with a queue of many large reads: about 1 GiB in flight. Measured on
-/// the GPU machine (bench/results): 16 readers with two 32 MiB pinned buffers
-/// each read at the raw disk's rate, 32 readers with 2 MiB buffers 10-15 %
-/// below it.
+/// threads mostly wait on the disk; 16 of them keep 16 reads in flight,
+/// as the fastest peer does. Measured on the GPU machine (bench/results):
+/// 16 readers read at the raw disk's rate, 32 readers 10-15 % below it.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -162,7 +173,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             threads: default_threads(),
-            chunk_bytes: 32 << 20,
+            chunk_bytes: DEFAULT_READ_BYTES,
             io: IoMode::Auto,
             order: ReadOrder::Shared,
             advice: Advice::Sequential,

@@ -597,10 +597,7 @@ mod tests {
 
     #[test]
     fn read_size_defaults_are_the_loaders() {
-        for args in [
-            vec!["flash", "start"],
-            vec!["flash", "bench", "demo/tiny"],
-        ] {
+        for args in [vec!["flash", "start"], vec!["flash", "bench", "demo/tiny"]] {
             let chunk = match Cli::try_parse_from(&args).unwrap().command {
                 Command::Start(a) => a.chunk_size,
                 Command::Bench(a) => a.chunk_size,

@@ -25,16 +25,8 @@ import sys
 import threading
 import time
 
-
-def device_of(path):
-    """The /proc/diskstats name of the block device holding `path`, or None
-    (for a partition, its whole disk's name is not needed: diskstats lists
-    partitions too)."""
-    try:
-        dev = os.stat(path).st_dev
-        return os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
-    except OSError:
-        return None
+# The block device holding a path, as the peers' runner finds it.
+from peers import block_device_of as device_of
 
 
 def counters(name):

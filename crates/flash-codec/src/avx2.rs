@@ -20,7 +20,6 @@
 use crate::error::CodecError;
 use crate::LANES;
 use flash_sys::simd::{gather_u32, V3};
-use pulp::NullaryFnOnce;
 
 use std::arch::x86_64::{__m128i as I128, __m256i as I256};
 
@@ -80,13 +79,23 @@ pub(crate) fn detect() -> Option<V3> {
 pub(crate) trait Join: Copy {
     /// Raw bytes per element.
     const RB: usize;
-    /// Decoded bytes per element.
+    /// Decoded bytes per element (2 or 4).
     const EB: usize;
     /// Eight elements as u32 lanes, from eight symbols (u32 lanes) and
     /// `8 * RB` raw bytes.
     fn join8(simd: V3, sym: I256, raw: &[u8]) -> I256;
-    /// Stores a step's 32 joined elements into `out` (`32 * EB` bytes).
-    fn store(simd: V3, vals: &[I256; 4], out: &mut [u8]);
+    /// Stores a step's 32 joined elements into `out` (`32 * EB` bytes):
+    /// narrowed to 16 bits for 2-byte elements, as they are for 4-byte ones.
+    #[inline(always)]
+    fn store(simd: V3, vals: &[I256; 4], out: &mut [u8]) {
+        if Self::EB == 2 {
+            store_u16(simd, vals, out)
+        } else {
+            for (o, v) in out.chunks_exact_mut(32).zip(vals) {
+                o.copy_from_slice(&pulp::cast::<I256, [u8; 32]>(*v));
+            }
+        }
+    }
 }
 
 /// bf16: `sign << 15 | sym << 7 | mantissa`, sign and mantissa in the raw
@@ -145,10 +154,6 @@ impl Join for Bf16 {
     fn join8(simd: V3, sym: I256, raw: &[u8]) -> I256 {
         sign_exp_mantissa::<7>(simd, sym, bytes8(simd, raw))
     }
-    #[inline(always)]
-    fn store(simd: V3, vals: &[I256; 4], out: &mut [u8]) {
-        store_u16(simd, vals, out)
-    }
 }
 
 impl Join for F16 {
@@ -158,10 +163,6 @@ impl Join for F16 {
     fn join8(simd: V3, sym: I256, raw: &[u8]) -> I256 {
         let avx2 = simd.avx2;
         avx2._mm256_or_si256(avx2._mm256_slli_epi32::<8>(sym), bytes8(simd, raw))
-    }
-    #[inline(always)]
-    fn store(simd: V3, vals: &[I256; 4], out: &mut [u8]) {
-        store_u16(simd, vals, out)
     }
 }
 
@@ -185,12 +186,6 @@ impl Join for F32 {
         let r = avx2._mm256_shuffle_epi8(halves, pulp::cast(shuffle));
         sign_exp_mantissa::<23>(simd, sym, r)
     }
-    #[inline(always)]
-    fn store(_: V3, vals: &[I256; 4], out: &mut [u8]) {
-        for (o, v) in out.chunks_exact_mut(32).zip(vals) {
-            o.copy_from_slice(&pulp::cast::<I256, [u8; 32]>(*v));
-        }
-    }
 }
 
 /// Decodes the full steps of a chunk (`out.len() / (32 * J::EB)` of them)
@@ -204,31 +199,9 @@ pub(crate) fn full_steps<const PB: u32, J: Join>(
     raw: &[u8],
     out: &mut [u8],
 ) -> Result<usize, CodecError> {
-    struct Steps<'a, const PB: u32, J> {
-        simd: V3,
-        lut: &'a PackedLut,
-        x: &'a mut [u32; LANES],
-        stream: &'a [u8],
-        raw: &'a [u8],
-        out: &'a mut [u8],
-        join: std::marker::PhantomData<J>,
-    }
-    impl<const PB: u32, J: Join> NullaryFnOnce for Steps<'_, PB, J> {
-        type Output = Result<usize, CodecError>;
-        #[inline(always)]
-        fn call(self) -> Self::Output {
-            steps::<PB, J>(self.simd, self.lut, self.x, self.stream, self.raw, self.out)
-        }
-    }
-    simd.vectorize(Steps::<PB, J> {
-        simd,
-        lut,
-        x,
-        stream,
-        raw,
-        out,
-        join: std::marker::PhantomData,
-    })
+    // `steps` is inlined into the closure, which `vectorize` compiles with
+    // AVX2 enabled.
+    simd.vectorize(|| steps::<PB, J>(simd, lut, x, stream, raw, out))
 }
 
 #[inline(always)]

@@ -556,7 +556,6 @@ pub fn read_files(
     let plan = LoadPlan::whole_files(&files);
     let opts = pattern.apply(&LoadOptions::default());
     let before = files.first().and_then(|f| BlockCounters::of(&f.path));
-    let clock = Instant::now();
     let stats = match pattern.queue_depth {
         None => execute(
             &plan,
@@ -567,9 +566,8 @@ pub fn read_files(
         )?,
         Some(depth) => read_uring(&plan, &opts, depth)?,
     };
-    let seconds = clock.elapsed().as_secs_f64();
     let device = before.and_then(|(name, a)| {
-        DeviceRequests::between(&name, a, BlockCounters::read(&name)?, seconds)
+        DeviceRequests::between(&name, a, BlockCounters::read(&name)?, stats.seconds)
     });
     let fallback_buffered = if pattern.io == IoMode::Direct {
         stats.files_buffered

@@ -10,10 +10,12 @@
 //! of a buffer moves worker (CPU writes) → `InFlight` (DMA reads) → worker,
 //! enforced by `flash_sys::cuda`.
 //!
-//! Measured on the GPU machine (bench/results, `bench/tune.sh`): the disk
-//! wants about 1 GiB of reads in flight, so a reader's buffer holds a whole
-//! read (32 MiB, two a reader, 16 readers: at most [`STAGING_LIMIT`]); with
-//! 2 MiB pieces the cold load ran 10-15 % below the raw disk. A pageable
+//! A reader's buffer (32 MiB, two a reader, 16 readers: at most
+//! [`STAGING_LIMIT`]) holds a whole read of the default 512 KiB and a whole
+//! compressed window (which lands in pageable memory when it does not fit).
+//! The reads in flight are the pipeline's choice: 512 KiB reads since
+//! 2026-12-05 (`DEFAULT_READ_BYTES`); with 32 MiB ones the GPU machine's disk
+//! queued about 110 requests of 4 MiB and read 10-18 % slower. A pageable
 //! staging path with synchronous copies was tried and was no faster cold
 //! and slower for small models (first-touch faults of fresh buffers).
 

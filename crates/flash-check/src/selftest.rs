@@ -174,7 +174,7 @@ fn load_paths(m: &Prepared, gpus: &[Gpu]) -> Result<Vec<Check>> {
                         chunk_bytes: chunk,
                         io,
                         // Tiny models: several staging pieces per read.
-                        staging_bytes: if m.tiny { 4096 } else { 2 << 20 },
+                        staging_bytes: Some(if m.tiny { 4096 } else { 2 << 20 }),
                         staging_buffers: 3,
                         ..LoadOptions::default()
                     };

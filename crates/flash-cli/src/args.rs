@@ -398,9 +398,10 @@ pub struct BenchArgs {
     /// --chunk-size and --advice
     #[arg(long, conflicts_with_all = ["io", "order", "threads", "chunk_size", "advice"])]
     pub pattern: Option<String>,
-    /// Bytes of one pinned staging buffer on the way to a GPU (suffixes K, M, G)
-    #[arg(long, default_value = "32M", value_parser = parse_size)]
-    pub staging_size: u64,
+    /// Bytes of one pinned staging buffer on the way to a GPU (suffixes K, M,
+    /// G) [default: the read size]
+    #[arg(long, value_parser = parse_size)]
+    pub staging_size: Option<u64>,
     /// Pinned staging buffers per reader (all readers together pin at most 1 GiB)
     #[arg(long, default_value_t = 2)]
     pub staging_buffers: usize,
@@ -605,6 +606,14 @@ mod tests {
             };
             assert_eq!(chunk, flash_load::DEFAULT_READ_BYTES, "{args:?}");
         }
+        // The staging buffers follow the read size unless set.
+        let Command::Bench(a) = Cli::try_parse_from(["flash", "bench", "demo/tiny"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(a.staging_size, None);
     }
 
     #[test]

@@ -457,11 +457,11 @@ impl Transfers for StoreTransfers {
     ) -> Result<(), TierError> {
         let plan = self.plan(model)?;
         fits("the device buffer", dst.len(), plan.dest_len)?;
-        // Staging buffers are pinned lazily by each reader (a few MiB each).
+        // Staging buffers are pinned lazily by each reader (one read each).
         // A `StagingPool` pinned at start would keep pinning off this path,
         // but a pool shared by concurrent loads must be sized so that every
         // reader gets a buffer; left for the daemon's start-up code.
-        let mut sink = CudaSink::new(dst, self.opts.staging_bytes as usize)
+        let mut sink = CudaSink::new(dst, self.opts.staging_piece())
             .buffers(self.opts.staging_buffers, self.opts.threads);
         if let Some(host) = keep {
             fits("the host buffer", host.len(), plan.image_len)?;

@@ -10,10 +10,10 @@
 //! of a buffer moves worker (CPU writes) → `InFlight` (DMA reads) → worker,
 //! enforced by `flash_sys::cuda`.
 //!
-//! A reader's buffer (32 MiB, two a reader, 16 readers: at most
-//! [`STAGING_LIMIT`]) holds a whole read of the default 512 KiB and a whole
-//! compressed window (which lands in pageable memory when it does not fit).
-//! The reads in flight are the pipeline's choice: 512 KiB reads since
+//! A reader's buffer holds one read (two buffers a reader; all readers
+//! together at most [`STAGING_LIMIT`]) and so one compressed window, whose
+//! stored bytes are at most a read (one that does not fit lands in pageable
+//! memory). The reads in flight are the pipeline's choice: 512 KiB reads since
 //! 2026-12-05 (`DEFAULT_READ_BYTES`); with 32 MiB ones the GPU machine's disk
 //! queued about 110 requests of 4 MiB and read 10-18 % slower. A pageable
 //! staging path with synchronous copies was tried and was no faster cold
@@ -632,8 +632,9 @@ pub fn load_to_gpu_with(
     };
     let mut sink = match pool {
         Some(pool) => CudaSink::with_pool(&mem, pool),
-        None => CudaSink::new(&mem, opts.staging_bytes as usize)
-            .buffers(opts.staging_buffers, opts.threads),
+        None => {
+            CudaSink::new(&mem, opts.staging_piece()).buffers(opts.staging_buffers, opts.threads)
+        }
     };
     if let (Some(decoder), Some(status)) = (decoder, &status) {
         sink = sink.decoding_on_gpu(GpuDecode { decoder, status });

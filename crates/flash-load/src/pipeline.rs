@@ -129,10 +129,13 @@ pub struct LoadOptions {
     /// Kernel hint for files read through the page cache.
     pub advice: Advice,
     /// Bytes of one pinned staging buffer of the GPU sink (ignored by host
-    /// sinks): as large as a read, so that each read lands in pinned memory
-    /// whole. Buffers are pinned lazily (pinning runs at ~2 GB/s) and never
-    /// more than [`STAGING_LIMIT`] for a load.
-    pub staging_bytes: u64,
+    /// sinks); `None`: the read size ([`staging_piece`](Self::staging_piece)),
+    /// so that each read, and each compressed window, lands in pinned memory
+    /// whole. Buffers are pinned lazily, as each reader starts, and pinning
+    /// costs ~0.5 s a GiB on the GPU machine: 32 MiB buffers for 512 KiB
+    /// reads would pin 512 MiB before the first bytes arrive, which a 0.6B
+    /// load cannot hide. Never more than [`STAGING_LIMIT`] for a load.
+    pub staging_bytes: Option<u64>,
     /// Pinned staging buffers one reader may hold (at least 1). With one,
     /// a reader's next read waits for its last copy; with more, reads and
     /// copies overlap within a reader. [`CudaSink`](crate::CudaSink) lowers
@@ -177,9 +180,20 @@ impl Default for LoadOptions {
             io: IoMode::Auto,
             order: ReadOrder::Shared,
             advice: Advice::Sequential,
-            staging_bytes: 32 << 20,
+            staging_bytes: None,
             staging_buffers: 2,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Bytes of one pinned staging buffer: `staging_bytes`, else the read
+    /// size rounded up to 4 KiB (as the reads are).
+    pub fn staging_piece(&self) -> usize {
+        let bytes = self
+            .staging_bytes
+            .unwrap_or_else(|| self.chunk_bytes.div_ceil(4096) * 4096);
+        bytes.max(1) as usize
     }
 }
 
@@ -471,4 +485,27 @@ pub fn execute<S: Sink>(
         threads,
         ..LoadStats::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_follows_the_read_size_unless_set() {
+        let o = LoadOptions::default();
+        assert_eq!(o.staging_piece() as u64, DEFAULT_READ_BYTES);
+        // Reads are rounded up to 4 KiB; the buffer holds the whole read.
+        let o = LoadOptions {
+            chunk_bytes: 5000,
+            ..LoadOptions::default()
+        };
+        assert_eq!(o.staging_piece(), 8192);
+        let o = LoadOptions {
+            chunk_bytes: 32 << 20,
+            staging_bytes: Some(1 << 20),
+            ..LoadOptions::default()
+        };
+        assert_eq!(o.staging_piece(), 1 << 20);
+    }
 }

@@ -737,6 +737,8 @@ PY
             done
         done
         "$FLASH" stop >/dev/null 2>&1
+        # Where building the model goes (its imports), on this machine's CPU.
+        python3 bench/first_load.py imports --model-dir "$D8" --card "$CARD" | json_lines first >/dev/null
     else
         log "flashtensors is not importable (the sdk wheel): first load_model skipped"
     fi

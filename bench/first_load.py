@@ -10,6 +10,12 @@ SDK's debug line that says where its time went.
 
     python3 bench/first_load.py flash --store STORE --model ORG/NAME
     python3 bench/first_load.py transformers --model-dir DIR
+    python3 bench/first_load.py imports --model-dir DIR
+
+`imports` says where the model's construction spends its time: it builds
+the model of DIR's config on the meta device as the SDK does (no weights),
+under `python -X importtime`, and prints the modules imported after
+`import torch, transformers` with the most cumulative time.
 """
 
 import argparse
@@ -47,10 +53,38 @@ print(json.dumps({"imports_s": t1 - t0, "seconds": t2 - t1,
                   "device": str(next(model.parameters()).device)}))
 """
 
+IMPORTS = r"""
+import json, sys, time
+import torch, transformers
+print("-- after the imports --", file=sys.stderr, flush=True)
+from flashtensors.transformers_backend import skeleton
+t0 = time.perf_counter()
+skeleton(sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def import_profile(stderr, top):
+    """The `top` modules by cumulative import time (seconds) in the
+    `-X importtime` lines after the marker, outermost first on ties."""
+    lines = stderr.split("-- after the imports --", 1)[-1].splitlines()
+    rows = []
+    for l in lines:
+        if not l.startswith("import time:"):
+            continue
+        parts = l.split("|")
+        try:
+            cumulative = int(parts[1]) / 1e6
+        except (IndexError, ValueError):
+            continue  # the header line
+        rows.append((parts[2].strip(), round(cumulative, 3)))
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("who", choices=("flash", "transformers"))
+    ap.add_argument("who", choices=("flash", "transformers", "imports"))
     ap.add_argument("--store")
     ap.add_argument("--model")
     ap.add_argument("--model-dir")
@@ -60,6 +94,23 @@ def main():
     ap.add_argument("--warmup", action="store_true",
                     help="an untimed warm-up run (page cache, bytecode): marked in its line")
     a = ap.parse_args()
+    if a.who == "imports":
+        p = subprocess.run([sys.executable, "-X", "importtime", "-c", IMPORTS, a.model_dir],
+                           capture_output=True, text=True, timeout=600)
+        out = {"loader": "transformers-skeleton", "model": a.label, "scenario": "import-profile",
+               "card": a.card}
+        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        if p.returncode != 0 or not lines:
+            out["error"] = f"rc {p.returncode}: {p.stderr[-400:]}"
+        else:
+            out.update(json.loads(lines[-1]))
+            out["imports_top"] = import_profile(p.stderr, 30)
+            print(f"model on meta {out['seconds']:.2f} s; its slowest imports (cumulative s):",
+                  file=sys.stderr)
+            for module, secs in out["imports_top"][:15]:
+                print(f"  {secs:6.2f}  {module}", file=sys.stderr)
+        print(json.dumps(out), flush=True)
+        return
     if a.who == "flash":
         cmd = [sys.executable, "-c", FLASH, a.store, a.model]
         loader, scenario = "flash-load_model-transformers", "first-memory-tier"

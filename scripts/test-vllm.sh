@@ -3,7 +3,8 @@
 # on the registry) in a virtual environment made ONCE PER MACHINE, outside
 # the checkout (CI runs on a fresh clone each time), and reused while its
 # versions match; the flashtensors wheel of this checkout is installed into
-# it on every run. Then tests/python_sdk/real_vllm: a small Qwen3 (head_dim
+# it on every run. Then tests/python_sdk/with_torch (the SDK's transformers
+# backend against transformers itself) and tests/python_sdk/real_vllm: a small Qwen3 (head_dim
 # 64, which vLLM's CPU attention takes) generated greedily through the
 # "flashtensors" load format, compared token for token with vLLM's own
 # safetensors loader on the same checkpoint folder.
@@ -111,5 +112,5 @@ echo "== vllm: pytest (vLLM $VLLM_VERSION CPU, $("$env/bin/python" --version))"
 # The engine's settings for short CPU runs are in the tests; -s shows their
 # one line per comparison. FLASH_BIN unset: the wheel's bundled binary.
 env -u FLASH_BIN -u FLASH_HOME "$env/bin/python" -m pytest -q -s -p no:cacheprovider \
-    tests/python_sdk/real_vllm
+    tests/python_sdk/real_vllm tests/python_sdk/with_torch
 echo "== vllm: done in $(( $(date +%s) - t_start )) s"

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib
 import importlib.util
 import logging
+import sys
 import time
+import types
 from pathlib import Path
 
 from .errors import FlashError, InvalidRequestError
@@ -43,6 +46,76 @@ def _params_on_meta():
             yield
     finally:
         nn.Module.register_parameter = original
+
+
+# Modules that transformers imports, where they are installed, while a
+# model class is built, for functions that no model build calls (module ->
+# names). Measured on the CI machine (`bench/first_load.py imports`), of
+# 2.7-2.9 s building a Qwen3-8B on the meta device: scikit-learn 0.6-1.2 s
+# (`roc_curve`, which assisted generation calls to tune its threshold) and
+# scipy.optimize 0.4 s (`linear_sum_assignment`, for object detection
+# losses). Everything else transformers imports there defines classes or
+# tables at import time, and is imported as usual.
+_DEFERRED = {
+    "sklearn.metrics": ("roc_curve",),
+    "scipy.optimize": ("linear_sum_assignment",),
+}
+
+
+class _DeferredModule(types.ModuleType):
+    """Stands for a module in `sys.modules` while transformers imports: a
+    name of `_DEFERRED` is a function that imports the real module on its
+    first call; any other name imports the real module at once."""
+
+    def __init__(self, name, names):
+        super().__init__(name)
+        self._deferred_names = names
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            # What the import system asks of a module (`__path__`): as a
+            # plain module without it.
+            raise AttributeError(name)
+        if name not in self._deferred_names:
+            _drop_stand_in(self.__name__, self)
+            return getattr(importlib.import_module(self.__name__), name)
+        module = self.__name__
+
+        def deferred(*args, **kwargs):
+            return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+        deferred.__name__ = deferred.__qualname__ = name
+        deferred.__doc__ = f"{module}.{name}, imported on its first call (flashtensors)."
+        return deferred
+
+
+def _drop_stand_in(name, module):
+    if sys.modules.get(name) is module:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _deferred_imports():
+    """While it lasts, importing a module of `_DEFERRED` that is installed
+    but not yet imported gives a [`_DeferredModule`]; after it, the real
+    module imports as usual (the stand-ins leave `sys.modules`)."""
+    stand_ins = {}
+    for name, names in _DEFERRED.items():
+        if name in sys.modules:
+            continue
+        top = name.split(".", 1)[0]
+        try:
+            # Not find_spec(name): it would import the package `top`.
+            installed = top in sys.modules or importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            installed = False
+        if installed:
+            stand_ins[name] = sys.modules[name] = _DeferredModule(name, names)
+    try:
+        yield
+    finally:
+        for name, module in stand_ins.items():
+            _drop_stand_in(name, module)
 
 
 def _torch_dtype(torch, value):
@@ -105,12 +178,13 @@ def skeleton(folder, dtype=None, trust_remote_code: bool = False, state=None):
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    target = _target_dtype(torch, config, dtype, state)
-    if target is None:
-        return None, None
-    with _params_on_meta():
-        model = _from_config(transformers, config, target, trust_remote_code)
+    with _deferred_imports():
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        target = _target_dtype(torch, config, dtype, state)
+        if target is None:
+            return None, None
+        with _params_on_meta():
+            model = _from_config(transformers, config, target, trust_remote_code)
     return model, target
 
 

@@ -131,10 +131,12 @@ pub struct LoadOptions {
     /// Bytes of one pinned staging buffer of the GPU sink (ignored by host
     /// sinks); `None`: the read size ([`staging_piece`](Self::staging_piece)),
     /// so that each read, and each compressed window, lands in pinned memory
-    /// whole. Buffers are pinned lazily, as each reader starts, and pinning
-    /// costs ~0.5 s a GiB on the GPU machine: 32 MiB buffers for 512 KiB
-    /// reads would pin 512 MiB before the first bytes arrive, which a 0.6B
-    /// load cannot hide. Never more than [`STAGING_LIMIT`] for a load.
+    /// whole. Buffers are pinned lazily, as each reader starts: 32 MiB
+    /// buffers for 512 KiB reads pinned 512 MiB before the first bytes
+    /// arrived, and a cold Qwen3-0.6B-shaped load on the GPU machine took
+    /// 0.76 s with them against 0.60 s with buffers of one read
+    /// (bench/results/2026-12-05-NVIDIA-H200-staging-cold-*; warm loads
+    /// alike). Never more than [`STAGING_LIMIT`] for a load.
     pub staging_bytes: Option<u64>,
     /// Pinned staging buffers one reader may hold (at least 1). With one,
     /// a reader's next read waits for its last copy; with more, reads and

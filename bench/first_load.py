@@ -66,7 +66,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 def import_profile(stderr, top):
     """The `top` modules by cumulative import time (seconds) in the
-    `-X importtime` lines after the marker, outermost first on ties."""
+    `-X importtime` lines after the marker."""
     lines = stderr.split("-- after the imports --", 1)[-1].splitlines()
     rows = []
     for l in lines:

@@ -53,6 +53,9 @@ fn resolve(ctx: &Ctx, a: &BenchArgs) -> Result<Target> {
 /// The flash loader's options from the flags (a whole `--pattern`
 /// overrides the others).
 fn load_options(a: &BenchArgs) -> Result<LoadOptions> {
+    if a.staging_size == Some(0) {
+        anyhow::bail!("--staging-size 0: a staging buffer needs at least one byte");
+    }
     let defaults = LoadOptions::default();
     let opts = LoadOptions {
         threads: a.threads.unwrap_or(defaults.threads).max(1),

@@ -156,12 +156,10 @@ pub fn render(r: &DoctorReport) -> String {
         );
         for p in &r.disk_patterns {
             let rates: Vec<String> = p.gbps.iter().map(|g| format!("{g:.2}")).collect();
-            let median = |f: fn(&flash_load::disk::DeviceRequests) -> f64| {
-                let mut v: Vec<f64> = p.device.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                v.get(v.len() / 2).copied()
-            };
-            let device = match (median(|d| d.req_kib), median(|d| d.mean_in_flight)) {
+            let device = match (
+                p.device_median(|d| d.req_kib),
+                p.device_median(|d| d.mean_in_flight),
+            ) {
                 (Some(kib), Some(depth)) => {
                     format!("  ({kib:.0} KiB a request, {depth:.1} in flight)")
                 }

@@ -105,6 +105,10 @@ fn bench_refuses_bad_arguments() {
             &["bench", "--pattern", "direct:shared:1x16M:qd16", "X"],
             &["direct:shared:1x16M:qd16", "flash bench-disk"],
         ),
+        (
+            &["bench", "--staging-size", "0", "X"],
+            &["--staging-size 0", "at least one byte"],
+        ),
     ];
     for (args, needles) in cases {
         let out = flash(&store, args);

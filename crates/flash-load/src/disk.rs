@@ -340,11 +340,14 @@ pub fn best_by_median(results: &[(usize, ProbeResult)]) -> Option<(String, f64)>
         by.entry(&r.pattern).or_default().push(r.gbps);
     }
     by.into_iter()
-        .map(|(p, mut v)| {
-            v.sort_by(f64::total_cmp);
-            (p.to_string(), v[v.len() / 2])
-        })
+        .filter_map(|(p, v)| Some((p.to_string(), middle(v)?)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The median of `v` (the upper one of an even count); `None` when empty.
+fn middle(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
 }
 
 /// One pattern's rates over the rounds of a probe.
@@ -358,9 +361,13 @@ pub struct PatternRates {
 
 impl PatternRates {
     pub fn median(&self) -> f64 {
-        let mut v = self.gbps.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
+        middle(self.gbps.clone()).unwrap_or(0.0)
+    }
+
+    /// The median over the rounds of one figure of what the block device
+    /// was asked; `None` where the device was not known.
+    pub fn device_median(&self, figure: fn(&DeviceRequests) -> f64) -> Option<f64> {
+        middle(self.device.iter().map(figure).collect())
     }
 }
 

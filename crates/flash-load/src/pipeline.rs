@@ -190,12 +190,10 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// Bytes of one pinned staging buffer: `staging_bytes`, else the read
-    /// size rounded up to 4 KiB (as the reads are).
+    /// size as [`LoadPlan::jobs`] rounds it (whole 4 KiB pages).
     pub fn staging_piece(&self) -> usize {
-        let bytes = self
-            .staging_bytes
-            .unwrap_or_else(|| self.chunk_bytes.div_ceil(4096) * 4096);
-        bytes.max(1) as usize
+        let read = flash_format::manifest::align_up(self.chunk_bytes.max(ALIGN), ALIGN);
+        self.staging_bytes.unwrap_or(read).max(1) as usize
     }
 }
 

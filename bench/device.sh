@@ -34,7 +34,11 @@
 #           every read pattern (flash bench-disk), alternating;
 #   cold    the fastest peer against flash (safetensors folder, flash
 #           format, compressed flash format), whole checkpoints, fresh
-#           processes, COLD_ROUNDS rounds in rotated order; median ratios;
+#           processes, COLD_ROUNDS rounds in a Williams order (each place
+#           and each predecessor once per design); median ratios;
+#           COLD_PEER_TWICE=1 runs the peer twice a round (the noise floor);
+#           DOCTOR_AFTER=1 probes the disk again after the loads, and the
+#           doctor's limit is set against the fastest load;
 #           COLD_IDLE seconds of idle disk after each eviction (default 0),
 #           COLD_IDLE_VARIANTS adds flash contenders that wait longer;
 #   compress  decode speed alone (CPU core, all cores, GPU) and the pinned
@@ -326,7 +330,7 @@ PY
 fi
 
 # Cold: the fastest peer against flash, whole checkpoints, fresh processes,
-# COLD_ROUNDS rounds (default 5) with the order rotated each round: the
+# COLD_ROUNDS rounds (default 5) in a Williams order (williams_row): the
 # safetensors folder and the flash format with the loader's defaults, plus
 # the safetensors folder with each of COLD_PATTERNS (default: the disk
 # stage's best two) and the flash format with each of COLD_FLAGS (flags of
@@ -348,6 +352,26 @@ numa_layout() {
     return 0
 }
 GPU_CPUS=
+# The order of the cold contenders: a Williams design. Over its rounds (N
+# for N contenders, 2N when N is odd) every contender takes every place in
+# the round once and follows every other contender once, so neither a place
+# nor a neighbour (the peer's process exit, what it leaves in memory)
+# favours anyone. A plain rotation keeps each contender's predecessor the
+# same in every round. Rounds past the design repeat it.
+williams_len() { if (($1 % 2)); then echo $((2 * $1)); else echo "$1"; fi; }
+williams_row() { # williams_row N ROUND (1-based): N indices, space-separated
+    local n=$1 r k v row=() out=()
+    r=$((($2 - 1) % $(williams_len "$1")))
+    for ((k = 0; k < n; k++)); do
+        if ((k == 0)); then v=0; elif ((k % 2)); then v=$(((k + 1) / 2)); else v=$((n - k / 2)); fi
+        row+=($(((v + r) % n)))
+    done
+    if ((r >= n)); then
+        for ((k = n - 1; k >= 0; k--)); do out+=("${row[$k]}"); done
+        row=("${out[@]}")
+    fi
+    echo "${row[@]}"
+}
 cold_stage() { # cold_stage MODEL...
     for model in "$@"; do
         dir=${DIRS[$model]:-}
@@ -383,12 +407,19 @@ cold_stage() { # cold_stage MODEL...
             [ -n "${STORE[$model]:-}" ] && contenders+=("idle:${STORE[$model]}:$secs")
             [ -n "${STORE[$model-packed]:-}" ] && contenders+=("idle:${STORE[$model-packed]}:$secs")
         done
+        # COLD_PEER_TWICE=1: the peer twice a round (fastsafetensors#2), the
+        # control: how far one loader's time moves between two runs of a
+        # round, which bounds what any per-round ratio can show.
+        [ "${COLD_PEER_TWICE:-0}" = 1 ] && contenders+=("peer:fastsafetensors:2")
         n=${#contenders[@]}
+        log "cold $model: ${n} contenders in a Williams design of $(williams_len "$n") rounds: ${contenders[*]}"
         for round in $(seq 1 "${COLD_ROUNDS:-5}"); do
             if ! in_budget; then skip "cold $model round $round"; continue; fi
-            log "== cold $model round $round"
-            for k in $(seq 0 $((n - 1))); do
-                c=${contenders[$(((round + k) % n))]}
+            log "== cold $model round $round (order $(williams_row "$n" "$round"))"
+            position=0; prev=
+            for i in $(williams_row "$n" "$round"); do
+                c=${contenders[$i]}
+                position=$((position + 1))
                 # KIND:TARGET:REST, REST a read pattern (flash) or NAME=FLAGS (flags).
                 IFS=: read -r kind target rest <<<"$c"
                 pattern=; flags=; idle=${COLD_IDLE:-0}
@@ -402,10 +433,13 @@ cold_stage() { # cold_stage MODEL...
                 python3 bench/peers.py --evict-only --model-dir "$dir" 2>/dev/null
                 [ "$idle" != 0 ] && sleep "$idle"
                 if [ "$kind" = peer ]; then
+                    label=$target
+                    [ -n "$rest" ] && label="$target#$rest"
                     run_peer "$target" "$dir" "$model" cold | python3 -c '
 import json, sys
 for l in sys.stdin:
-    d = json.loads(l); d["round"] = int(sys.argv[1]); d["stage"] = "cold"; print(json.dumps(d))' "$round" >>"$RESULTS.cold"
+    d = json.loads(l); d["loader"] = sys.argv[2]; d["round"] = int(sys.argv[1]); d["stage"] = "cold"
+    d["position"] = int(sys.argv[3]); d["after"] = sys.argv[4] or None; print(json.dumps(d))' "$round" "$label" "$position" "$prev" >>"$RESULTS.cold"
                     tail -1 "$RESULTS.cold"
                 else
                     label=flash-safetensors
@@ -425,12 +459,33 @@ for l in sys.stdin:
                         python3 -c '
 import json, sys
 for l in sys.stdin:
-    d = json.loads(l); d["round"] = int(sys.argv[1]); d["stage"] = "cold"; d["loader"] = d["target"]; print(json.dumps(d))' "$round" >>"$RESULTS.cold"
+    d = json.loads(l); d["round"] = int(sys.argv[1]); d["stage"] = "cold"; d["loader"] = d["target"]
+    d["position"] = int(sys.argv[2]); d["after"] = sys.argv[3] or None; print(json.dumps(d))' "$round" "$position" "$prev" >>"$RESULTS.cold"
                     tail -1 "$RESULTS.cold"
                 fi
+                prev=$label
             done
         done
     done
+}
+doctor_vs_loads() { # the doctor's disk limit against the fastest cold load of the run
+    python3 - "$RESULTS.cold" "$OUT"/doctor.json "$OUT"/doctor-after.json <<'PY' | tee -a "$OUT/cold-table.txt"
+import json, os, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# A compressed load's rate counts decoded bytes: it may exceed the disk's.
+loads = [d for d in rows if d.get("gbps") and not d.get("error") and "compressed" not in d.get("loader", "")]
+if not loads:
+    sys.exit()
+best = max(loads, key=lambda d: d["gbps"])
+print(f"fastest cold load: {best['gbps']:.2f} GB/s ({best['loader']}, {best['model']}, round {best.get('round')})")
+for f in sys.argv[2:]:
+    if os.path.exists(f):
+        d = json.load(open(f))
+        limit = d.get("disk_read_gbps")
+        if limit:
+            ok = "at or above" if limit >= best["gbps"] else "BELOW"
+            print(f"  {os.path.basename(f)}: disk limit {limit:.2f} GB/s ({d.get('disk_best_pattern')}), {ok} the fastest load")
+PY
 }
 cold_table() {
     cat "$RESULTS.cold" >>"$RESULTS" 2>/dev/null
@@ -466,6 +521,16 @@ for model in sorted({m for m, _ in by}):
         for l, ds in sorted(disk.items()):
             m = lambda k: statistics.median([x[k] for x in ds if x.get(k) is not None] or [float("nan")])
             print(f"  {'':<21} {l[:34]:<34} {m('req_kib'):>8.0f} {m('ms_per_req'):>7.2f} {m('inflight_mean'):>9.1f} {m('busy_share'):>5.2f}")
+    # Carryover: each loader's runs right after a run of the peer (its
+    # process exit) against its runs after anything else.
+    after = collections.defaultdict(lambda: ([], []))
+    for d in rows:
+        if d.get("model") == model and d.get("seconds") is not None and "after" in d and not d.get("error") \
+                and not d["loader"].startswith(peer):
+            after[d["loader"]][0 if (d["after"] or "").startswith(peer) else 1].append(d["seconds"])
+    for l, (a, o) in sorted(after.items()):
+        if a and o:
+            print(f"  {l}: right after {peer} median {statistics.median(a):.2f} s ({len(a)} runs), after others {statistics.median(o):.2f} s ({len(o)})")
     setup = [d["setup_seconds"] for d in rows if d.get("model") == model and d.get("loader") == peer and "setup_seconds" in d]
     if setup:
         print(f"  {peer}: {statistics.median(setup):.1f} s from its eviction to its timed read (imports, CUDA context; median)")
@@ -523,7 +588,14 @@ fi
 
 if stage cold; then
     cold_stage ${COLD_LATE_MODELS-qwen3-0.6b}
+    # DOCTOR_AFTER=1: the doctor's disk probe again once the loads are done,
+    # beside the one of the check stage, against the loads' rates.
+    if [ "${DOCTOR_AFTER:-0}" = 1 ] && in_budget; then
+        log "flash doctor --json (after the cold loads)"
+        "$FLASH" doctor --json >"$OUT/doctor-after.json" || log "doctor failed (rc $?)"
+    fi
     cold_table
+    doctor_vs_loads
 fi
 
 # 4. Loads.

@@ -200,8 +200,8 @@ pub fn disk(a: BenchDiskArgs) -> Result<ExitCode> {
                 )
             });
             println!(
-                "round {round}  {:<36} {:>6.2} GB/s  {:>6.2} s{device}",
-                r.pattern, r.gbps, r.seconds
+                "round {round}  {:<36} {:>6.2} GB/s (best second {:.2})  {:>6.2} s{device}",
+                r.pattern, r.gbps, r.peak_gbps, r.seconds
             );
         }
     })?;

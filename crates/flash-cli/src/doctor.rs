@@ -147,15 +147,22 @@ pub fn render(r: &DoctorReport) -> String {
         row(
             "disk read",
             format!(
-                "{}  (fastest cold read of {} in {} files{how}; best pattern {})",
+                "{}  (fastest {:.0} s of cold reads of {} in {} files{how}; best pattern {})",
                 opt_gbps(r.disk_read_gbps),
+                flash_load::disk::PEAK_WINDOW,
                 human_bytes(r.disk_test_bytes),
                 DISK_FILES,
                 r.disk_best_pattern.as_deref().unwrap_or("-")
             ),
         );
         for p in &r.disk_patterns {
-            let rates: Vec<String> = p.gbps.iter().map(|g| format!("{g:.2}")).collect();
+            // Each round's whole-read rate, its peak second in brackets.
+            let rates: Vec<String> = p
+                .gbps
+                .iter()
+                .zip(&p.peak_gbps)
+                .map(|(g, peak)| format!("{g:.2} [{peak:.2}]"))
+                .collect();
             let device = match (
                 p.device_median(|d| d.req_kib),
                 p.device_median(|d| d.mean_in_flight),

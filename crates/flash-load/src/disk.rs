@@ -20,7 +20,7 @@ use flash_sys::uring::{ReadRange, UringReader};
 use std::fmt;
 use std::fs::File;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// One way of reading files; written `IO:ORDER:THREADSxREQUEST[:ADVICE][:qdN]`,
@@ -179,6 +179,11 @@ pub struct ProbeResult {
     pub bytes: u64,
     pub seconds: f64,
     pub gbps: f64,
+    /// The fastest rate over any [`PEAK_WINDOW`] of the read, or the whole
+    /// read's rate where that is faster or the read was shorter: what the disk gave once the read
+    /// was under way, without its start (files opened, buffers made, the
+    /// queue filling) and its drain (the last reads in flight alone).
+    pub peak_gbps: f64,
     /// Files read through the page cache because O_DIRECT was refused.
     pub fallback_buffered: usize,
     /// What the block device holding the first file was asked meanwhile
@@ -355,6 +360,8 @@ fn middle(mut v: Vec<f64>) -> Option<f64> {
 pub struct PatternRates {
     pub pattern: String,
     pub gbps: Vec<f64>,
+    /// Each round's [`ProbeResult::peak_gbps`].
+    pub peak_gbps: Vec<f64>,
     /// What the block device was asked in each round, where known.
     pub device: Vec<DeviceRequests>,
 }
@@ -385,7 +392,11 @@ pub struct DiskProbe {
     pub patterns: Vec<PatternRates>,
     /// The pattern with the best median rate.
     pub best_pattern: String,
-    /// The disk's read limit: the fastest read of any pattern.
+    /// The disk's read limit: the fastest rate any pattern's read held for
+    /// a whole [`PEAK_WINDOW`] (the best [`ProbeResult::peak_gbps`]). A
+    /// whole read's average also counts its start and drain, which a longer
+    /// read (a model's) amortises better than the probe's, so the average
+    /// would understate what a load can reach.
     pub read_gbps: f64,
     /// The files read again from the page cache (the best pattern, buffered).
     pub page_cache_gbps: f64,
@@ -418,8 +429,9 @@ pub fn fill_noise(buf: &mut [u8], seed: u64) {
 /// Measures the disk under `dir`: writes `files` scratch files of `bytes`
 /// together (incompressible, synced), reads them cold with every pattern of
 /// `patterns`, `rounds` times with the order rotated, then once from the
-/// page cache, and removes them. The disk's limit is the fastest read seen;
-/// the best pattern is the one with the best median.
+/// page cache, and removes them. The disk's limit is the fastest rate held
+/// for a [`PEAK_WINDOW`] by any read; the best pattern is the one with the
+/// best median.
 pub fn probe_dir(
     dir: &std::path::Path,
     bytes: u64,
@@ -470,6 +482,7 @@ pub fn probe_dir(
             let mine = || results.iter().filter(|(_, r)| r.pattern == name);
             PatternRates {
                 gbps: mine().map(|(_, r)| r.gbps).collect(),
+                peak_gbps: mine().map(|(_, r)| r.peak_gbps).collect(),
                 device: mine().filter_map(|(_, r)| r.device.clone()).collect(),
                 pattern: name.clone(),
             }
@@ -481,7 +494,7 @@ pub fn probe_dir(
         .expect("at least one pattern");
     let read_gbps = rates
         .iter()
-        .flat_map(|r| r.gbps.iter().copied())
+        .flat_map(|r| r.peak_gbps.iter().copied())
         .fold(0.0, f64::max);
     // The page cache: fill it, then read again through it.
     let mut buffered: ReadPattern = best.pattern.parse().expect("a pattern's own name");
@@ -503,25 +516,31 @@ pub fn probe_dir(
     Ok(probe)
 }
 
-/// Drops every job's bytes after reading them into a per-reader buffer.
+/// Drops every job's bytes after reading them into a per-reader buffer,
+/// counting them.
 struct DiscardSink {
     request: usize,
+    done: AtomicU64,
 }
 
-struct DiscardWorker {
+struct DiscardWorker<'s> {
     buf: AlignedBuf,
+    done: &'s AtomicU64,
 }
 
 impl Sink for DiscardSink {
-    type Worker<'s> = DiscardWorker;
-    fn worker(&self) -> Result<DiscardWorker, LoadError> {
+    type Worker<'s> = DiscardWorker<'s>;
+    fn worker(&self) -> Result<DiscardWorker<'_>, LoadError> {
         let buf = AlignedBuf::new(self.request)
             .map_err(|e| LoadError::Device(format!("read buffer: {e}")))?;
-        Ok(DiscardWorker { buf })
+        Ok(DiscardWorker {
+            buf,
+            done: &self.done,
+        })
     }
 }
 
-impl SinkWorker for DiscardWorker {
+impl SinkWorker for DiscardWorker<'_> {
     fn transfer(
         &mut self,
         job: &Job,
@@ -533,6 +552,7 @@ impl SinkWorker for DiscardWorker {
             let want = (self.buf.len() as u64).min(job.len - at) as usize;
             let n = read(&mut self.buf[..want], at)?;
             std::hint::black_box(&self.buf[..n]);
+            self.done.fetch_add(n as u64, Ordering::Relaxed);
             if n < want {
                 break;
             }
@@ -563,16 +583,15 @@ pub fn read_files(
     let plan = LoadPlan::whole_files(&files);
     let opts = pattern.apply(&LoadOptions::default());
     let before = files.first().and_then(|f| BlockCounters::of(&f.path));
-    let stats = match pattern.queue_depth {
-        None => execute(
-            &plan,
-            &DiscardSink {
-                request: pattern.request as usize,
-            },
-            &opts,
-        )?,
-        Some(depth) => read_uring(&plan, &opts, depth)?,
+    let sink = DiscardSink {
+        request: pattern.request as usize,
+        done: AtomicU64::new(0),
     };
+    let (stats, progress) = with_progress(&sink.done, || match pattern.queue_depth {
+        None => execute(&plan, &sink, &opts),
+        Some(depth) => read_uring(&plan, &opts, depth, &sink.done),
+    });
+    let stats = stats?;
     let device = before.and_then(|(name, a)| {
         DeviceRequests::between(&name, a, BlockCounters::read(&name)?, stats.seconds)
     });
@@ -586,17 +605,72 @@ pub fn read_files(
         bytes: stats.bytes_read,
         seconds: stats.seconds,
         gbps: stats.gbps(),
+        peak_gbps: peak_rate(&progress, PEAK_WINDOW).map_or(stats.gbps(), |p| p.max(stats.gbps())),
         fallback_buffered,
         device,
     })
 }
 
+/// The span of a read over which [`ProbeResult::peak_gbps`] is taken.
+pub const PEAK_WINDOW: f64 = 1.0;
+
+/// How often [`with_progress`] samples a read's byte count.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Runs `read` while a thread samples `done` (the bytes read so far) every
+/// [`SAMPLE_EVERY`]: `read`'s result and the samples, as (seconds since the
+/// start, bytes), the first at the start and the last at the end.
+fn with_progress<T>(done: &AtomicU64, read: impl FnOnce() -> T) -> (T, Vec<(f64, u64)>) {
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut samples = vec![(0.0, 0)];
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(SAMPLE_EVERY);
+                samples.push((start.elapsed().as_secs_f64(), done.load(Ordering::Relaxed)));
+            }
+            samples
+        });
+        let out = read();
+        stop.store(true, Ordering::Relaxed);
+        let mut samples = sampler.join().unwrap_or_default();
+        samples.push((start.elapsed().as_secs_f64(), done.load(Ordering::Relaxed)));
+        (out, samples)
+    })
+}
+
+/// The fastest rate (GB/s) between two samples at least `window` seconds
+/// apart, each span starting at a sample and ending at the first sample
+/// `window` or more after it; `None` when the samples span less than
+/// `window`. Samples are (seconds, bytes so far), in time order.
+pub fn peak_rate(samples: &[(f64, u64)], window: f64) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    let mut end = 0;
+    for (i, &(t0, b0)) in samples.iter().enumerate() {
+        end = end.max(i + 1);
+        while end < samples.len() && samples[end].0 - t0 < window {
+            end += 1;
+        }
+        let Some(&(t1, b1)) = samples.get(end) else {
+            break;
+        };
+        let rate = b1.saturating_sub(b0) as f64 / (t1 - t0) / 1e9;
+        best = Some(best.map_or(rate, |b| b.max(rate)));
+    }
+    best
+}
+
 /// The io_uring reader: each thread takes the next file not yet started and
 /// keeps `depth` reads of it in flight (whatever the pattern's order: one
 /// reader per file at a time).
-fn read_uring(plan: &LoadPlan, opts: &LoadOptions, depth: usize) -> Result<LoadStats, LoadError> {
+fn read_uring(
+    plan: &LoadPlan,
+    opts: &LoadOptions,
+    depth: usize,
+    bytes: &AtomicU64,
+) -> Result<LoadStats, LoadError> {
     let start = Instant::now();
-    let bytes = AtomicU64::new(0);
     let next_file = std::sync::atomic::AtomicUsize::new(0);
     let threads = opts.threads.clamp(1, plan.files.len().max(1));
     let direct = opts.io != IoMode::Buffered;
@@ -652,7 +726,7 @@ fn read_uring(plan: &LoadPlan, opts: &LoadOptions, depth: usize) -> Result<LoadS
         Ok(())
     })?;
     Ok(LoadStats {
-        bytes_read: bytes.into_inner(),
+        bytes_read: bytes.load(Ordering::Relaxed),
         seconds: start.elapsed().as_secs_f64(),
         files_direct: if direct {
             plan.files.len() - buffered_files
@@ -714,6 +788,51 @@ mod tests {
             DeviceRequests::between("vda", a, a, 0.5).is_none(),
             "no reads"
         );
+    }
+
+    #[test]
+    fn the_peak_is_the_fastest_full_window() {
+        // 1 GB/s for 2 s, then 3 GB/s for 1 s, then 0.5 GB/s for 1 s.
+        let mut samples = Vec::new();
+        let mut bytes = 0u64;
+        for i in 0..=40 {
+            let t = i as f64 * 0.1;
+            samples.push((t, bytes));
+            bytes += match t {
+                t if t < 1.95 => 100_000_000,
+                t if t < 2.95 => 300_000_000,
+                _ => 50_000_000,
+            };
+        }
+        let peak = peak_rate(&samples, 1.0).unwrap();
+        assert!((peak - 3.0).abs() < 1e-6, "{peak}");
+        // Wider than the burst: the burst with some of its neighbours.
+        let wide = peak_rate(&samples, 2.0).unwrap();
+        assert!((wide - 2.0).abs() < 1e-6, "{wide}");
+        // Shorter than the window, or no samples: nothing to say.
+        assert_eq!(peak_rate(&samples[..5], 1.0), None);
+        assert_eq!(peak_rate(&[], 1.0), None);
+        // Samples closer than the window still measure over the window.
+        let sparse = [(0.0, 0), (0.5, 1_000_000_000), (1.5, 1_500_000_000)];
+        assert!((peak_rate(&sparse, 1.0).unwrap() - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_read_is_sampled_from_start_to_end() {
+        let done = AtomicU64::new(0);
+        let (out, samples) = with_progress(&done, || {
+            for _ in 0..5 {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                done.fetch_add(7, Ordering::Relaxed);
+            }
+            "read"
+        });
+        assert_eq!(out, "read");
+        assert_eq!(samples.first(), Some(&(0.0, 0)));
+        assert_eq!(samples.last().map(|s| s.1), Some(35));
+        assert!(samples
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
     }
 
     #[test]
@@ -804,12 +923,14 @@ mod tests {
         assert_eq!(p.patterns.len(), 2);
         assert!(p.patterns.iter().all(|r| r.gbps.len() == 2));
         assert!(patterns.iter().any(|q| q.to_string() == p.best_pattern));
-        let fastest = p
-            .patterns
-            .iter()
-            .flat_map(|r| r.gbps.clone())
-            .fold(0.0, f64::max);
+        // The limit is the best peak, and no read's average is above it.
+        let peak = |r: &PatternRates| r.peak_gbps.clone();
+        let fastest = p.patterns.iter().flat_map(peak).fold(0.0, f64::max);
         assert_eq!(p.read_gbps, fastest);
+        for r in &p.patterns {
+            assert_eq!(r.peak_gbps.len(), r.gbps.len());
+            assert!(r.gbps.iter().zip(&r.peak_gbps).all(|(g, pk)| pk >= g));
+        }
         assert!(p.page_cache_gbps > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

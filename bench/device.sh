@@ -17,7 +17,8 @@
 #           the swap workload of full-size models from a cold page cache
 #           beside the in-process cold load ("swap-cold", not in the
 #           default; SWAPCOLD_SECONDS, default 60; SWAPCOLD_COMPRESS=1 with
-#           the models stored compressed);
+#           the models stored compressed; SWAPCOLD_DISK_LOADS="1 0" and
+#           SWAPCOLD_ROUNDS=N alternate the daemon's --disk-loads);
 # SIZES (default "8b 0.6b") picks the checkpoints synthesized first.
 #   engine  GPU engine vs transformers, decode/prefill vs roofline;
 #   ttft    time to first token of `flash run` through the daemon
@@ -896,23 +897,33 @@ if stage daemon && [[ " $DAEMON_SCENARIOS " == *" swap-cold "* ]]; then
         timeout 300 "$FLASH" -q bench-daemon --scenario swap "${swap_flags[@]}" --duration 0 >/dev/null
     "$FLASH" stop >/dev/null 2>&1
     swap_ref
-    for clients in 1 4; do
-        in_budget || { skip "swap-cold $clients clients"; continue; }
-        evict_all "$FLASH_HOME/models/bench"
-        "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off && {
-            timeout $((SWAPCOLD_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap "${swap_flags[@]}" \
-                --clients "$clients" --zipf 1.0 --duration "$SWAPCOLD_SECONDS" --json |
-                python3 -c 'import json,sys
+    # SWAPCOLD_DISK_LOADS: the daemon's --disk-loads for each run (default
+    # "1", its default; "1 0" alternates turns on the disk with loads side
+    # by side, round by round).
+    for round in $(seq 1 "${SWAPCOLD_ROUNDS:-1}"); do
+        for clients in 1 4; do
+            for disk_loads in ${SWAPCOLD_DISK_LOADS:-1}; do
+                in_budget || { skip "swap-cold $clients clients, disk loads $disk_loads, round $round"; continue; }
+                evict_all "$FLASH_HOME/models/bench"
+                "$FLASH" start --mem-pool 7000M --gpu-budget 3500M --http off --disk-loads "$disk_loads" && {
+                    timeout $((SWAPCOLD_SECONDS + 120)) "$FLASH" bench-daemon --scenario swap "${swap_flags[@]}" \
+                        --clients "$clients" --zipf 1.0 --duration "$SWAPCOLD_SECONDS" --json |
+                        python3 -c 'import json,sys
 for l in sys.stdin:
     if l.startswith("{"):
         d=json.loads(l); d["page_cache"]="cold"; d["clients"]=int(sys.argv[1]); d["models_stored"]=sys.argv[2]
+        d["disk_loads"]=int(sys.argv[3]); d["round"]=int(sys.argv[4])
+        d["loader"]="flash-daemon"; d["model"]="30 x qwen3-0.6b ("+sys.argv[2]+")"
         a=d.get("all") or {}; d["p50_s"]=a.get("p50_s"); d["p99_s"]=a.get("p99_s")
-        d["from_disk"]=(d.get("by_source") or {}).get("disk", {}).get("count", 0); print(json.dumps(d))' "$clients" "$swap_label" |
-                json_lines swap-cold
-            "$FLASH" status --json >"$OUT/swap-cold-$clients-status.json" || true
-            "$FLASH" stop
-        }
-        swap_ref
+        d["from_disk"]=(d.get("by_source") or {}).get("disk", {}).get("count", 0); print(json.dumps(d))' \
+                            "$clients" "$swap_label" "$disk_loads" "$round" |
+                        json_lines swap-cold
+                    "$FLASH" status --json >"$OUT/swap-cold-$clients-$disk_loads-$round-status.json" || true
+                    "$FLASH" stop
+                }
+            done
+            swap_ref
+        done
     done
 fi
 

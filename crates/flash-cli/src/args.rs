@@ -211,6 +211,11 @@ pub struct StartArgs {
     #[arg(long, default_value_t = 300.0, value_name = "SECONDS",
           value_parser = parse_half_life)]
     pub popularity_half_life: f64,
+    /// Loads that read the store's disk at once (0: no limit); the others
+    /// wait for a turn, the smallest first, without holding room in a tier.
+    /// One load keeps the disk busy, so a second would only share its rate
+    #[arg(long, default_value_t = flash_daemon::DEFAULT_DISK_LOADS, value_name = "N")]
+    pub disk_loads: usize,
     /// Run in this process instead of in the background
     #[arg(long)]
     pub foreground: bool,

@@ -141,6 +141,7 @@ pub(crate) fn spawn(home: &Path, verbose: u8, a: &StartArgs) -> Result<StatusRep
     }
     cmd.arg("--popularity-half-life")
         .arg(a.popularity_half_life.to_string());
+    cmd.arg("--disk-loads").arg(a.disk_loads.to_string());
     let mut child = cmd
         .env(DETACHED_ENV, "1")
         .stdin(Stdio::null())
@@ -206,6 +207,7 @@ fn foreground(home: &Path, a: StartArgs) -> Result<ExitCode> {
         http,
         no_gpu: a.no_gpu,
         popularity_half_life: std::time::Duration::from_secs_f64(a.popularity_half_life),
+        disk_loads: a.disk_loads,
     };
     // The OpenAI-compatible API of the daemon's engines (flash-daemon's openai module).
     flash_daemon::run(cfg, flash_daemon::openai::routes)?;

@@ -427,6 +427,8 @@ fn tcp_needs_the_token_and_metrics_are_served() {
         "flash_tier_misses_total{tier=\"memory\"} 1",
         "flash_load_seconds_count{tier=\"memory\",from=\"disk\"} 1",
         "flash_bytes_moved_total{tier=\"memory\"} 196608",
+        "flash_disk_loads{state=\"reading\"} 0",
+        "flash_disk_loads{state=\"waiting\"} 0",
     ] {
         assert!(body.contains(want), "{want} missing from:\n{body}");
     }

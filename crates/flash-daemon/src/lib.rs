@@ -51,6 +51,8 @@ pub mod tiers;
 
 /// The HTTP router type that [`run`] takes extra routes as.
 pub use axum::Router;
+/// Loads that read the store's disk at once unless `flash start --disk-loads` says otherwise.
+pub use flash_tier::DEFAULT_DISK_LOADS;
 pub use server::{run, DaemonConfig, DaemonError, DaemonHandle, LOCK_FILE, LOG_FILE, PID_FILE};
 pub use tiers::{
     build_tiers, build_tiers_on, build_tiers_with, GpuMemory, HostImage, HostMemory, SetupError,

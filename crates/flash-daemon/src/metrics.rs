@@ -21,6 +21,8 @@
 //! - `flash_request_seconds` {tier, from}: acquire/fill latency seen by the
 //!   daemon, by the tier served and where its bytes came from (a hit has
 //!   `from` = `tier`): the switch latency (histogram);
+//! - `flash_disk_loads` {state = reading | waiting}: loads reading the
+//!   store's disk and loads waiting for their turn on it;
 //! - `flash_sessions`, `flash_leases`, `flash_requests_total`,
 //!   `flash_errors_total`, `flash_uptime_seconds`.
 
@@ -252,6 +254,22 @@ pub(crate) fn render(d: &Daemon) -> String {
         gauge(&mut o, name, help, kind);
         let _ = writeln!(o, "{name} {v}");
     }
+    gauge(
+        &mut o,
+        "flash_disk_loads",
+        "Loads reading the store's disk, and loads waiting for their turn.",
+        "gauge",
+    );
+    let _ = writeln!(
+        o,
+        "flash_disk_loads{{state=\"reading\"}} {}",
+        st.disk_reading
+    );
+    let _ = writeln!(
+        o,
+        "flash_disk_loads{{state=\"waiting\"}} {}",
+        st.disk_waiting
+    );
     o
 }
 

@@ -58,6 +58,9 @@ pub struct DaemonConfig {
     /// The half-life of a request's weight in a model's popularity, which
     /// orders evictions ([`flash_tier::popularity`]).
     pub popularity_half_life: std::time::Duration,
+    /// Loads reading the store's disk at once (0: no limit;
+    /// [`flash_tier::TierBuilder::disk_loads`]).
+    pub disk_loads: usize,
 }
 
 /// Why the daemon could not start or stopped badly.
@@ -314,6 +317,7 @@ fn ready_tiers(
         load: cfg.load.clone(),
         pool_file: home::pool_file(home, shm, cfg.memory_budget, cuda.is_some()),
         popularity_half_life: cfg.popularity_half_life,
+        disk_loads: cfg.disk_loads,
     };
     let (tiers, host) = build_tiers_with(Store::open(home)?, &tier_cfg, cuda)?;
     if let Some(p) = host.pool().and_then(|p| p.path()) {

@@ -524,11 +524,13 @@ pub struct TierConfig {
     /// The half-life of a request's weight in a model's popularity, which
     /// orders evictions ([`flash_tier::popularity`]).
     pub popularity_half_life: std::time::Duration,
+    /// Loads reading the store's disk at once (0: no limit).
+    pub disk_loads: usize,
 }
 
 impl TierConfig {
     /// A memory tier of `memory_budget` bytes, 90 % of each GPU, default
-    /// load options and popularity half-life.
+    /// load options, popularity half-life and disk turns.
     pub fn new(memory_budget: u64) -> Self {
         TierConfig {
             memory_budget,
@@ -537,6 +539,7 @@ impl TierConfig {
             load: LoadOptions::default(),
             pool_file: None,
             popularity_half_life: flash_tier::popularity::DEFAULT_HALF_LIFE,
+            disk_loads: flash_tier::DEFAULT_DISK_LOADS,
         }
     }
 }
@@ -632,7 +635,8 @@ pub fn build_tiers_with(
     let host = host_memory(cfg, gpus.first())?;
     let transfers = StoreTransfers::new(store, cfg.load.clone());
     let mut builder = TierManager::builder(transfers, host.clone(), cfg.memory_budget)
-        .popularity_half_life(cfg.popularity_half_life);
+        .popularity_half_life(cfg.popularity_half_life)
+        .disk_loads(cfg.disk_loads);
     for gpu in gpus {
         let (_, total) = gpu.mem_info()?;
         let budget = cfg.gpu_budget.unwrap_or((total as f64 * util) as u64);

@@ -27,7 +27,10 @@
 //!    direct load, and when the manager is inclusive (the default) the same
 //!    pass over the disk fills a memory copy (reserved beside the GPU's,
 //!    where the memory tier has room at once; requests for it wait on that
-//!    load as on any other).
+//!    load as on any other). Loads from disk take turns on it, one at a
+//!    time by default ([`TierBuilder::disk_loads`]), the smallest waiting
+//!    first: loads sharing the disk all end late, loads in turn end one
+//!    after the other, the same total sooner on average.
 //!
 //! Room is made by evicting copies of the tier that are neither leased, kept,
 //! nor being read by a transfer — as few as needed, the least popular first
@@ -103,8 +106,10 @@
 //! # Threads and locks
 //!
 //! One `Mutex` guards all of the state, with one `Condvar` signalled on every
-//! change that could let a waiter go on; **it is the only lock, so there is no
-//! lock order**. It is held only for bookkeeping: never while calling the
+//! change that could let a waiter go on. The disk's turns have a lock of
+//! their own, taken only while the state's is not held (a load waits for
+//! its turn after publishing itself, lock released), **so no thread ever
+//! holds both and there is no lock order**. It is held only for bookkeeping: never while calling the
 //! daemon's code (sizes, allocations, transfers), never while dropping the
 //! last reference to a buffer, never while waiting (the `Condvar` releases
 //! it). A request that
@@ -115,8 +120,9 @@
 //! manager for the model they are loading.
 //!
 //! A wait never forms a cycle: single-flight waiters wait on a loader, which
-//! waits on nothing but its transfer (without a time limit: transfers must
-//! end on their own); requests waiting for room (at most `space_wait`) and
+//! waits on nothing but its turn on the disk (loads ahead of it, which
+//! wait on nothing but their transfers) and its transfer (without a time
+//! limit: transfers must end on their own); requests waiting for room (at most `space_wait`) and
 //! `unload` wait for loads in flight, pins (held by transfers) and frees, none
 //! of which wait for room in the same tier; a GPU load may hold a pin on the
 //! memory copy it reads while it waits for GPU room, and requests for memory
@@ -194,6 +200,7 @@
 //! ```
 
 mod backend;
+mod disk_queue;
 mod error;
 mod ledger;
 mod manager;
@@ -203,7 +210,9 @@ mod types;
 
 pub use backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
 pub use error::{Holder, NoSpace, TierError};
-pub use manager::{Lease, Loaded, Reservation, TierBuilder, TierManager, DEFAULT_SPACE_WAIT};
+pub use manager::{
+    Lease, Loaded, Reservation, TierBuilder, TierManager, DEFAULT_DISK_LOADS, DEFAULT_SPACE_WAIT,
+};
 pub use status::{
     Bucket, LoadHistogram, ModelReport, ModelState, TierCounters, TierReport, TierStatus,
     LOAD_SECONDS_BUCKETS,

@@ -2,12 +2,13 @@
 //! memory and transfer work delegated to the daemon's [`Transfers`].
 
 use crate::backend::{GpuBuf, MemoryBuf, TierBackend, Transfers};
+use crate::disk_queue::DiskQueue;
 use crate::error::{Holder, NoSpace, TierError};
 use crate::ledger::{Flight, Ledger, Plan, Refusal, Slot};
 use crate::popularity::{Popularity, DEFAULT_HALF_LIFE};
 use crate::status::{ModelReport, ModelState, TierCounters, TierReport, TierStatus};
 use crate::types::{fmt_bytes, ClientId, LeaseId, ModelId, Tier};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -20,6 +21,10 @@ const MEMORY: usize = 0;
 /// How long a request waits by default for bytes in flight (loads, copies
 /// used as a transfer source, frees) to become usable before it is refused.
 pub const DEFAULT_SPACE_WAIT: Duration = Duration::from_secs(30);
+
+/// Loads reading the disk at once, by default: one load keeps the disk
+/// busy, so a second only shares its rate (see `disk_queue`).
+pub const DEFAULT_DISK_LOADS: usize = 1;
 
 fn tier_at(t: usize) -> Tier {
     if t == MEMORY {
@@ -61,6 +66,7 @@ pub struct TierBuilder<X: Transfers> {
     inclusive: bool,
     space_wait: Duration,
     half_life: Duration,
+    disk_loads: usize,
 }
 
 impl<X: Transfers> TierBuilder<X> {
@@ -98,6 +104,16 @@ impl<X: Transfers> TierBuilder<X> {
         self
     }
 
+    /// How many loads may read the disk at once (default
+    /// [`DEFAULT_DISK_LOADS`]; 0: no limit). The others wait for a turn,
+    /// the smallest first, with the room of their copy already reserved
+    /// (the crate's `disk_queue` module says why). Loads from the memory
+    /// tier never wait.
+    pub fn disk_loads(mut self, n: usize) -> Self {
+        self.disk_loads = n;
+        self
+    }
+
     pub fn build(self) -> TierManager<X> {
         let mut tiers = vec![Ledger::new(Tier::Memory, self.memory_budget)];
         let mut gpus = Vec::with_capacity(self.gpus.len());
@@ -113,6 +129,7 @@ impl<X: Transfers> TierBuilder<X> {
                     next_lease: 1,
                     tick: 0,
                     popularity: Popularity::new(self.half_life),
+                    queued: HashSet::new(),
                 }),
                 changed: Condvar::new(),
                 transfers: self.transfers,
@@ -120,6 +137,7 @@ impl<X: Transfers> TierBuilder<X> {
                 gpus,
                 inclusive: self.inclusive,
                 space_wait: self.space_wait,
+                disk: DiskQueue::new(self.disk_loads),
             }),
         }
     }
@@ -157,6 +175,8 @@ struct Shared<X: Transfers> {
     gpus: Vec<X::Gpu>,
     inclusive: bool,
     space_wait: Duration,
+    /// Turns on the disk for loads from it.
+    disk: DiskQueue,
 }
 
 struct State<X: Transfers> {
@@ -168,6 +188,10 @@ struct State<X: Transfers> {
     tick: u64,
     /// Requests per model, recent ones weighing more: eviction order.
     popularity: Popularity,
+    /// (tier, model) of the requests waiting for a turn on the disk to
+    /// load that copy: a second request for it waits for that load instead
+    /// of queueing its own (single-flight before the load is published).
+    queued: HashSet<(usize, ModelId)>,
 }
 
 struct LeaseRecord {
@@ -274,6 +298,7 @@ impl<X: Transfers> TierManager<X> {
             inclusive: true,
             space_wait: DEFAULT_SPACE_WAIT,
             half_life: DEFAULT_HALF_LIFE,
+            disk_loads: DEFAULT_DISK_LOADS,
         }
     }
 
@@ -593,9 +618,15 @@ impl<X: Transfers> TierManager<X> {
                 }
             })
             .collect();
+        let leases = st.leases.len();
+        drop(st);
+        // The disk queue's own lock, never taken with the state's.
+        let (disk_reading, disk_waiting) = self.shared.disk.load();
         TierStatus {
             tiers,
-            leases: st.leases.len(),
+            leases,
+            disk_reading,
+            disk_waiting,
         }
     }
 
@@ -975,6 +1006,9 @@ impl<X: Transfers> Shared<X> {
         // A pin on the memory copy, when a GPU load will copy from it.
         let mut source: Option<Obtained<X>> = None;
         let mut tried_memory = false;
+        // This request's turn on the disk, once it has one (dropped at the
+        // end, after the lock).
+        let mut turn = None;
         // What the request counts in this tier, by outcome: it loaded (or
         // was refused), found the copy on its first look, or got a copy
         // another request loaded.
@@ -1034,6 +1068,39 @@ impl<X: Transfers> Shared<X> {
                         Err(e) => break Err(e),
                     }
                     continue;
+                }
+            }
+            // A load from disk takes its turn on the disk once its room can
+            // be had, and before reserving it: while it waits for the turn,
+            // its room (and the copies it would evict) stay with others.
+            // It never holds a turn while waiting for room.
+            if source.is_none() {
+                match plan {
+                    Plan::Fits | Plan::Evict(_) if turn.is_none() => {
+                        let key = (t, model.clone());
+                        if st.queued.contains(&key) {
+                            // Another request waits for its turn to load this
+                            // copy: that load will be ours too.
+                            st = self.wait(st);
+                            continue;
+                        }
+                        st.queued.insert(key.clone());
+                        drop(st);
+                        turn = Some(self.disk.enter(bytes));
+                        st = self.lock();
+                        // The load is published (or the turn given back)
+                        // before the lock is released again.
+                        st.queued.remove(&key);
+                        self.changed.notify_all();
+                        continue;
+                    }
+                    Plan::Wait if turn.is_some() => {
+                        drop(st);
+                        turn = None;
+                        st = self.lock();
+                        continue;
+                    }
+                    _ => {}
                 }
             }
             let victims = match plan {

@@ -18,6 +18,9 @@ pub struct TierStatus {
     pub tiers: Vec<TierReport>,
     /// Leases held, attached and detached.
     pub leases: usize,
+    /// Loads reading the disk now, and loads waiting for their turn.
+    pub disk_reading: usize,
+    pub disk_waiting: usize,
 }
 
 impl TierStatus {

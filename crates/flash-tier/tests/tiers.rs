@@ -906,3 +906,111 @@ fn a_gpu_load_keeps_a_memory_copy_only_in_place_of_less_popular_ones() {
     assert_eq!(r.models_in(MEM), ["x", "hot"], "warm made room");
     r.assert_sound();
 }
+
+/// Polls until `n` loads wait for their turn on the disk.
+fn wait_disk_waiting(r: &Rig, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.mgr.status().disk_waiting < n {
+        assert!(
+            Instant::now() < deadline,
+            "never {n} loads waiting for the disk"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Loads from disk take turns on it (one at a time by default), the
+/// smallest waiting first, and a load waiting for its turn holds no room:
+/// a copy from the memory tier goes up to the GPU meanwhile.
+#[test]
+fn disk_loads_take_turns_smallest_first_holding_no_room() {
+    let r = Arc::new(
+        rig(1000, &[400])
+            .models(&[("big", 200), ("next", 150), ("small", 50), ("warm", 100)])
+            .build(),
+    );
+    drop(r.mgr.acquire(&m("warm"), MEM, C1).unwrap());
+    let gate = r.fakes().gate("big");
+    let spawn = |model: &'static str, tier: Tier| {
+        let r = r.clone();
+        thread::spawn(move || r.mgr.acquire(&m(model), tier, C1).map(|l| l.served_from()))
+    };
+    let big = spawn("big", GPU);
+    gate.wait_entered(1);
+    let next = spawn("next", GPU);
+    wait_disk_waiting(&r, 1);
+    // A second request for next waits for that load, not for a turn of
+    // its own.
+    let next_again = spawn("next", GPU);
+    let small = spawn("small", MEM);
+    wait_disk_waiting(&r, 2);
+    thread::sleep(Duration::from_millis(20));
+    let st = r.mgr.status();
+    assert_eq!((st.disk_reading, st.disk_waiting), (1, 2));
+    assert_eq!(
+        st.tier(GPU).unwrap().loading,
+        200,
+        "only big holds GPU room"
+    );
+    // The memory copy of warm goes up while every disk load waits.
+    let warm = spawn("warm", GPU);
+    let warm = within(5, move || warm.join().unwrap());
+    assert_eq!(warm.unwrap(), Tier::Memory);
+    gate.open();
+    for load in [big, next, next_again, small] {
+        assert_eq!(within(5, move || load.join().unwrap()).unwrap(), Tier::Disk);
+    }
+    let ops = r.fakes().ops();
+    let reads_of_next = ops
+        .iter()
+        .filter(|op| matches!(op, Op::DiskToGpuAndMemory(x, _) if x == &m("next")))
+        .count();
+    assert_eq!(reads_of_next, 1, "{ops:?}");
+    assert_eq!(r.mgr.status().tier(GPU).unwrap().counters.coalesced, 1);
+    let at = |model: &str| {
+        ops.iter()
+            .position(|op| match op {
+                Op::DiskToMemory(x) | Op::DiskToGpu(x, _) | Op::DiskToGpuAndMemory(x, _) => {
+                    x == &m(model)
+                }
+                Op::MemoryToGpu(..) => false,
+            })
+            .unwrap()
+    };
+    assert!(
+        at("big") < at("small") && at("small") < at("next"),
+        "{ops:?}"
+    );
+    let st = r.mgr.status();
+    assert_eq!((st.disk_reading, st.disk_waiting), (0, 0));
+    r.assert_sound();
+}
+
+/// Without a limit (`disk_loads(0)`), loads read the disk side by side.
+#[test]
+fn disk_loads_without_a_limit_run_side_by_side() {
+    let r = Arc::new(
+        rig(1000, &[])
+            .models(&[("a", 100), ("b", 100)])
+            .disk_loads(0)
+            .build(),
+    );
+    let (ga, gb) = (r.fakes().gate("a"), r.fakes().gate("b"));
+    let loads: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|model| {
+            let r = r.clone();
+            thread::spawn(move || r.mgr.acquire(&m(model), MEM, C1).map(|_| ()))
+        })
+        .collect();
+    // Both transfers are under way at once.
+    ga.wait_entered(1);
+    gb.wait_entered(1);
+    assert_eq!(r.mgr.status().disk_waiting, 0);
+    ga.open();
+    gb.open();
+    for l in loads {
+        within(5, move || l.join().unwrap()).unwrap();
+    }
+    r.assert_sound();
+}

@@ -137,6 +137,16 @@ pub struct FakeTransfers {
     transfers: AtomicU64,
     /// Each transfer takes this long (microseconds), so loads overlap.
     pub delay_us: AtomicU64,
+    /// A disk shared by every read (0: off, `delay_us` alone): a read of
+    /// an image of N bytes needs N times this many nanoseconds of the
+    /// disk, which serves every read in flight at once, each at its share
+    /// of the rate (k reads in flight: each at 1/k).
+    pub disk_ns_per_byte: AtomicU64,
+    /// The same for copies from the memory tier to a GPU (a link shared by
+    /// every upload in flight).
+    pub upload_ns_per_byte: AtomicU64,
+    disk_in_flight: AtomicU64,
+    uploads_in_flight: AtomicU64,
     pub panic_on: Mutex<HashSet<ModelId>>,
     pub gates: Mutex<HashMap<ModelId, Arc<Gate>>>,
     pub violations: Mutex<Vec<String>>,
@@ -176,6 +186,11 @@ impl FakeTransfers {
         if delay > 0 {
             thread::sleep(Duration::from_micros(delay));
         }
+        let (per_byte, in_flight) = match op {
+            Op::MemoryToGpu(..) => (&self.upload_ns_per_byte, &self.uploads_in_flight),
+            _ => (&self.disk_ns_per_byte, &self.disk_in_flight),
+        };
+        shared_link(in_flight, dst.bytes * per_byte.load(Ordering::SeqCst));
         if self.panic_on.lock().unwrap().contains(model) {
             panic!("injected panic for {model}");
         }
@@ -263,6 +278,27 @@ impl Transfers for FakeTransfers {
     }
 }
 
+/// Takes `work_ns` nanoseconds of a link that serves everything in flight
+/// at once (processor sharing): every step of time counts for 1/k of a
+/// transfer's work while k transfers are in flight.
+fn shared_link(in_flight: &AtomicU64, work_ns: u64) {
+    if work_ns == 0 {
+        return;
+    }
+    const STEP: Duration = Duration::from_micros(200);
+    in_flight.fetch_add(1, Ordering::SeqCst);
+    let mut done = 0.0;
+    let mut last = Instant::now();
+    while done < work_ns as f64 {
+        thread::sleep(STEP);
+        let now = Instant::now();
+        let k = in_flight.load(Ordering::SeqCst).max(1) as f64;
+        done += (now - last).as_secs_f64() * 1e9 / k;
+        last = now;
+    }
+    in_flight.fetch_sub(1, Ordering::SeqCst);
+}
+
 /// A manager over fakes, and the fakes' live counters (memory first).
 pub struct Rig {
     pub mgr: TierManager<FakeTransfers>,
@@ -275,6 +311,7 @@ pub struct RigBuilder {
     sizes: Vec<(String, u64)>,
     inclusive: bool,
     space_wait: Duration,
+    disk_loads: usize,
 }
 
 pub fn rig(memory: u64, gpus: &[u64]) -> RigBuilder {
@@ -284,6 +321,7 @@ pub fn rig(memory: u64, gpus: &[u64]) -> RigBuilder {
         sizes: Vec::new(),
         inclusive: true,
         space_wait: Duration::from_secs(5),
+        disk_loads: flash_tier::DEFAULT_DISK_LOADS,
     }
 }
 
@@ -299,6 +337,10 @@ impl RigBuilder {
     }
     pub fn space_wait(mut self, d: Duration) -> Self {
         self.space_wait = d;
+        self
+    }
+    pub fn disk_loads(mut self, n: usize) -> Self {
+        self.disk_loads = n;
         self
     }
     pub fn build(self) -> Rig {
@@ -321,7 +363,8 @@ impl RigBuilder {
             self.memory,
         )
         .inclusive(self.inclusive)
-        .space_wait(self.space_wait);
+        .space_wait(self.space_wait)
+        .disk_loads(self.disk_loads);
         for (i, &budget) in self.gpus.iter().enumerate() {
             let l = live(Tier::Gpu(i as u16), budget);
             all.push(l.clone());

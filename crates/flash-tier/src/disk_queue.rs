@@ -5,10 +5,16 @@
 //! and all finish late: four loads of 0.77 s each started together end
 //! after about 3 s, every one of them. Admitted one at a time, the first
 //! ends after 0.77 s, the second after 1.5 s, and the total is the same: the
-//! mean wait falls by a third, and a GPU copy's room, reserved for the
-//! whole load, is held for less time. Among the loads waiting, the smallest
-//! goes first (a 0.6B model does not wait seconds behind an 8B one), ties
-//! in arrival order.
+//! mean wait falls by a third. The manager takes a turn before it reserves
+//! the copy's room, so a load waiting for its turn holds no room, and the
+//! copies it would evict keep serving (a model in the memory tier goes up
+//! to the GPU meanwhile). Among the loads waiting, the smallest goes first
+//! (a 0.6B model does not wait seconds behind an 8B one), ties in arrival
+//! order.
+//!
+//! Where one load does not keep the disk busy (small requests on a disk
+//! that wants many more in flight), turns cost throughput: the limit is
+//! the daemon's `--disk-loads`.
 //!
 //! Only the manager's reads of the disk queue here; a load from the memory
 //! tier to a GPU never waits for the disk.

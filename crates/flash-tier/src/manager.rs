@@ -106,9 +106,9 @@ impl<X: Transfers> TierBuilder<X> {
 
     /// How many loads may read the disk at once (default
     /// [`DEFAULT_DISK_LOADS`]; 0: no limit). The others wait for a turn,
-    /// the smallest first, with the room of their copy already reserved
-    /// (the crate's `disk_queue` module says why). Loads from the memory
-    /// tier never wait.
+    /// the smallest first, holding no room in any tier meanwhile (the
+    /// crate's `disk_queue` module says why). Loads from the memory tier
+    /// never wait.
     pub fn disk_loads(mut self, n: usize) -> Self {
         self.disk_loads = n;
         self

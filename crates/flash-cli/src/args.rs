@@ -212,8 +212,10 @@ pub struct StartArgs {
           value_parser = parse_half_life)]
     pub popularity_half_life: f64,
     /// Loads that read the store's disk at once (0: no limit); the others
-    /// wait for a turn, the smallest first, without holding room in a tier.
-    /// One load keeps the disk busy, so a second would only share its rate
+    /// wait for a turn, the smallest first, without holding room in a tier
+    /// (one at most a quarter of the size of every load reading starts
+    /// beside them). One load keeps the disk busy, so a second would only
+    /// share its rate
     #[arg(long, default_value_t = flash_daemon::DEFAULT_DISK_LOADS, value_name = "N")]
     pub disk_loads: usize,
     /// Run in this process instead of in the background

@@ -8,9 +8,10 @@
 //! mean wait falls by a third. The manager takes a turn before it reserves
 //! the copy's room, so a load waiting for its turn holds no room, and the
 //! copies it would evict keep serving (a model in the memory tier goes up
-//! to the GPU meanwhile). Among the loads waiting, the smallest goes first
-//! (a 0.6B model does not wait seconds behind an 8B one), ties in arrival
-//! order.
+//! to the GPU meanwhile). Among the loads waiting, the smallest goes first,
+//! ties in arrival order; and a load at most a quarter of the size of
+//! every load reading starts beside them (a 0.6B model does not wait
+//! seconds behind an 8B one).
 //!
 //! Where one load does not keep the disk busy (small requests on a disk
 //! that wants many more in flight), turns cost throughput: the limit is
@@ -22,8 +23,14 @@
 use std::collections::BTreeSet;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+/// A load this many times smaller than every load reading the disk starts
+/// beside them, whatever the limit: it takes the disk's rate from them for
+/// a short while (at most a quarter of their time) rather than wait for
+/// the whole of theirs.
+const BESIDE: u64 = 4;
+
 /// Admits reads of the disk, at most `limit` at a time (0: no limit),
-/// smallest first.
+/// smallest first; a much smaller one also beside them ([`BESIDE`]).
 #[derive(Debug)]
 pub(crate) struct DiskQueue {
     limit: usize,
@@ -31,17 +38,30 @@ pub(crate) struct DiskQueue {
     turn: Condvar,
 }
 
+/// Loads as (bytes, ticket): the ticket orders equal sizes by arrival.
+type Key = (u64, u64);
+
 #[derive(Debug, Default)]
 struct QueueState {
-    running: usize,
-    /// (bytes, ticket) of every load waiting for its turn.
-    waiting: BTreeSet<(u64, u64)>,
+    running: BTreeSet<Key>,
+    waiting: BTreeSet<Key>,
     next_ticket: u64,
+}
+
+impl QueueState {
+    /// Whether `me`, first in line, may read now.
+    fn may_start(&self, me: Key, limit: usize) -> bool {
+        self.running.len() < limit
+            || self
+                .running
+                .first()
+                .is_some_and(|&(smallest, _)| me.0.saturating_mul(BESIDE) <= smallest)
+    }
 }
 
 /// A turn on the disk, ended when dropped.
 pub(crate) struct DiskTurn<'a> {
-    queue: Option<&'a DiskQueue>,
+    held: Option<(&'a DiskQueue, Key)>,
 }
 
 impl DiskQueue {
@@ -60,33 +80,35 @@ impl DiskQueue {
     /// Waits for a turn to read `bytes` from the disk.
     pub fn enter(&self, bytes: u64) -> DiskTurn<'_> {
         if self.limit == 0 {
-            return DiskTurn { queue: None };
+            return DiskTurn { held: None };
         }
         let mut st = self.lock();
         let me = (bytes, st.next_ticket);
         st.next_ticket += 1;
         st.waiting.insert(me);
-        while st.running >= self.limit || st.waiting.first() != Some(&me) {
+        while st.waiting.first() != Some(&me) || !st.may_start(me, self.limit) {
             st = self.turn.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.waiting.remove(&me);
-        st.running += 1;
-        // The next in line may have a turn too (a limit above 1).
+        st.running.insert(me);
+        // The next in line may read too (a limit above 1, or beside).
         self.turn.notify_all();
-        DiskTurn { queue: Some(self) }
+        DiskTurn {
+            held: Some((self, me)),
+        }
     }
 
     /// Loads reading the disk now, and loads waiting for a turn.
     pub fn load(&self) -> (usize, usize) {
         let st = self.lock();
-        (st.running, st.waiting.len())
+        (st.running.len(), st.waiting.len())
     }
 }
 
 impl Drop for DiskTurn<'_> {
     fn drop(&mut self) {
-        if let Some(q) = self.queue {
-            q.lock().running -= 1;
+        if let Some((q, me)) = self.held {
+            q.lock().running.remove(&me);
             q.turn.notify_all();
         }
     }
@@ -128,6 +150,37 @@ mod tests {
         });
         let order: Vec<u64> = rx.try_iter().collect();
         assert_eq!(order, [50, 50, 200, 300]);
+        assert_eq!(q.load(), (0, 0));
+    }
+
+    #[test]
+    fn a_much_smaller_load_reads_beside_a_big_one() {
+        let q = DiskQueue::new(1);
+        let big = q.enter(1000);
+        // A quarter of the size or less: at once, beside it.
+        let small = q.enter(250);
+        assert_eq!(q.load(), (2, 0));
+        std::thread::scope(|s| {
+            // Not a quarter of the smallest reading (250): it waits, and
+            // so does one that is not a quarter of the big one.
+            let waiters = [100u64, 600].map(|b| {
+                let q = &q;
+                s.spawn(move || drop(q.enter(b)))
+            });
+            until_waiting(&q, 2);
+            drop(small);
+            // 100 is a quarter of 1000 or less: it reads beside big; 600 not.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while q.load().1 > 1 {
+                assert!(Instant::now() < deadline, "100 never read beside 1000");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(q.load().1, 1, "600 waits for the big load");
+            drop(big);
+            for w in waiters {
+                w.join().unwrap();
+            }
+        });
         assert_eq!(q.load(), (0, 0));
     }
 

@@ -926,7 +926,8 @@ fn wait_disk_waiting(r: &Rig, n: usize) {
 fn disk_loads_take_turns_smallest_first_holding_no_room() {
     let r = Arc::new(
         rig(1000, &[400])
-            .models(&[("big", 200), ("next", 150), ("small", 50), ("warm", 100)])
+            // small is more than a quarter of big: it does not read beside it.
+            .models(&[("big", 200), ("next", 150), ("small", 60), ("warm", 100)])
             .build(),
     );
     drop(r.mgr.acquire(&m("warm"), MEM, C1).unwrap());

@@ -305,6 +305,15 @@ pub fn status(storage: &Option<PathBuf>, json: bool) -> Result<ExitCode> {
         "clients {} sessions, {} leases; {} requests, {} errors",
         s.sessions, s.leases, s.requests, s.errors
     );
+    let turns = match s.disk_loads_limit {
+        0 => "no limit".to_string(),
+        1 => "1 at a time".to_string(),
+        n => format!("{n} at a time"),
+    };
+    println!(
+        "disk    loads {turns}: {} reading, {} waiting",
+        s.disk_loads_reading, s.disk_loads_waiting
+    );
     println!();
     println!(
         "{:<8} {:>11} {:>11} {:>11} {:>6} {:>7} {:>7} {:>9} {:>10}",

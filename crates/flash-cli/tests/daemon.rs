@@ -209,6 +209,35 @@ fn budgets_evict_and_respect_keep_and_leases() {
     assert!(out.contains("not resident"), "{out}");
 }
 
+/// `--disk-loads` reaches the daemon, and `flash status` says how loads
+/// take turns on the disk.
+#[test]
+fn disk_turns_are_set_at_start_and_reported() {
+    let h = Home::new(1);
+    let e = fails(
+        "not a number",
+        flash(&h.path, &["start", "--disk-loads", "x"]),
+    );
+    assert!(e.contains("--disk-loads"), "{e}");
+    h.start(&["--mem-pool", "4M", "--disk-loads", "3"]);
+    ok("load", flash(&h.path, &["load", &h.models[0]]));
+    let s = h.status();
+    assert_eq!(
+        (
+            s["disk_loads_limit"].as_u64(),
+            s["disk_loads_reading"].as_u64(),
+            s["disk_loads_waiting"].as_u64()
+        ),
+        (Some(3), Some(0), Some(0)),
+        "{s}"
+    );
+    let text = ok("status", flash(&h.path, &["status"]));
+    assert!(
+        text.contains("disk    loads 3 at a time: 0 reading, 0 waiting"),
+        "{text}"
+    );
+}
+
 /// The daemon evicts the least popular idle copy, not the least recent, and
 /// `--popularity-half-life` sets how fast popularity fades.
 #[test]

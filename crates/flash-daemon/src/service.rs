@@ -568,6 +568,9 @@ pub(crate) fn status_reply(d: &Daemon) -> proto::StatusReply {
         errors: d.errors.load(Ordering::Relaxed),
         memory_shareable: d.memory_shareable,
         memory_pinned: d.memory_pinned,
+        disk_loads_limit: st.disk_loads_limit as u32,
+        disk_loads_reading: st.disk_reading as u32,
+        disk_loads_waiting: st.disk_waiting as u32,
         gpus: (d.tiers.tiers().len() - 1) as u32,
     }
 }

@@ -98,6 +98,11 @@ impl DiskQueue {
         }
     }
 
+    /// Loads reading the disk at once, at most (0: no limit).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Loads reading the disk now, and loads waiting for a turn.
     pub fn load(&self) -> (usize, usize) {
         let st = self.lock();

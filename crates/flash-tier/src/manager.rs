@@ -625,6 +625,7 @@ impl<X: Transfers> TierManager<X> {
         TierStatus {
             tiers,
             leases,
+            disk_loads_limit: self.shared.disk.limit(),
             disk_reading,
             disk_waiting,
         }

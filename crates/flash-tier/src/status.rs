@@ -18,7 +18,9 @@ pub struct TierStatus {
     pub tiers: Vec<TierReport>,
     /// Leases held, attached and detached.
     pub leases: usize,
-    /// Loads reading the disk now, and loads waiting for their turn.
+    /// Loads reading the disk at once, at most (0: no limit); loads
+    /// reading it now, and loads waiting for their turn.
+    pub disk_loads_limit: usize,
     pub disk_reading: usize,
     pub disk_waiting: usize,
 }

@@ -8,8 +8,10 @@
 //!   memory and PCIe link; on GPU 0, how fast host memory is pinned, pinned
 //!   host↔device copies (1 GiB in 64 MiB pieces over 2 streams, best of 3),
 //!   a device-to-device copy and pageable host-to-device copies;
-//! - the store's disk (`flash_load::disk::probe_dir`): four scratch files of
-//!   1 GiB each written into the store folder, evicted from the page cache
+//! - the store's disk (`flash_load::disk::probe_files`): 4 GiB of the data
+//!   files of the store's largest model when it has that much (what loads
+//!   read), else four scratch files of 1 GiB each written into the store
+//!   folder (`probe_dir`), evicted from the page cache
 //!   and read back cold with each of the loader's candidate read patterns
 //!   (O_DIRECT or buffered, readers, request size, order, io_uring), twice,
 //!   the order rotated; the disk's limit is the fastest rate any read held
@@ -96,8 +98,11 @@ pub struct DoctorReport {
     pub h2d_pageable_gbps: Option<f64>,
 
     pub store_dir: PathBuf,
-    /// Size of the scratch files the disk was measured with, together.
+    /// Bytes each probe read took from the files, together.
     pub disk_test_bytes: u64,
+    /// What was read: the data files of the store's largest model (named)
+    /// when it holds enough, else scratch files written for the probe.
+    pub disk_probe_files: Option<String>,
     /// Whether O_DIRECT was allowed (else buffered reads, after eviction).
     pub disk_direct_io: Option<bool>,
     /// Page-cache residency of the scratch files after eviction (should be ~0).
@@ -223,6 +228,7 @@ impl DoctorReport {
             h2d_pageable_gbps: None,
             store_dir: store_dir.to_path_buf(),
             disk_test_bytes: 0,
+            disk_probe_files: None,
             disk_direct_io: None,
             disk_residency_after_evict: None,
             disk_read_gbps: None,
@@ -363,13 +369,21 @@ fn disk_checks(r: &mut DoctorReport, store_dir: &Path, max_bytes: u64) -> Result
             store_dir.display()
         )));
     }
-    let probe = flash_load::disk::probe_dir(
-        store_dir,
-        size,
-        DISK_FILES,
-        &flash_load::disk::candidates(),
-        DISK_ROUNDS,
-    )?;
+    let patterns = flash_load::disk::candidates();
+    // The store's own data when a model holds enough of it: the files loads
+    // read, as the import laid them out, rather than files written a moment
+    // before (which a virtual disk may read at another rate while its host
+    // still writes them back).
+    let probe = match store_sample(store_dir, size)? {
+        Some((model, files, per_file)) => {
+            r.disk_probe_files = Some(format!("{} data files of {model}", files.len()));
+            flash_load::disk::probe_files(&files, Some(per_file), &patterns, DISK_ROUNDS)?
+        }
+        None => {
+            r.disk_probe_files = Some(format!("{DISK_FILES} scratch files"));
+            flash_load::disk::probe_dir(store_dir, size, DISK_FILES, &patterns, DISK_ROUNDS)?
+        }
+    };
     r.disk_test_bytes = probe.test_bytes;
     r.disk_direct_io = Some(probe.direct_io);
     r.disk_residency_after_evict = Some(round2(probe.residency_after_evict));
@@ -378,6 +392,51 @@ fn disk_checks(r: &mut DoctorReport, store_dir: &Path, max_bytes: u64) -> Result
     r.disk_patterns = probe.patterns;
     r.page_cache_read_gbps = Some(round2(probe.page_cache_gbps));
     Ok(())
+}
+
+/// The data files of the store's largest model (by stored bytes) with the
+/// bytes to read of each, when the model has at least `bytes` of them: its
+/// name, its files and a per-file limit that reads about `bytes` in all.
+/// `None` for an empty store, one without such a model, or no store at all.
+fn store_sample(
+    store_dir: &Path,
+    bytes: u64,
+) -> Result<Option<(String, Vec<flash_load::SourceFile>, u64)>> {
+    // `Store::open` would make a store's folders where there is none.
+    if !store_dir.join("models").is_dir() {
+        return Ok(None);
+    }
+    let Ok(store) = flash_store::Store::open(store_dir) else {
+        return Ok(None);
+    };
+    let Some(largest) = store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.stored_bytes >= bytes)
+        .max_by_key(|m| m.stored_bytes)
+    else {
+        return Ok(None);
+    };
+    let name = largest
+        .model_id
+        .parse()
+        .map_err(|e| CheckError::Store(flash_store::StoreError::from(e)))?;
+    let files: Vec<flash_load::SourceFile> = store
+        .manifest(&name)?
+        .files
+        .iter()
+        .map(|f| flash_load::SourceFile {
+            path: largest.path.join(&f.name),
+            len: f.size,
+        })
+        .collect();
+    if files.is_empty() {
+        return Ok(None);
+    }
+    // Whole 16 MiB pieces of each file, about `bytes` in all.
+    let per_file = (bytes / files.len() as u64).div_ceil(16 << 20) * (16 << 20);
+    Ok(Some((largest.model_id, files, per_file)))
 }
 
 /// Available bytes on the file system of `dir`, from `df` (None if unknown).
@@ -456,6 +515,35 @@ fn os_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_reads_the_largest_model_of_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        // No store, and an empty one: scratch files.
+        assert!(store_sample(dir.path(), 1).unwrap().is_none());
+        let src = dir.path().join("src");
+        flash_synth::synth(
+            &flash_synth::spec(flash_synth::Arch::Qwen3, "tiny").unwrap(),
+            &src,
+            &flash_synth::SynthOptions::default(),
+        )
+        .unwrap();
+        let home = dir.path().join("home");
+        let store = flash_store::Store::open(&home).unwrap();
+        assert!(store_sample(&home, 1).unwrap().is_none());
+        let name = "t/tiny".parse().unwrap();
+        store
+            .import(&src, &name, &flash_store::ImportOptions::default())
+            .unwrap();
+        let stored = store.info(&name).unwrap().stored_bytes;
+        let (model, files, per_file) = store_sample(&home, 1).unwrap().unwrap();
+        assert_eq!(model, "t/tiny");
+        assert!(!files.is_empty() && files.iter().all(|f| f.path.is_file()));
+        assert_eq!(files.iter().map(|f| f.len).sum::<u64>(), stored);
+        assert_eq!(per_file % (16 << 20), 0);
+        // A model smaller than the probe wants: scratch files.
+        assert!(store_sample(&home, stored + 1).unwrap().is_none());
+    }
 
     #[test]
     fn df_parsing() {

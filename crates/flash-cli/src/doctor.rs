@@ -5,7 +5,7 @@
 //! table.
 
 use anyhow::{Context, Result};
-use flash_check::doctor::{self, DoctorReport, DISK_FILES};
+use flash_check::doctor::{self, DoctorReport};
 use std::path::Path;
 
 const GIB: u64 = 1 << 30;
@@ -147,11 +147,11 @@ pub fn render(r: &DoctorReport) -> String {
         row(
             "disk read",
             format!(
-                "{}  (fastest {:.0} s of cold reads of {} in {} files{how}; best pattern {})",
+                "{}  (fastest {:.0} s of cold reads of {} from {}{how}; best pattern {})",
                 opt_gbps(r.disk_read_gbps),
                 flash_load::disk::PEAK_WINDOW,
                 human_bytes(r.disk_test_bytes),
-                DISK_FILES,
+                r.disk_probe_files.as_deref().unwrap_or("-"),
                 r.disk_best_pattern.as_deref().unwrap_or("-")
             ),
         );

@@ -381,13 +381,13 @@ impl PatternRates {
 /// What [`probe_dir`] measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DiskProbe {
-    /// Bytes of the scratch files, together.
+    /// Bytes read from the files in each read, together.
     pub test_bytes: u64,
     pub files: usize,
     /// Whether O_DIRECT was allowed (else the "direct" patterns read
     /// through the page cache after eviction).
     pub direct_io: bool,
-    /// Page-cache residency of the scratch files after eviction (should be ~0).
+    /// Page-cache residency of the files after eviction (should be ~0).
     pub residency_after_evict: f64,
     pub patterns: Vec<PatternRates>,
     /// The pattern with the best median rate.
@@ -427,11 +427,8 @@ pub fn fill_noise(buf: &mut [u8], seed: u64) {
 }
 
 /// Measures the disk under `dir`: writes `files` scratch files of `bytes`
-/// together (incompressible, synced), reads them cold with every pattern of
-/// `patterns`, `rounds` times with the order rotated, then once from the
-/// page cache, and removes them. The disk's limit is the fastest rate held
-/// for a [`PEAK_WINDOW`] by any read; the best pattern is the one with the
-/// best median.
+/// together (incompressible, synced), measures them with [`probe_files`],
+/// and removes them.
 pub fn probe_dir(
     dir: &std::path::Path,
     bytes: u64,
@@ -470,11 +467,38 @@ pub fn probe_dir(
             len: per_file,
         })
         .collect();
-    let direct_io = os::open_direct(&paths[0])
-        .map_err(|e| LoadError::io(&paths[0], e))?
+    let probe = probe_files(&sources, None, patterns, rounds);
+    drop(scratch);
+    probe
+}
+
+/// Measures the disk holding `files` (the first `limit` bytes of each, all
+/// when `None`), without writing: evicts them, reads them cold with every
+/// pattern of `patterns`, `rounds` times with the order rotated, then once
+/// from the page cache. The disk's limit is the fastest rate held for a
+/// [`PEAK_WINDOW`] by any read; the best pattern is the one with the best
+/// median.
+pub fn probe_files(
+    files: &[SourceFile],
+    limit: Option<u64>,
+    patterns: &[ReadPattern],
+    rounds: usize,
+) -> Result<DiskProbe, LoadError> {
+    let Some(first) = files.first() else {
+        return Err(LoadError::model("disk probe", "no files to read"));
+    };
+    if patterns.is_empty() {
+        return Err(LoadError::model(
+            &first.path,
+            "no read pattern to measure the disk with",
+        ));
+    }
+    let paths: Vec<std::path::PathBuf> = files.iter().map(|f| f.path.clone()).collect();
+    let direct_io = os::open_direct(&first.path)
+        .map_err(|e| LoadError::io(&first.path, e))?
         .is_some();
     let residency_after_evict = evict(&paths)?;
-    let results = compare(&sources, patterns, rounds.max(1), None, |_, _| {})?;
+    let results = compare(files, patterns, rounds.max(1), limit, |_, _| {})?;
     let rates: Vec<PatternRates> = patterns
         .iter()
         .map(|p| {
@@ -500,20 +524,21 @@ pub fn probe_dir(
     let mut buffered: ReadPattern = best.pattern.parse().expect("a pattern's own name");
     buffered.io = IoMode::Buffered;
     buffered.queue_depth = None;
-    read_files(&sources, None, &buffered)?;
-    let warm = read_files(&sources, None, &buffered)?;
-    let probe = DiskProbe {
-        test_bytes: per_file * files as u64,
-        files,
+    read_files(files, limit, &buffered)?;
+    let warm = read_files(files, limit, &buffered)?;
+    Ok(DiskProbe {
+        test_bytes: files
+            .iter()
+            .map(|f| limit.map_or(f.len, |l| f.len.min(l)))
+            .sum(),
+        files: files.len(),
         direct_io,
         residency_after_evict,
         best_pattern: best.pattern.clone(),
         patterns: rates,
         read_gbps,
         page_cache_gbps: warm.gbps,
-    };
-    drop(scratch);
-    Ok(probe)
+    })
 }
 
 /// Drops every job's bytes after reading them into a per-reader buffer,
@@ -908,6 +933,36 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_probe_of_existing_files_reads_their_first_bytes_and_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = Vec::new();
+        for (i, len) in [3u64 << 20, 1 << 20].into_iter().enumerate() {
+            let path = dir.path().join(format!("data-{i}.bin"));
+            let mut data = vec![0u8; len as usize];
+            fill_noise(&mut data, i as u64);
+            File::create(&path).unwrap().write_all(&data).unwrap();
+            files.push(SourceFile { path, len });
+        }
+        let patterns: Vec<ReadPattern> = ["direct:shared:2x1M", "buffered:per-file:2x1M"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let p = probe_files(&files, Some(2 << 20), &patterns, 2).unwrap();
+        // 2 MiB of the first file, the whole of the second.
+        assert_eq!((p.files, p.test_bytes), (2, 3 << 20));
+        assert!(p.patterns.iter().all(|r| r.gbps.len() == 2));
+        let fastest = p
+            .patterns
+            .iter()
+            .flat_map(|r| r.peak_gbps.clone())
+            .fold(0.0, f64::max);
+        assert_eq!(p.read_gbps, fastest);
+        assert!(files.iter().all(|f| f.path.is_file()), "files kept");
+        let e = probe_files(&[], None, &patterns, 1).unwrap_err();
+        assert!(e.to_string().contains("no files"), "{e}");
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! reads in flight), so loads that read it at the same time share its rate
 //! and all finish late: four loads of 0.77 s each started together end
 //! after about 3 s, every one of them. Admitted one at a time, the first
-//! ends after 0.77 s, the second after 1.5 s, and the total is the same: the
-//! mean wait falls by a third. The manager takes a turn before it reserves
+//! ends after 0.77 s, the second after 1.5 s, and the last after the same
+//! 3 s: on average a load ends after 1.9 s instead of 3 s. The manager takes a turn before it reserves
 //! the copy's room, so a load waiting for its turn holds no room, and the
 //! copies it would evict keep serving (a model in the memory tier goes up
 //! to the GPU meanwhile). Among the loads waiting, the smallest goes first,

@@ -127,9 +127,14 @@ mod tests {
 
     /// Polls until `n` loads wait.
     fn until_waiting(q: &DiskQueue, n: usize) {
+        until(q, |_, waiting| waiting >= n, &format!("{n} waiting"));
+    }
+
+    /// Polls until `ready(reading, waiting)` holds.
+    fn until(q: &DiskQueue, ready: impl Fn(usize, usize) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while q.load().1 < n {
-            assert!(Instant::now() < deadline, "never {n} waiting");
+        while !ready(q.load().0, q.load().1) {
+            assert!(Instant::now() < deadline, "never {what}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -175,11 +180,7 @@ mod tests {
             until_waiting(&q, 2);
             drop(small);
             // 100 is a quarter of 1000 or less: it reads beside big; 600 not.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while q.load().1 > 1 {
-                assert!(Instant::now() < deadline, "100 never read beside 1000");
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            until(&q, |_, waiting| waiting <= 1, "100 reading beside 1000");
             assert_eq!(q.load().1, 1, "600 waits for the big load");
             drop(big);
             for w in waiters {

@@ -25,6 +25,10 @@ echo "== rustdoc"
 # The crates' documentation builds without warnings (broken or private
 # links, stray HTML): ARCHITECTURE.md sends readers to it.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked -q
+echo "== fuzz targets (compiled and linted, not run)"
+# They run on nightly with cargo-fuzz (README); here they only have to keep
+# compiling against the crates they call. Their own workspace and lock file.
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked -q --target-dir target/fuzz-check
 echo "== python"
 # The reference packages and NVRTC, in an environment made once per machine
 # (scripts/ci-env.sh).

@@ -18,7 +18,7 @@ use crate::ctx::{gpu, kernel_cache, model_dir, Ctx};
 use anyhow::{bail, Context, Result};
 use flash_engine::{
     generate, Backend, CpuModel, CpuOptions, GenerateOptions, Generation, GpuEngine, GpuOptions,
-    Message, ModelConfig, SamplingParams, TextTokenizer, FUSED_MAX_TOKENS,
+    Message, ModelConfig, SamplingParams, SamplingRequest, TextTokenizer, FUSED_MAX_TOKENS,
 };
 use flash_format::DType;
 use flash_load::{LoadOptions, ModelSource};
@@ -29,26 +29,17 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
-/// Sampling from the flags, falling back on `generation_config.json` the way
-/// Hugging Face's `generate` reads it: it samples only when `do_sample` is
-/// true, with its temperature, top-k and top-p.
+/// Sampling from the flags, falling back on `generation_config.json` as the
+/// daemon's API does ([`SamplingRequest::resolve`]).
 fn sampling(a: &RunArgs, cfg: &ModelConfig) -> SamplingParams {
-    let g = &cfg.generation;
-    let samples = g.do_sample == Some(true);
-    let from_config = |x: Option<f32>, off: f32| if samples { x.unwrap_or(off) } else { off };
-    SamplingParams {
-        temperature: a
-            .temperature
-            .unwrap_or_else(|| from_config(g.temperature.or(Some(1.0)), 0.0)),
-        top_k: a
-            .top_k
-            .unwrap_or(if samples { g.top_k.unwrap_or(0) } else { 0 }),
-        top_p: a.top_p.unwrap_or_else(|| from_config(g.top_p, 1.0)),
-        repetition_penalty: a
-            .repetition_penalty
-            .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
+    SamplingRequest {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        repetition_penalty: a.repetition_penalty,
         seed: a.seed,
     }
+    .resolve(&cfg.generation)
 }
 
 fn read_prompt(a: &RunArgs) -> Result<String> {

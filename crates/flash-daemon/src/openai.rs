@@ -47,8 +47,7 @@
 //! machine has no memory for it, 500 otherwise.
 
 use crate::serve::{
-    EngineHost, GenEvent, GenRequest, MaxTokens, Prompt, Report, SamplingRequest, ServeError,
-    Started,
+    EngineHost, GenEvent, GenRequest, MaxTokens, Prompt, Report, ServeError, Started,
 };
 use crate::server::DaemonHandle;
 use axum::body::Body;
@@ -58,7 +57,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use flash_engine::{FinishReason, Message};
+use flash_engine::{FinishReason, Message, SamplingRequest};
 use serde_json::{json, Map, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};

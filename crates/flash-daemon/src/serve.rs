@@ -38,7 +38,7 @@ use flash_engine::generate::generate_cancellable;
 use flash_engine::gpu::GpuWeights;
 use flash_engine::{
     Backend, CpuModel, CpuOptions, EngineError, FinishReason, GenerateOptions, GpuEngine,
-    GpuOptions, Message, ModelConfig, ModelTensors, SamplingParams, TextTokenizer,
+    GpuOptions, Message, ModelConfig, ModelTensors, SamplingRequest, TextTokenizer,
 };
 use flash_format::DType;
 use flash_load::TensorView;
@@ -133,41 +133,6 @@ pub fn token_budget(
                  {prompt_param}."
             ),
         )),
-    }
-}
-
-/// Sampling fields of a request; `None` falls back on the model's
-/// `generation_config.json` exactly as `flash run` does.
-#[derive(Clone, Debug, Default)]
-pub struct SamplingRequest {
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub repetition_penalty: Option<f32>,
-    pub seed: Option<u64>,
-}
-
-impl SamplingRequest {
-    /// The parameters for `cfg`: Hugging Face's `generate` samples only when
-    /// `do_sample` is true, with its temperature, top-k and top-p; otherwise
-    /// greedy unless the request says otherwise.
-    pub fn resolve(&self, cfg: &ModelConfig) -> SamplingParams {
-        let g = &cfg.generation;
-        let samples = g.do_sample == Some(true);
-        let from_config = |x: Option<f32>, off: f32| if samples { x.unwrap_or(off) } else { off };
-        SamplingParams {
-            temperature: self
-                .temperature
-                .unwrap_or_else(|| from_config(g.temperature.or(Some(1.0)), 0.0)),
-            top_k: self
-                .top_k
-                .unwrap_or(if samples { g.top_k.unwrap_or(0) } else { 0 }),
-            top_p: self.top_p.unwrap_or_else(|| from_config(g.top_p, 1.0)),
-            repetition_penalty: self
-                .repetition_penalty
-                .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
-            seed: self.seed,
-        }
     }
 }
 
@@ -1036,7 +1001,7 @@ fn generate_on(
     report: impl FnOnce(&flash_engine::Generation) -> Report,
 ) -> Result<Report, ServeError> {
     let ids = prompt_ids(name, engine, &req.prompt)?;
-    let sampling = req.sampling.resolve(&engine.cfg);
+    let sampling = req.sampling.resolve(&engine.cfg.generation);
     sampling.validate().map_err(ServeError::bad)?;
     let config_context = engine.cfg.max_position_embeddings;
     let Engine { tok, kind, .. } = engine;
@@ -1085,7 +1050,7 @@ fn run_generation(
     let cfg = backend.config();
     let opts = GenerateOptions {
         max_tokens,
-        sampling: req.sampling.resolve(cfg),
+        sampling: req.sampling.resolve(&cfg.generation),
         stop_strings: req.stop.clone(),
         eos_token_ids: cfg.eos_token_ids.clone(),
         keep_prompt_logits: false,

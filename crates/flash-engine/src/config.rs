@@ -110,14 +110,21 @@ impl Deref for ModelConfig {
     }
 }
 
-fn ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|n| n as u32))
-            .collect(),
-        _ => Vec::new(),
+/// The token ids of a config field (`eos_token_id`: one id or a list).
+/// Values that are not ids (strings, negative numbers) are left out, as
+/// Hugging Face ignores them; an integer too large for a token id is an
+/// error naming the field, not a smaller id by truncation.
+fn ids(v: &Value, key: &str) -> std::result::Result<Vec<u32>, String> {
+    let id = |x: &Value| match x.as_u64() {
+        None => Ok(None),
+        Some(n) => u32::try_from(n)
+            .map(Some)
+            .map_err(|_| format!("{key} {n} is not a token id (above 2^32 - 1)")),
+    };
+    match v.get(key) {
+        Some(Value::Array(a)) => a.iter().filter_map(|x| id(x).transpose()).collect(),
+        Some(x) => Ok(id(x)?.into_iter().collect()),
+        None => Ok(Vec::new()),
     }
 }
 
@@ -147,13 +154,15 @@ impl ModelConfig {
             })?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| EngineError::config(&gpath, format!("not valid JSON: {e}")))?;
-            cfg.set_generation(&v);
+            cfg.set_generation(&v)
+                .map_err(|why| EngineError::config(&gpath, why))?;
         }
         Ok(cfg)
     }
 
-    /// Merges the fields of a `generation_config.json`.
-    pub fn set_generation(&mut self, v: &Value) {
+    /// Merges the fields of a `generation_config.json`. Its special token
+    /// ids pass the same checks as `config.json`'s.
+    pub fn set_generation(&mut self, v: &Value) -> std::result::Result<(), String> {
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         let g = GenerationDefaults {
             do_sample: v.get("do_sample").and_then(Value::as_bool),
@@ -161,7 +170,7 @@ impl ModelConfig {
             top_p: f("top_p"),
             top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
             repetition_penalty: f("repetition_penalty"),
-            eos_token_ids: ids(v.get("eos_token_id")),
+            eos_token_ids: ids(v, "eos_token_id")?,
         };
         for id in &g.eos_token_ids {
             if !self.eos_token_ids.contains(id) {
@@ -169,9 +178,10 @@ impl ModelConfig {
             }
         }
         if self.bos_token_id.is_none() {
-            self.bos_token_id = ids(v.get("bos_token_id")).first().copied();
+            self.bos_token_id = ids(v, "bos_token_id")?.first().copied();
         }
         self.generation = g;
+        self.check_special_tokens()
     }
 
     /// Parses the text of a `config.json`. Errors are [`EngineError::Invalid`]
@@ -218,8 +228,8 @@ impl ModelConfig {
                 || v.get("attention_bias")
                     .and_then(Value::as_bool)
                     .unwrap_or(false),
-            bos_token_id: ids(v.get("bos_token_id")).first().copied(),
-            eos_token_ids: ids(v.get("eos_token_id")),
+            bos_token_id: ids(&v, "bos_token_id").map_err(bad)?.first().copied(),
+            eos_token_ids: ids(&v, "eos_token_id").map_err(bad)?,
             generation: GenerationDefaults::default(),
         };
         cfg.check_special_tokens().map_err(bad)?;

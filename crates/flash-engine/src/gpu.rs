@@ -120,7 +120,9 @@ impl GpuOptions {
     pub fn engine_bytes(&self, cfg: &ModelConfig) -> u64 {
         let (max_seq, batch) = self.shape(cfg);
         let lens = BufferLens::new(cfg, batch, max_seq);
-        lens.all().iter().map(|&n| n as u64).sum::<u64>() + ENGINE_LIBRARY_BYTES
+        lens.all()
+            .iter()
+            .fold(ENGINE_LIBRARY_BYTES, |sum, &n| sum.saturating_add(n as u64))
     }
 }
 
@@ -939,26 +941,40 @@ impl BufferLens {
         );
         let hd = cfg.head_dim;
         let half = hd / 2;
-        let cache = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * max_seq * hd * 2;
+        // Lengths as saturating products: a validated shape keeps each
+        // dimension below 2^31 and the batch is at most 2^16, but the KV
+        // cache multiplies three dimensions with the context, which the
+        // caller sets. A length that does not fit is usize::MAX, so its
+        // allocation (and the tier's reservation) fails by name instead of
+        // wrapping around to a small buffer.
+        let len = |parts: &[usize]| parts.iter().fold(1usize, |p, &n| p.saturating_mul(n));
+        let cache = len(&[
+            cfg.num_hidden_layers,
+            2,
+            cfg.num_key_value_heads,
+            max_seq,
+            hd,
+            2,
+        ]);
         // In the order of `Buffers`' fields; at least 4 bytes each.
         BufferLens(
             [
-                batch * h * 4,
-                batch * h * 2,
-                batch * qd * 2,
-                batch * kvd * 2,
-                batch * kvd * 2,
-                batch * qd * 2,
-                batch * inter * 2,
-                batch * inter * 2,
-                batch * h * 2,
-                LOGIT_ROWS * v * 4,
-                LOGIT_ROWS * v * 2,
+                len(&[batch, h, 4]),
+                len(&[batch, h, 2]),
+                len(&[batch, qd, 2]),
+                len(&[batch, kvd, 2]),
+                len(&[batch, kvd, 2]),
+                len(&[batch, qd, 2]),
+                len(&[batch, inter, 2]),
+                len(&[batch, inter, 2]),
+                len(&[batch, h, 2]),
+                len(&[LOGIT_ROWS, v, 4]),
+                len(&[LOGIT_ROWS, v, 2]),
                 batch * 4,
                 LOGIT_ROWS * 4,
                 attention_scratch_bytes(hd),
-                max_seq * half * 4,
-                max_seq * half * 4,
+                len(&[max_seq, half, 4]),
+                len(&[max_seq, half, 4]),
                 cache,
             ]
             .map(|n| n.max(4)),

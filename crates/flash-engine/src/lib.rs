@@ -48,7 +48,7 @@ pub use error::EngineError;
 pub use flash_format::DecoderShape;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use gpu::{GpuEngine, GpuOptions, ENGINE_LIBRARY_BYTES, FUSED_MAX_TOKENS};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingParams, SamplingRequest};
 pub use text::{Message, StreamDecoder, TextTokenizer};
 pub use weights::ModelTensors;
 

@@ -2,6 +2,7 @@
 //! `generate`: repetition penalty, then temperature, top-k and top-p, then a
 //! draw from a seeded generator (or the arg-max when greedy).
 
+use crate::config::GenerationDefaults;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -56,6 +57,43 @@ impl SamplingParams {
             ));
         }
         Ok(())
+    }
+}
+
+/// A request's sampling fields; each `None` falls back on the model's
+/// `generation_config.json` ([`SamplingRequest::resolve`]). `flash run`'s
+/// flags and the OpenAI API's parameters are both one of these.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplingRequest {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+impl SamplingRequest {
+    /// The parameters with the model's defaults `g` filled in as Hugging
+    /// Face's `generate` reads them: it samples only when `do_sample` is
+    /// true, with its temperature (1.0 when absent), top-k and top-p;
+    /// otherwise greedy unless the request says otherwise. The repetition
+    /// penalty applies either way.
+    pub fn resolve(&self, g: &GenerationDefaults) -> SamplingParams {
+        let samples = g.do_sample == Some(true);
+        let from_config = |x: Option<f32>, off: f32| if samples { x.unwrap_or(off) } else { off };
+        SamplingParams {
+            temperature: self
+                .temperature
+                .unwrap_or_else(|| from_config(g.temperature.or(Some(1.0)), 0.0)),
+            top_k: self
+                .top_k
+                .unwrap_or(if samples { g.top_k.unwrap_or(0) } else { 0 }),
+            top_p: self.top_p.unwrap_or_else(|| from_config(g.top_p, 1.0)),
+            repetition_penalty: self
+                .repetition_penalty
+                .unwrap_or(g.repetition_penalty.unwrap_or(1.0)),
+            seed: self.seed,
+        }
     }
 }
 

@@ -153,6 +153,52 @@ fn config_errors_name_the_file_and_the_problem() {
     assert!(e.contains("num_key_value_heads"), "{e}");
 }
 
+/// A special token id too large for a token is refused by name, not cut to
+/// 32 bits (2^32 + 1 would have become id 1); `generation_config.json`'s
+/// ids pass the same checks as `config.json`'s, and its errors name it.
+#[test]
+fn special_token_ids_are_checked_in_both_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny(Arch::Qwen3, DType::BF16, tmp.path());
+    let cfg_path = dir.join("config.json");
+    let gen_path = dir.join("generation_config.json");
+    let (cfg_text, gen_text) = (
+        std::fs::read_to_string(&cfg_path).unwrap(),
+        std::fs::read_to_string(&gen_path).unwrap(),
+    );
+    let mut v: serde_json::Value = serde_json::from_str(&cfg_text).unwrap();
+    v["eos_token_id"] = serde_json::json!([2, (1u64 << 32) + 1]);
+    let e = ModelConfig::from_json_str(&v.to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("eos_token_id 4294967297 is not a token id"),
+        "{e}"
+    );
+
+    let vocab = v["vocab_size"].as_u64().unwrap();
+    let mut g: serde_json::Value = serde_json::from_str(&gen_text).unwrap();
+    g["eos_token_id"] = serde_json::json!(vocab);
+    std::fs::write(&gen_path, g.to_string()).unwrap();
+    let e = ModelConfig::from_dir(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("generation_config.json") && e.contains(&format!("special token id {vocab}")),
+        "{e}"
+    );
+    g["eos_token_id"] = serde_json::json!(u64::MAX);
+    std::fs::write(&gen_path, g.to_string()).unwrap();
+    let e = ModelConfig::from_dir(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("generation_config.json") && e.contains("not a token id"),
+        "{e}"
+    );
+    // Values that are not ids are left out, as Hugging Face does.
+    g["eos_token_id"] = serde_json::json!(["</s>", -1]);
+    std::fs::write(&gen_path, g.to_string()).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    assert!(cfg.generation.eos_token_ids.is_empty());
+}
+
 #[test]
 fn config_reads_both_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -271,10 +317,18 @@ fn engine_bytes_hold_the_kv_cache_and_grow_with_the_context() {
     );
     let long = flash_engine::GpuOptions {
         max_seq_len: Some(8192),
-        ..o
+        ..o.clone()
     }
     .engine_bytes(&cfg);
     // Twice the positions: one more cache and one more pair of RoPE tables
     // (f32 cos and sin of head_dim / 2 per position).
     assert_eq!(long - base, kv(4096) + 2 * 4096 * 64 * 4);
+    // A context no machine holds saturates the count (its reservation is
+    // refused by name) instead of wrapping around to a small one.
+    let huge = flash_engine::GpuOptions {
+        max_seq_len: Some(usize::MAX / 4),
+        ..o
+    }
+    .engine_bytes(&cfg);
+    assert_eq!(huge, u64::MAX);
 }

@@ -43,7 +43,20 @@ pub enum ShapeError {
     Heads { heads: usize, kv_heads: usize },
     #[error("head_dim {0} is odd (RoPE needs pairs)")]
     OddHeadDim(usize),
+    #[error("{what} is {value}, above {max} (the largest width the GPU kernels index)")]
+    TooLarge {
+        what: &'static str,
+        value: u128,
+        max: usize,
+    },
 }
+
+/// The largest dimension, and the largest query or key/value width
+/// (heads × head size), a shape may have: the GPU kernels index rows with
+/// 32-bit signed integers. Real models are far below it (a 405B Llama's
+/// widest row is 53,248), so a larger value is a damaged or hostile
+/// `config.json`, refused before anything is sized from it.
+pub const MAX_WIDTH: usize = i32::MAX as usize;
 
 impl DecoderShape {
     /// Reads the shape from a parsed `config.json`, with Hugging Face's
@@ -81,9 +94,10 @@ impl DecoderShape {
         Ok(shape)
     }
 
-    /// The checks every dense decoder passes: no dimension is 0, the query
-    /// heads split into whole groups per key/value head, the head size is
-    /// even.
+    /// The checks every dense decoder passes: no dimension is 0, none and
+    /// neither the query nor the key/value width is above [`MAX_WIDTH`],
+    /// the query heads split into whole groups per key/value head, the head
+    /// size is even.
     pub fn validate(&self) -> Result<(), ShapeError> {
         let dims = [
             ("hidden_size", self.hidden_size),
@@ -96,6 +110,29 @@ impl DecoderShape {
         ];
         if let Some((k, _)) = dims.iter().find(|(_, n)| *n == 0) {
             return Err(ShapeError::Zero(k));
+        }
+        // Widths as u128: a product of two usizes cannot overflow it.
+        let widths = [
+            (
+                "num_attention_heads × head_dim",
+                self.num_attention_heads as u128 * self.head_dim as u128,
+            ),
+            (
+                "num_key_value_heads × head_dim",
+                self.num_key_value_heads as u128 * self.head_dim as u128,
+            ),
+        ];
+        let too_large = dims
+            .iter()
+            .map(|&(k, n)| (k, n as u128))
+            .chain(widths)
+            .find(|&(_, n)| n > MAX_WIDTH as u128);
+        if let Some((what, value)) = too_large {
+            return Err(ShapeError::TooLarge {
+                what,
+                value,
+                max: MAX_WIDTH,
+            });
         }
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(ShapeError::Heads {
@@ -178,5 +215,48 @@ mod tests {
             DecoderShape::from_config_json(&v).unwrap_err(),
             ShapeError::Field("hidden_size")
         );
+    }
+
+    /// A width too large for the kernels is refused before anything is
+    /// sized from it, also where the product of two valid dimensions
+    /// would wrap around (2^33 heads of 2^31 each are 2^64: zero in a u64).
+    #[test]
+    fn widths_beyond_the_kernels_are_refused() {
+        let mut v = qwen3_tiny();
+        v["intermediate_size"] = json!(1u64 << 31);
+        let e = DecoderShape::from_config_json(&v).unwrap_err();
+        assert_eq!(
+            e,
+            ShapeError::TooLarge {
+                what: "intermediate_size",
+                value: 1 << 31,
+                max: MAX_WIDTH
+            }
+        );
+        assert!(
+            e.to_string().contains("intermediate_size is 2147483648"),
+            "{e}"
+        );
+
+        let mut v = qwen3_tiny();
+        v["num_attention_heads"] = json!(1u64 << 16);
+        v["num_key_value_heads"] = json!(1u64 << 16);
+        v["head_dim"] = json!(1u64 << 16);
+        let e = DecoderShape::from_config_json(&v).unwrap_err();
+        assert_eq!(
+            e,
+            ShapeError::TooLarge {
+                what: "num_attention_heads × head_dim",
+                value: 1 << 32,
+                max: MAX_WIDTH
+            }
+        );
+
+        let mut v = qwen3_tiny();
+        v["num_attention_heads"] = json!(4);
+        v["num_key_value_heads"] = json!(2);
+        v["head_dim"] = json!(MAX_WIDTH / 4 / 2 * 2);
+        let s = DecoderShape::from_config_json(&v).expect("the widest query row allowed");
+        assert!(s.q_dim() <= MAX_WIDTH);
     }
 }

@@ -753,10 +753,13 @@ fn common(o: &Map<String, Value>, kind: Kind) -> Result<Common, ServeError> {
         max_tokens,
         sampling: SamplingRequest {
             temperature: temperature.map(|t| t as f32),
-            top_p: top_p.map(|p| p as f32),
+            // A positive f64 too small for f32 would round to 0, and one too
+            // large to infinity, which both fields refuse: keep them in f32's
+            // positive range.
+            top_p: top_p.map(|p| (p as f32).max(f32::MIN_POSITIVE)),
             top_k,
-            // A positive f64 too small for f32 would round to 0: keep it positive.
-            repetition_penalty: repetition_penalty.map(|r| (r as f32).max(f32::MIN_POSITIVE)),
+            repetition_penalty: repetition_penalty
+                .map(|r| (r as f32).clamp(f32::MIN_POSITIVE, f32::MAX)),
             seed,
         },
         stop,
@@ -1308,6 +1311,16 @@ mod tests {
         }
         let (_, p) = parse(Kind::Completion, r#"{"model": "o/m", "prompt": ["x"]}"#).unwrap();
         assert!(matches!(p, Prompt::Text(t) if t == "x"));
+
+        // Valid values beyond f32's range stay valid for the engine.
+        let (c, _) = parse(
+            Kind::Completion,
+            &format!(r#"{{{COMP}, "top_p": 5e-324, "repetition_penalty": 1e308}}"#),
+        )
+        .unwrap();
+        assert_eq!(c.sampling.top_p, Some(f32::MIN_POSITIVE));
+        assert_eq!(c.sampling.repetition_penalty, Some(f32::MAX));
+        assert_eq!(c.sampling.resolve(&Default::default()).validate(), Ok(()));
     }
 
     #[test]
@@ -1418,6 +1431,187 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+    }
+
+    /// A seeded generator for the mutation test (splitmix64).
+    struct Mix(u64);
+
+    impl Mix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// Values a hostile or careless client sends in place of a field's own.
+    fn hostile(rng: &mut Mix) -> Value {
+        let deep = (0..60).fold(json!(1), |v, _| json!([v]));
+        let pool = [
+            Value::Null,
+            json!(true),
+            json!(-1),
+            json!(0),
+            json!(1),
+            json!(2.5),
+            json!(1e308),
+            json!(-1e308),
+            json!(5e-324),
+            json!(u64::MAX),
+            json!(i64::MIN),
+            json!(4294967296u64),
+            json!(""),
+            json!("x".repeat(70_000)),
+            json!("../../etc/passwd"),
+            json!("\u{0}"),
+            json!([]),
+            json!([[]]),
+            json!([1, -1, 4294967296u64]),
+            json!(["a", 1, null]),
+            json!({}),
+            json!({"type": "text"}),
+            json!({"type": "json_object"}),
+            json!([{"role": "user"}]),
+            json!([{"role": "tool", "content": [{"type": "image_url"}]}]),
+            json!([{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+            deep,
+        ];
+        pool[rng.below(pool.len())].clone()
+    }
+
+    /// Every parameter name the API reads, and some it does not.
+    const PARAMS: &[&str] = &[
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "best_of",
+        "response_format",
+        "user",
+        "repetition_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "suffix",
+        "tools",
+        "tool_choice",
+        "",
+        "__proto__",
+    ];
+
+    /// Thousands of valid requests with one to three fields replaced,
+    /// removed or added, and as many with their bytes damaged: none may
+    /// panic; each refusal is an OpenAI error object with a status a client
+    /// can act on and a short message; each request accepted has sampling
+    /// values the engine accepts too, so no request fails later for a
+    /// parameter it should have been refused for here.
+    #[test]
+    fn mutated_requests_are_refused_cleanly_or_valid() {
+        let bases: [(Kind, Value); 3] = [
+            (
+                Kind::Chat,
+                json!({"model": "o/m", "messages": [{"role": "system", "content": "s"},
+                       {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                       "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "stream": true,
+                       "stream_options": {"include_usage": true}, "stop": ["x"], "seed": 1}),
+            ),
+            (
+                Kind::Completion,
+                json!({"model": "o/m", "prompt": "hi", "max_tokens": 4, "top_k": 5,
+                       "repetition_penalty": 1.1}),
+            ),
+            (
+                Kind::Completion,
+                json!({"model": "o/m", "prompt": [[1, 2, 3]], "stop": "y"}),
+            ),
+        ];
+        let mut rng = Mix(12);
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..6000 {
+            let (kind, base) = &bases[round % bases.len()];
+            let mut v = base.clone();
+            let body = if round % 2 == 0 {
+                let o = v.as_object_mut().unwrap();
+                for _ in 0..1 + rng.below(3) {
+                    let key = PARAMS[rng.below(PARAMS.len())];
+                    match rng.below(4) {
+                        0 => {
+                            o.remove(key);
+                        }
+                        _ => {
+                            o.insert(key.to_string(), hostile(&mut rng));
+                        }
+                    }
+                }
+                v.to_string().into_bytes()
+            } else {
+                let mut b = v.to_string().into_bytes();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(b.len());
+                    match rng.below(3) {
+                        0 => b[at] = b"{}[]\":,-0e9.tfn \\"[rng.below(17)],
+                        1 => {
+                            b.remove(at);
+                        }
+                        _ => b.insert(at, rng.next() as u8),
+                    }
+                }
+                b
+            };
+            match parse_request(&body, *kind) {
+                Ok((c, _prompt)) => {
+                    accepted += 1;
+                    let params = c.sampling.resolve(&Default::default());
+                    assert_eq!(
+                        params.validate(),
+                        Ok(()),
+                        "accepted, then the engine refuses it: {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    assert!(!c.model.is_empty());
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(
+                        matches!(e.status(), 400 | 404 | 413 | 503),
+                        "status {} for {e}",
+                        e.status()
+                    );
+                    let msg = e.to_string();
+                    assert!(!msg.is_empty() && msg.len() < 1000, "{} bytes", msg.len());
+                    let j = error_json(&e);
+                    let err = &j["error"];
+                    assert!(err["message"].is_string() && err["type"].is_string(), "{j}");
+                    assert!(
+                        err.get("param").is_some() && err.get("code").is_some(),
+                        "{j}"
+                    );
+                }
+            }
+        }
+        // Both outcomes were exercised, each many times.
+        assert!(
+            accepted > 500 && refused > 3000,
+            "{accepted} accepted, {refused} refused"
+        );
     }
 
     fn rt() -> tokio::runtime::Runtime {

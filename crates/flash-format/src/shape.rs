@@ -94,10 +94,10 @@ impl DecoderShape {
         Ok(shape)
     }
 
-    /// The checks every dense decoder passes: no dimension is 0, none and
-    /// neither the query nor the key/value width is above [`MAX_WIDTH`],
-    /// the query heads split into whole groups per key/value head, the head
-    /// size is even.
+    /// The checks every dense decoder passes: no dimension is 0 or above
+    /// [`MAX_WIDTH`], nor is the query or the key/value width (heads × head
+    /// size), the query heads split into whole groups per key/value head,
+    /// the head size is even.
     pub fn validate(&self) -> Result<(), ShapeError> {
         let dims = [
             ("hidden_size", self.hidden_size),
@@ -217,9 +217,10 @@ mod tests {
         );
     }
 
-    /// A width too large for the kernels is refused before anything is
-    /// sized from it, also where the product of two valid dimensions
-    /// would wrap around (2^33 heads of 2^31 each are 2^64: zero in a u64).
+    /// A dimension too large for the kernels is refused before anything is
+    /// sized from it, and so is a width made of two dimensions that each
+    /// pass (2^16 heads of 2^16 each). Before this check, 2^33 heads of
+    /// 2^31 each passed, and their width, 2^64, is 0 in a u64.
     #[test]
     fn widths_beyond_the_kernels_are_refused() {
         let mut v = qwen3_tiny();

@@ -154,15 +154,19 @@ impl ModelConfig {
             })?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| EngineError::config(&gpath, format!("not valid JSON: {e}")))?;
-            cfg.set_generation(&v)
-                .map_err(|why| EngineError::config(&gpath, why))?;
+            cfg.set_generation(&v).map_err(|e| match e {
+                EngineError::Invalid(why) => EngineError::config(&gpath, why),
+                e => e,
+            })?;
         }
         Ok(cfg)
     }
 
     /// Merges the fields of a `generation_config.json`. Its special token
-    /// ids pass the same checks as `config.json`'s.
-    pub fn set_generation(&mut self, v: &Value) -> std::result::Result<(), String> {
+    /// ids pass the same checks as `config.json`'s; errors are
+    /// [`EngineError::Invalid`] ([`ModelConfig::from_dir`] adds the path).
+    pub fn set_generation(&mut self, v: &Value) -> Result<()> {
+        let bad = EngineError::Invalid;
         let f = |k: &str| v.get(k).and_then(Value::as_f64).map(|x| x as f32);
         let g = GenerationDefaults {
             do_sample: v.get("do_sample").and_then(Value::as_bool),
@@ -170,7 +174,7 @@ impl ModelConfig {
             top_p: f("top_p"),
             top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
             repetition_penalty: f("repetition_penalty"),
-            eos_token_ids: ids(v, "eos_token_id")?,
+            eos_token_ids: ids(v, "eos_token_id").map_err(bad)?,
         };
         for id in &g.eos_token_ids {
             if !self.eos_token_ids.contains(id) {
@@ -178,10 +182,10 @@ impl ModelConfig {
             }
         }
         if self.bos_token_id.is_none() {
-            self.bos_token_id = ids(v, "bos_token_id")?.first().copied();
+            self.bos_token_id = ids(v, "bos_token_id").map_err(bad)?.first().copied();
         }
         self.generation = g;
-        self.check_special_tokens()
+        self.check_special_tokens().map_err(bad)
     }
 
     /// Parses the text of a `config.json`. Errors are [`EngineError::Invalid`]
